@@ -1,0 +1,177 @@
+"""Attention: masks built in one place, two kernels behind `attention_impl`, and `MultiHeadAttention`.
+
+Shapes use B batch, T query length, S key length, N query heads, K key/value heads (N = K * G),
+D per-head size. Masks are boolean `[B, 1, T, S]`, True where a query may attend to a key.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from transformer import layers
+from transformer.config import ConfigError, ModelConfig
+
+# A finite "minus infinity": a row with every key masked (a padding query) softmaxes to a uniform
+# distribution instead of NaN, whose gradient would poison the whole batch even through a zero weight.
+_MASKED = -1e9
+
+
+def make_attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, *,
+                        causal: bool, window: int = 0):
+  """The one mask builder: padding, packed segments, causal and sliding-window, combined.
+
+  Segment id 0 marks padding. A query attends to a key only in its own segment, so real tokens never
+  see padding and packed sequences never see each other (block-diagonal). Causality and the window are
+  stated on positions, not array indices, so the same rule holds for packed rows (positions restart
+  per segment) and for a KV cache (keys carry the positions they were written with).
+
+  Args:
+    q_positions, q_segment_ids: int `[B, T]` (positions may be None when neither causal nor windowed).
+    kv_positions, kv_segment_ids: int `[B, S]`.
+    causal: keys after the query are hidden.
+    window: if > 0, a query at position p sees keys at positions in (p - window, p] when causal, and
+      with |p - key| < window otherwise.
+  Returns:
+    bool `[B, 1, T, S]`.
+  """
+  mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  if causal or window:
+    distance = q_positions[:, :, None] - kv_positions[:, None, :]
+    if causal:
+      mask &= distance >= 0
+    if window:
+      mask &= jnp.abs(distance) < window
+  return mask[:, None]
+
+
+def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
+  """The kernel `attention_impl` stands for on this backend; `auto` always returns a working one."""
+  impl = config.attention_impl
+  on_gpu = jax.default_backend() == 'gpu'
+  if impl == 'cudnn' and not on_gpu:
+    raise ConfigError(f'attention_impl=cudnn needs a GPU (backend here: {jax.default_backend()}): '
+                      'set config.model.attention_impl=auto or xla.')
+  if impl in ('xla', 'cudnn') and dropout:
+    raise ConfigError(f'attention_impl={impl} (jax.nn.dot_product_attention) has no attention dropout: '
+                      'set config.model.attention_dropout_rate=0, or attention_impl=auto or reference.')
+  if impl != 'auto':
+    return impl
+  if dropout:
+    return 'reference'
+  if on_gpu and _cudnn_supports(config):
+    return 'cudnn'
+  return 'xla'
+
+
+def _cudnn_supports(config: ModelConfig) -> bool:
+  # cuDNN's fused kernel: half precision, equal query/key and value head sizes, multiples of 8 up to 128.
+  d = config.head_dim_qk
+  return (config.dtype in ('bfloat16', 'float16') and d == config.head_dim_v and d % 8 == 0
+          and d <= 128)
+
+
+def dot_product_attention(query, key, value, mask, bias=None, *, impl: str = 'reference',
+                          dropout_rate: float = 0.0, dropout_rng=None):
+  """softmax(q k^T / sqrt(d_k) + bias, masked) v, with grouped heads when K < N.
+
+  Args:
+    query: `[B, T, N, Dk]`; key: `[B, S, K, Dk]`; value: `[B, S, K, Dv]`.
+    mask: bool `[B, 1, T, S]`; bias: float `[B or 1, N, T, S]` or None (ALiBi).
+    impl: `reference` (einsum, softmax in float32) or `xla` / `cudnn` (jax.nn.dot_product_attention).
+    dropout_rate, dropout_rng: attention dropout on the weights (reference only).
+  Returns:
+    `[B, T, N, Dv]` in the dtype of `value`.
+  """
+  scale = query.shape[-1] ** -0.5
+  if impl == 'reference':
+    return _reference_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng)
+  return _fused_attention(query, key, value, mask, bias, scale, impl)
+
+
+def _reference_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng):
+  batch, q_len, num_heads, _ = query.shape
+  kv_heads = key.shape[2]
+  grouped = query.reshape(batch, q_len, kv_heads, num_heads // kv_heads, query.shape[-1])
+  logits = jnp.einsum('btkgd,bskd->bkgts', grouped, key, preferred_element_type=jnp.float32)
+  logits = logits.reshape(batch, num_heads, q_len, key.shape[1]) * scale
+  if bias is not None:
+    logits += bias.astype(jnp.float32)
+  logits = jnp.where(mask, logits, _MASKED)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  weights = weights.astype(value.dtype).reshape(batch, kv_heads, -1, q_len, key.shape[1])
+  out = jnp.einsum('bkgts,bskd->btkgd', weights, value)
+  return out.reshape(batch, q_len, num_heads, value.shape[-1])
+
+
+def _fused_attention(query, key, value, mask, bias, scale, impl):
+  # jax.nn.dot_product_attention wants one head size for q, k and v. Zero features change no logit
+  # (q.k is unchanged) and give zero outputs, which are sliced off again.
+  d_qk, d_v = query.shape[-1], value.shape[-1]
+  size = max(d_qk, d_v)
+  pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, size - x.shape[-1])])
+  if bias is not None:
+    bias = bias.astype(query.dtype)
+  out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value), bias=bias, mask=mask,
+                                     scale=scale, implementation=impl)
+  return out[..., :d_v]
+
+
+class MultiHeadAttention(nn.Module):
+  """Self- or cross-attention with per-head sizes d_k / d_v, grouped KV heads and a KV cache.
+
+  In decode mode (self-attention only) keys and values of the new tokens are written into the
+  `cache` collection at `cache_index`, and the whole cache is attended to; `mask` and `bias` must
+  then cover the cache's length (the decoder builds them).
+  """
+  config: ModelConfig
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, mask, bias=None, rope_positions=None, cache_index=None):
+    cfg = self.config
+    heads, kv_heads = cfg.num_heads, cfg.kv_heads
+    proj = functools.partial(
+        nn.DenseGeneral, axis=-1, use_bias=False, dtype=cfg.compute_dtype,
+        param_dtype=cfg.storage_dtype)
+    # DenseGeneral initialises the kernel flattened to [fan_in, fan_out]: plain Glorot is right.
+    init_in = init_out = nn.initializers.xavier_uniform()
+    query = proj((heads, cfg.head_dim_qk), name='query',
+                 kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'heads', 'kv')))(inputs_q)
+    key = proj((kv_heads, cfg.head_dim_qk), name='key',
+               kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')))(inputs_kv)
+    value = proj((kv_heads, cfg.head_dim_v), name='value',
+                 kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')))(inputs_kv)
+    if rope_positions is not None:
+      query = layers.apply_rope(query, rope_positions, cfg.rope_base)
+      key = layers.apply_rope(key, rope_positions, cfg.rope_base)
+    if self.decode:
+      key, value = self._update_cache(key, value, cache_index)
+
+    dropout = cfg.attention_dropout_rate > 0.0 and not self.deterministic
+    impl = resolve_impl(cfg, dropout=dropout)
+    out = dot_product_attention(
+        query, key, value, mask, bias, impl=impl, dropout_rate=cfg.attention_dropout_rate if dropout else 0.0,
+        dropout_rng=self.make_rng('dropout') if dropout else None)
+    return nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
+        param_dtype=cfg.storage_dtype, name='out',
+        kernel_init=nn.with_logical_partitioning(init_out, ('heads', 'kv', 'embed')))(out)
+
+  def _update_cache(self, key, value, cache_index):
+    """Writes the new keys/values at `cache_index`; returns the full cache. On init it only allocates."""
+    initialized = self.has_variable('cache', 'cached_key')
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+    if not initialized:
+      return key, value
+    start = (0, cache_index, 0, 0)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, value.astype(cached_value.value.dtype), start)
+    return cached_key.value, cached_value.value

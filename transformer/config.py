@@ -1,0 +1,145 @@
+"""`ModelConfig`: the one description of a model, validated with messages a user can act on.
+
+`config.model` in an experiment file is a `ConfigDict` with exactly these fields
+(`default_model_config()` builds it from the dataclass, so the two never drift apart).
+"""
+
+import dataclasses
+import difflib
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+KINDS = ('encoder_decoder', 'decoder_only')
+POSITIONAL = ('sinusoidal', 'learned', 'rope', 'alibi', 'none')
+NORM_POSITIONS = ('post', 'pre')
+NORM_TYPES = ('layernorm', 'rmsnorm')
+ACTIVATIONS = ('relu', 'gelu', 'swiglu')
+ATTENTION_IMPLS = ('reference', 'xla', 'cudnn', 'auto')
+REMAT = ('none', 'full', 'dots')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+class ConfigError(ValueError):
+  """A bad setting: the message names the key and what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters; names follow Vaswani et al. (2017) where the paper has one."""
+  kind: str = 'encoder_decoder'
+  vocab_size: int = 37000
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  d_model: int = 512
+  d_ff: int = 2048
+  num_heads: int = 8
+  d_k: int = 0            # 0: d_model // num_heads
+  d_v: int = 0            # 0: d_model // num_heads
+  num_kv_heads: int = 0   # 0: num_heads; fewer gives grouped-query, 1 multi-query attention
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.0
+  positional: str = 'sinusoidal'
+  norm_position: str = 'post'
+  norm_type: str = 'layernorm'
+  norm_epsilon: float = 1e-6
+  activation: str = 'relu'
+  tie_embeddings: bool = True
+  attention_window: int = 0  # 0: full attention; k: each query sees the k latest keys (itself included)
+  attention_impl: str = 'auto'
+  rope_base: float = 10000.0
+  max_len: int = 512
+  dtype: str = 'float32'        # compute
+  param_dtype: str = 'float32'  # storage
+  remat: str = 'none'
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    _choice('kind', self.kind, KINDS)
+    _choice('positional', self.positional, POSITIONAL)
+    _choice('norm_position', self.norm_position, NORM_POSITIONS)
+    _choice('norm_type', self.norm_type, NORM_TYPES)
+    _choice('activation', self.activation, ACTIVATIONS)
+    _choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
+    _choice('remat', self.remat, REMAT)
+    _choice('dtype', self.dtype, DTYPES)
+    _choice('param_dtype', self.param_dtype, DTYPES)
+    for key in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'max_len', 'num_decoder_layers'):
+      _positive(key, getattr(self, key))
+    if self.kind == 'encoder_decoder':
+      _positive('num_encoder_layers', self.num_encoder_layers)
+    for key in ('d_k', 'd_v', 'num_kv_heads', 'attention_window'):
+      if getattr(self, key) < 0:
+        raise ConfigError(f'config.model.{key}={getattr(self, key)} must be >= 0 (0 means the default).')
+    for key in ('dropout_rate', 'attention_dropout_rate'):
+      if not 0.0 <= getattr(self, key) < 1.0:
+        raise ConfigError(f'config.model.{key}={getattr(self, key)} must be in [0, 1).')
+    if (not self.d_k or not self.d_v) and self.d_model % self.num_heads:
+      raise ConfigError(
+          f'config.model.d_model={self.d_model} is not divisible by config.model.num_heads='
+          f'{self.num_heads}: change one of them, or set config.model.d_k and config.model.d_v.')
+    if self.num_heads % self.kv_heads:
+      raise ConfigError(
+          f'config.model.num_heads={self.num_heads} is not divisible by config.model.num_kv_heads='
+          f'{self.num_kv_heads}: pick num_kv_heads among {_divisors(self.num_heads)}.')
+    if self.positional == 'rope' and self.head_dim_qk % 2:
+      raise ConfigError(f'positional=rope rotates pairs of features: config.model.d_k={self.head_dim_qk} must be even.')
+
+  @property
+  def head_dim_qk(self) -> int:
+    return self.d_k or self.d_model // self.num_heads
+
+  @property
+  def head_dim_v(self) -> int:
+    return self.d_v or self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def storage_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  @classmethod
+  def from_config(cls, config: Any) -> 'ModelConfig':
+    """From a `ConfigDict` or mapping; unknown keys are an error naming the nearest valid key."""
+    values = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+      if key not in fields:
+        near = difflib.get_close_matches(key, fields, n=1)
+        hint = f' Did you mean config.model.{near[0]}?' if near else ''
+        raise ConfigError(f'Unknown key config.model.{key}.{hint} Valid keys: {", ".join(fields)}.')
+    for key, value in values.items():
+      expected = type(fields[key].default)
+      if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        values[key] = float(value)
+      elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f'config.model.{key}={value!r} must be of type {expected.__name__}.')
+    return cls(**values)
+
+
+def default_model_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.model` with every field at its default, then `overrides` (validated)."""
+  model = dataclasses.replace(ModelConfig(), **overrides)
+  return ml_collections.ConfigDict(dataclasses.asdict(model))
+
+
+def _choice(key, value, choices):
+  if value not in choices:
+    raise ConfigError(f'config.model.{key}={value!r} is not one of: {", ".join(choices)}.')
+
+
+def _positive(key, value):
+  if value <= 0:
+    raise ConfigError(f'config.model.{key}={value} must be a positive integer.')
+
+
+def _divisors(n):
+  return [d for d in range(1, n + 1) if n % d == 0]

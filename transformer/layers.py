@@ -1,0 +1,114 @@
+"""Embeddings, positional encodings, norms and feed-forward blocks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from transformer.config import ModelConfig
+
+
+class Embed(nn.Module):
+  """Token embedding scaled by sqrt(d_model) (paper, 3.4); `attend` reuses it as the pre-softmax layer."""
+  config: ModelConfig
+  vocab_size: int
+
+  def setup(self):
+    cfg = self.config
+    # std d_model^-0.5: scaled inputs have unit variance, and tied output logits start near unit scale.
+    init = nn.initializers.normal(stddev=cfg.d_model ** -0.5)
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(init, ('vocab', 'embed')),
+        (self.vocab_size, cfg.d_model), cfg.storage_dtype)
+
+  def __call__(self, tokens):
+    table = jnp.asarray(self.embedding, self.config.compute_dtype)
+    return jnp.take(table, tokens, axis=0) * math.sqrt(self.config.d_model)
+
+  def attend(self, x):
+    """Logits `x @ E^T`, in float32 for a stable softmax and loss."""
+    table = jnp.asarray(self.embedding, self.config.compute_dtype)
+    return jnp.einsum('...d,vd->...v', x, table, preferred_element_type=jnp.float32)
+
+
+def sinusoidal(positions, d_model: int, dtype=jnp.float32):
+  """The paper's encoding (3.5): sin on even features, cos on odd ones, wavelengths up to 10000 * 2pi."""
+  dims = jnp.arange(0, d_model, 2, dtype=jnp.float32)
+  angles = positions[..., None].astype(jnp.float32) / (10000.0 ** (dims / d_model))
+  encoding = jnp.zeros(positions.shape + (d_model,), jnp.float32)
+  encoding = encoding.at[..., 0::2].set(jnp.sin(angles))
+  encoding = encoding.at[..., 1::2].set(jnp.cos(angles[..., : d_model // 2]))
+  return encoding.astype(dtype)
+
+
+class LearnedPositions(nn.Module):
+  """A learned table of `max_len` position embeddings."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, positions):
+    cfg = self.config
+    table = self.param('embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=0.02), (None, 'embed')), (cfg.max_len, cfg.d_model),
+        cfg.storage_dtype)
+    return jnp.take(jnp.asarray(table, cfg.compute_dtype), positions, axis=0)
+
+
+def apply_rope(x, positions, base: float = 10000.0):
+  """Rotary embedding (Su et al., 2021) on `[B, T, heads, D]`: rotates feature pairs (i, i + D/2)."""
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[:, :, None, None].astype(jnp.float32) * inv_freq  # [B, T, 1, D/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def alibi_slopes(num_heads: int):
+  """Per-head slopes of ALiBi (Press et al., 2022): a geometric sequence, interleaved for non-powers of 2."""
+  def powers(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  closest = 2 ** math.floor(math.log2(num_heads))
+  slopes = powers(closest)
+  if closest < num_heads:
+    slopes += powers(2 * closest)[0::2][: num_heads - closest]
+  return jnp.asarray(slopes, jnp.float32)
+
+
+def alibi_bias(q_positions, kv_positions, num_heads: int):
+  """`[B, heads, T, S]` bias -slope * |query position - key position| (linear in distance)."""
+  distance = jnp.abs(q_positions[:, :, None] - kv_positions[:, None, :]).astype(jnp.float32)
+  return -alibi_slopes(num_heads)[None, :, None, None] * distance[:, None]
+
+
+def norm(config: ModelConfig, name: str):
+  kind = nn.LayerNorm if config.norm_type == 'layernorm' else nn.RMSNorm
+  kwargs = dict(scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)))
+  if config.norm_type == 'layernorm':
+    kwargs['bias_init'] = nn.with_logical_partitioning(nn.initializers.zeros, ('embed',))
+  return kind(epsilon=config.norm_epsilon, dtype=config.compute_dtype,
+              param_dtype=config.storage_dtype, name=name, **kwargs)
+
+
+class FeedForward(nn.Module):
+  """FFN(x) = W2 act(W1 x + b1) + b2 (paper, 3.3); `swiglu` gates it: W2 (silu(W1 x) * W3 x)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    def dense(features, axes, name, use_bias=True):
+      return nn.Dense(
+          features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+          name=name, kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+    if cfg.activation == 'swiglu':
+      hidden = nn.silu(dense(cfg.d_ff, ('embed', 'mlp'), 'gate', False)(x))
+      hidden *= dense(cfg.d_ff, ('embed', 'mlp'), 'up', False)(x)
+      return dense(cfg.d_model, ('mlp', 'embed'), 'down', False)(hidden)
+    activation = jax.nn.relu if cfg.activation == 'relu' else jax.nn.gelu
+    hidden = activation(dense(cfg.d_ff, ('embed', 'mlp'), 'wi')(x))
+    return dense(cfg.d_model, ('mlp', 'embed'), 'wo')(hidden)

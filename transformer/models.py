@@ -1,0 +1,271 @@
+"""`EncoderDecoder` (the paper's model) and `DecoderOnly`, built from the same blocks and one `ModelConfig`.
+
+Token conventions shared with the tokenizers: id 0 is padding (segment id 0), id 1 starts every
+decoder input (`shift_right`). Inputs may be packed: several sequences per row, told apart by
+`segment_ids` (1, 2, ... ; 0 = padding) with `positions` restarting at 0 in each.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from transformer import layers
+from transformer.attention import MultiHeadAttention, make_attention_mask
+from transformer.config import ConfigError, ModelConfig
+
+PAD_ID = 0
+BOS_ID = 1
+
+_REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole block in the backward pass
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+  """One layer: self-attention, optional cross-attention, feed-forward; each a residual sub-layer.
+
+  `ctx` holds what every layer shares (masks, ALiBi bias, RoPE positions, cache index, encoder
+  output), built once by the stack's owner so that all layers (and `nn.scan`) see the same values.
+  """
+  config: ModelConfig
+  cross: bool = False
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, ctx):
+    cfg = self.config
+    dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+
+    def sublayer(x, fn, name):
+      # Post-LN (paper): LayerNorm(x + Dropout(f(x))). Pre-LN: x + Dropout(f(LayerNorm(x))).
+      if cfg.norm_position == 'pre':
+        return x + dropout(fn(layers.norm(cfg, f'{name}_norm')(x)))
+      return layers.norm(cfg, f'{name}_norm')(x + dropout(fn(x)))
+
+    attention = functools.partial(MultiHeadAttention, cfg, deterministic=self.deterministic)
+    x = sublayer(x, lambda h: attention(decode=self.decode, name='self_attention')(
+        h, h, ctx['self_mask'], ctx['self_bias'], ctx['rope_positions'], ctx['cache_index']),
+        'self_attention')
+    if self.cross:
+      x = sublayer(x, lambda h: attention(name='cross_attention')(h, ctx['encoded'], ctx['cross_mask']),
+                   'cross_attention')
+    x = sublayer(x, layers.FeedForward(cfg, name='ffn'), 'ffn')
+    return x, None
+
+
+class Stack(nn.Module):
+  """`num_layers` blocks, unrolled or as one scanned layer (`scan_layers`), optionally rematerialised."""
+  config: ModelConfig
+  num_layers: int
+  cross: bool = False
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, ctx):
+    cfg = self.config
+    block = Block
+    if cfg.remat != 'none':
+      # Under scan, CSE across iterations is impossible anyway; unrolled, prevent_cse keeps remat real.
+      block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=_REMAT_POLICIES[cfg.remat])
+    kwargs = dict(cross=self.cross, decode=self.decode, deterministic=self.deterministic)
+    if cfg.scan_layers:
+      scanned = nn.scan(
+          block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True, 'dropout': True},
+          in_axes=nn.broadcast, length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = scanned(cfg, **kwargs, name='layers')(x, ctx)
+    else:
+      for i in range(self.num_layers):
+        x, _ = block(cfg, **kwargs, name=f'layer_{i}')(x, ctx)
+    if cfg.norm_position == 'pre':
+      x = layers.norm(cfg, 'final_norm')(x)
+    return x
+
+
+class _Embedder(nn.Module):
+  """Token embedding + positional encoding (added ones only) + dropout."""
+  config: ModelConfig
+  embed: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens, positions, deterministic):
+    cfg = self.config
+    if cfg.positional == 'learned' and tokens.shape[1] > cfg.max_len:
+      raise ConfigError(
+          f'Input length {tokens.shape[1]} exceeds config.model.max_len={cfg.max_len}, the size of the '
+          'learned position table: raise max_len, shorten the inputs, or use positional=sinusoidal/rope/alibi.')
+    x = self.embed(tokens)
+    if cfg.positional == 'sinusoidal':
+      x += layers.sinusoidal(positions, cfg.d_model, x.dtype)
+    elif cfg.positional == 'learned':
+      x += layers.LearnedPositions(cfg, name='position_embedding')(positions)
+    return nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
+
+
+def _defaults(tokens, positions, segment_ids, start=0):
+  if segment_ids is None:
+    segment_ids = (tokens != PAD_ID).astype(jnp.int32)
+  if positions is None:
+    positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return positions, segment_ids
+
+
+def _self_attention_ctx(cfg, q_positions, kv_positions, q_segments, kv_segments, causal, cache_index=None):
+  return dict(
+      self_mask=make_attention_mask(q_positions, kv_positions, q_segments, kv_segments,
+                                    causal=causal, window=cfg.attention_window),
+      self_bias=(layers.alibi_bias(q_positions, kv_positions, cfg.num_heads)
+                 if cfg.positional == 'alibi' else None),
+      rope_positions=q_positions if cfg.positional == 'rope' else None,
+      cache_index=cache_index, encoded=None, cross_mask=None)
+
+
+class Encoder(nn.Module):
+  config: ModelConfig
+  embed: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True):
+    cfg = self.config
+    positions, segment_ids = _defaults(tokens, positions, segment_ids)
+    x = _Embedder(cfg, self.embed, name='embedder')(tokens, positions, deterministic)
+    ctx = _self_attention_ctx(cfg, positions, positions, segment_ids, segment_ids, causal=False)
+    return Stack(cfg, cfg.num_encoder_layers, deterministic=deterministic, name='stack')(x, ctx)
+
+
+class Decoder(nn.Module):
+  """Causal stack with optional cross-attention; in decode mode keeps one KV cache per layer.
+
+  The cache also records each slot's position and segment id (one copy for all layers), so the mask
+  for new tokens is built here exactly as in a full forward pass. Unwritten slots have segment 0 and
+  are never attended to by real tokens.
+  """
+  config: ModelConfig
+  embed: nn.Module
+  cross: bool = False
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, encoded=None, encoder_segment_ids=None,
+               deterministic=True, decode=False):
+    cfg = self.config
+    kv_positions = kv_segments = cache_index = None
+    if decode:
+      initialized = self.has_variable('cache', 'index')
+      index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+      start = index.value if initialized else 0
+      positions, segment_ids = _defaults(tokens, positions, segment_ids, start)
+      cached_pos = self.variable('cache', 'positions', jnp.zeros, tokens.shape, jnp.int32)
+      cached_seg = self.variable('cache', 'segment_ids', jnp.zeros, tokens.shape, jnp.int32)
+      if initialized:
+        cache_index = index.value
+        cached_pos.value = jax.lax.dynamic_update_slice(cached_pos.value, positions, (0, cache_index))
+        cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids, (0, cache_index))
+        index.value = cache_index + tokens.shape[1]
+        kv_positions, kv_segments = cached_pos.value, cached_seg.value
+    positions, segment_ids = _defaults(tokens, positions, segment_ids)
+    if kv_positions is None:
+      kv_positions, kv_segments = positions, segment_ids
+
+    x = _Embedder(cfg, self.embed, name='embedder')(tokens, positions, deterministic)
+    ctx = _self_attention_ctx(cfg, positions, kv_positions, segment_ids, kv_segments, causal=True,
+                              cache_index=cache_index)
+    if self.cross:
+      ctx['encoded'] = encoded
+      ctx['cross_mask'] = make_attention_mask(None, None, segment_ids, encoder_segment_ids, causal=False)
+    x = Stack(cfg, cfg.num_decoder_layers, cross=self.cross, decode=decode,
+              deterministic=deterministic, name='stack')(x, ctx)
+    if cfg.tie_embeddings:
+      return self.embed.attend(x)
+    return layers.Embed(cfg, cfg.vocab_size, name='output_embedding').attend(x)
+
+
+class EncoderDecoder(nn.Module):
+  """The paper's model: `encode` the source once, `decode` targets (optionally one step at a time)."""
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    if cfg.tie_embeddings:  # source, target and pre-softmax share one matrix (paper, 3.4)
+      source = target = layers.Embed(cfg, cfg.vocab_size, name='shared_embedding')
+    else:
+      source = layers.Embed(cfg, cfg.vocab_size, name='source_embedding')
+      target = layers.Embed(cfg, cfg.vocab_size, name='target_embedding')
+    self.encoder = Encoder(cfg, source)
+    self.decoder = Decoder(cfg, target, cross=True)
+
+  def encode(self, inputs, positions=None, segment_ids=None, deterministic=True):
+    return self.encoder(inputs, positions, segment_ids, deterministic)
+
+  def decode(self, encoded, encoder_segment_ids, decoder_inputs, positions=None, segment_ids=None,
+             deterministic=True, decode=False):
+    return self.decoder(decoder_inputs, positions, segment_ids, encoded, encoder_segment_ids,
+                        deterministic, decode)
+
+  def __call__(self, inputs, decoder_inputs, *, inputs_positions=None, inputs_segment_ids=None,
+               decoder_positions=None, decoder_segment_ids=None, deterministic=True, decode=False):
+    """Logits `[B, T, vocab]` (float32) for `decoder_inputs` (targets shifted right) given `inputs`."""
+    if inputs_segment_ids is None:
+      inputs_segment_ids = (inputs != PAD_ID).astype(jnp.int32)
+    encoded = self.encode(inputs, inputs_positions, inputs_segment_ids, deterministic)
+    return self.decode(encoded, inputs_segment_ids, decoder_inputs, decoder_positions,
+                       decoder_segment_ids, deterministic, decode)
+
+
+class DecoderOnly(nn.Module):
+  """A causal language model; with `tie_embeddings` the input embedding is the pre-softmax layer."""
+  config: ModelConfig
+
+  def setup(self):
+    self.decoder = Decoder(self.config, layers.Embed(self.config, self.config.vocab_size, name='embedding'))
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True, decode=False):
+    """Logits `[B, T, vocab]` (float32) predicting each next token."""
+    return self.decoder(tokens, positions, segment_ids, deterministic=deterministic, decode=decode)
+
+
+def build_model(config: Any) -> nn.Module:
+  """The model `config` (a `ModelConfig` or `config.model`) describes."""
+  if not isinstance(config, ModelConfig):
+    config = ModelConfig.from_config(config)
+  return EncoderDecoder(config) if config.kind == 'encoder_decoder' else DecoderOnly(config)
+
+
+def dummy_inputs(config: ModelConfig, batch_size: int = 1, length: int = 8, source_length: int = 0):
+  """Positional call arguments of the right kind and shape (all-ones tokens) for init or eval_shape."""
+  target = jnp.ones((batch_size, length), jnp.int32)
+  if config.kind == 'encoder_decoder':
+    return jnp.ones((batch_size, source_length or length), jnp.int32), target
+  return (target,)
+
+
+def init_params(model: nn.Module, rng, batch_size: int = 1, length: int = 8):
+  """Initial parameters (logical-axis boxes removed; see `logical_axes` for them)."""
+  return nn.unbox(model.init(rng, *dummy_inputs(model.config, batch_size, length))['params'])
+
+
+def logical_axes(model: nn.Module):
+  """Per-parameter logical axis names (e.g. ('embed', 'mlp')) for sharding rules."""
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model.config))['params'])
+  return nn.get_partition_spec(abstract)
+
+
+def init_cache(model: nn.Module, batch_size: int, max_length: int, source_length: int = 1):
+  """An empty KV cache for `max_length` decoder tokens (allocated, nothing computed)."""
+  args = dummy_inputs(model.config, batch_size, max_length, source_length)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, decode=True)['cache'])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def shift_right(targets, segment_ids=None):
+  """Decoder inputs: targets moved one step right with `BOS_ID` first in each (packed) segment."""
+  shifted = jnp.pad(targets, ((0, 0), (1, 0)), constant_values=BOS_ID)[:, :-1]
+  if segment_ids is None:
+    return jnp.where(targets == PAD_ID, PAD_ID, shifted)
+  starts = segment_ids != jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
+  shifted = jnp.where(starts, BOS_ID, shifted)
+  return jnp.where(segment_ids == 0, PAD_ID, shifted)
