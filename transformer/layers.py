@@ -36,10 +36,8 @@ def sinusoidal(positions, d_model: int, dtype=jnp.float32):
   """The paper's encoding (3.5): sin on even features, cos on odd ones, wavelengths up to 10000 * 2pi."""
   dims = jnp.arange(0, d_model, 2, dtype=jnp.float32)
   angles = positions[..., None].astype(jnp.float32) / (10000.0 ** (dims / d_model))
-  encoding = jnp.zeros(positions.shape + (d_model,), jnp.float32)
-  encoding = encoding.at[..., 0::2].set(jnp.sin(angles))
-  encoding = encoding.at[..., 1::2].set(jnp.cos(angles[..., : d_model // 2]))
-  return encoding.astype(dtype)
+  interleaved = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [..., d/2, 2]: sin, cos, sin, ...
+  return interleaved.reshape(positions.shape + (-1,))[..., :d_model].astype(dtype)
 
 
 class LearnedPositions(nn.Module):

@@ -244,7 +244,10 @@ def dummy_inputs(config: ModelConfig, batch_size: int = 1, length: int = 8, sour
 
 
 def init_params(model: nn.Module, rng, batch_size: int = 1, length: int = 8):
-  """Initial parameters (logical-axis boxes removed; see `logical_axes` for them)."""
+  """Initial parameters (logical-axis boxes removed; see `logical_axes` for them).
+
+  Eager: cheap for one call. The training engine jits its own init, with output shardings.
+  """
   return nn.unbox(model.init(rng, *dummy_inputs(model.config, batch_size, length))['params'])
 
 
@@ -269,3 +272,17 @@ def shift_right(targets, segment_ids=None):
   starts = segment_ids != jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
   shifted = jnp.where(starts, BOS_ID, shifted)
   return jnp.where(segment_ids == 0, PAD_ID, shifted)
+
+
+def stack_layers(params):
+  """Unrolled parameters (`layer_0`, `layer_1`, ...) -> the `scan_layers` layout (one `layers` tree).
+
+  Lets a checkpoint move between the two layouts; both compute the same function.
+  """
+  if not isinstance(params, dict):
+    return params
+  names = sorted((k for k in params if k.startswith('layer_')), key=lambda k: int(k.split('_')[1]))
+  out = {k: stack_layers(v) for k, v in params.items() if k not in names}
+  if names:
+    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
+  return out

@@ -1,0 +1,258 @@
+"""Model-level numerics: cached decoding, causality, packing, kernels, scan/remat, dtypes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer import models
+from conftest import tiny
+
+VOCAB = 37
+
+
+def _tokens(shape, seed=0):
+  return jax.random.randint(jax.random.key(seed), shape, 2, VOCAB)
+
+
+def _setup(cfg, seed=0):
+  model = models.build_model(cfg)
+  return model, models.init_params(model, jax.random.key(seed))
+
+
+def _apply(model, variables, *args, **kwargs):
+  # Eager on purpose: each test builds new tiny models, and compiling each with jit costs more than
+  # dispatching their ops one by one (whose compiled kernels are shared across tests).
+  return model.apply(variables, *args, **kwargs)
+
+
+def _forward(model, params, source, target, **kwargs):
+  if model.config.kind == 'encoder_decoder':
+    return _apply(model, {'params': params}, source, target, **kwargs)
+  return _apply(model, {'params': params}, target, **kwargs)
+
+
+def _decode_incrementally(model, params, source, target, prefill):
+  """Logits from a multi-token prefill, then one token per step, through the KV cache."""
+  batch, length = target.shape
+  cache = models.init_cache(model, batch, length, source.shape[1])
+  if model.config.kind == 'encoder_decoder':
+    segments = (source != models.PAD_ID).astype(jnp.int32)
+    encoded = _apply(model, {'params': params}, source, segment_ids=segments, method='encode')
+    step = lambda cache, tokens: model.apply(
+        {'params': params, 'cache': cache}, encoded, segments, tokens, decode=True, method='decode',
+        mutable=['cache'])
+  else:
+    step = lambda cache, tokens: model.apply(
+        {'params': params, 'cache': cache}, tokens, decode=True, mutable=['cache'])
+  logits, variables = step(cache, target[:, :prefill])
+  outputs = [logits]
+  for t in range(prefill, length):
+    logits, variables = step(variables['cache'], target[:, t:t + 1])
+    outputs.append(logits)
+  return jnp.concatenate(outputs, axis=1)
+
+
+DECODE_CASES = [
+    dict(positional=p) for p in ('sinusoidal', 'learned', 'rope', 'alibi', 'none')
+] + [
+    dict(positional='rope', num_kv_heads=2),      # grouped-query
+    dict(positional='alibi', num_kv_heads=1),     # multi-query
+    dict(positional='rope', attention_window=3),  # sliding window
+    dict(positional='sinusoidal', d_k=6, d_v=10, norm_position='pre', norm_type='rmsnorm',
+         activation='swiglu', tie_embeddings=False),
+    dict(positional='learned', scan_layers=True, attention_impl='xla'),
+]
+
+
+@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
+@pytest.mark.parametrize('case', DECODE_CASES, ids=lambda c: '-'.join(f'{k}={v}' for k, v in c.items()))
+def test_cached_decoding_equals_full_forward(kind, case):
+  model, params = _setup(tiny(kind=kind, **case))
+  source = _tokens((2, 7), seed=1).at[0, 5:].set(models.PAD_ID)  # a padded source row
+  target = _tokens((2, 9), seed=2)
+  full = _forward(model, params, source, target)
+  incremental = _decode_incrementally(model, params, source, target, prefill=4)
+  assert incremental.shape == full.shape == (2, 9, VOCAB)
+  np.testing.assert_allclose(incremental, full, atol=2e-5, rtol=1e-5)
+
+
+def test_cache_is_really_used():
+  """Decoding a step on an emptied cache gives different logits: the cache carries the prefix."""
+  model, params = _setup(tiny(positional='rope'))
+  target = _tokens((1, 6))
+  full = _forward(model, params, None, target)
+  cache = models.init_cache(model, 1, 6)
+  alone, _ = _apply(model, {'params': params, 'cache': cache}, target[:, 5:], positions=jnp.array([[5]]),
+                    decode=True, mutable=['cache'])
+  assert not np.allclose(alone[:, 0], full[:, 5], atol=1e-3)
+
+
+@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
+@pytest.mark.parametrize('positional', ['sinusoidal', 'rope', 'alibi'])
+def test_causality(kind, positional):
+  model, params = _setup(tiny(kind=kind, positional=positional, attention_window=0))
+  source, target = _tokens((2, 6), seed=1), _tokens((2, 8), seed=2)
+  logits = _forward(model, params, source, target)
+  for t in (0, 3, 6):
+    changed = target.at[:, t + 1:].set(_tokens((2, 8 - t - 1), seed=10 + t))
+    np.testing.assert_allclose(_forward(model, params, source, changed)[:, :t + 1], logits[:, :t + 1],
+                               atol=1e-6)
+  # Control: the change does show at later positions.
+  assert not np.allclose(_forward(model, params, source, target.at[:, 4].set(3))[:, 4:], logits[:, 4:])
+
+
+def test_padded_source_positions_never_change_outputs():
+  model, params = _setup(tiny(kind='encoder_decoder', positional='rope'))
+  source, target = _tokens((2, 7), seed=1), _tokens((2, 5), seed=2)
+  segments = jnp.array([[1] * 4 + [0] * 3, [1] * 7])
+  run = lambda src: _apply(model, {'params': params}, src, target, inputs_segment_ids=segments)
+  reference = run(source)
+  garbage = source.at[0, 4:].set(_tokens((3,), seed=5))
+  np.testing.assert_allclose(run(garbage), reference, atol=1e-6)
+  np.testing.assert_allclose(run(source.at[0, 4:].set(models.PAD_ID)), reference, atol=1e-6)
+  assert not np.allclose(run(source.at[0, 2].set(5))[0], reference[0])  # a real token does matter
+
+
+def test_padded_target_positions_never_change_real_logits():
+  model, params = _setup(tiny(positional='alibi'))
+  target = _tokens((1, 8))
+  segments = jnp.array([[1] * 5 + [0] * 3])
+  run = lambda tokens: _apply(model, {'params': params}, tokens, segment_ids=segments)
+  np.testing.assert_allclose(run(target.at[0, 5:].set(9))[:, :5], run(target)[:, :5], atol=1e-6)
+
+
+def _pack(a, b, length):
+  """Two sequences in one row: tokens, segment ids 1/2 (0 = padding), per-segment positions."""
+  pad = length - a.shape[1] - b.shape[1]
+  tokens = jnp.concatenate([a, b, jnp.zeros((1, pad), jnp.int32)], axis=1)
+  segments = jnp.array([[1] * a.shape[1] + [2] * b.shape[1] + [0] * pad])
+  positions = jnp.array([list(range(a.shape[1])) + list(range(b.shape[1])) + [0] * pad])
+  return tokens, segments, positions
+
+
+@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
+@pytest.mark.parametrize('positional', ['sinusoidal', 'learned', 'rope', 'alibi', 'none'])
+def test_packed_equals_unpacked(kind, positional):
+  model, params = _setup(tiny(kind=kind, positional=positional, attention_window=4))
+  src_a, src_b = _tokens((1, 5), seed=1), _tokens((1, 3), seed=2)
+  tgt_a, tgt_b = _tokens((1, 4), seed=3), _tokens((1, 6), seed=4)
+  tgt, tgt_seg, tgt_pos = _pack(tgt_a, tgt_b, 12)
+  if kind == 'encoder_decoder':
+    src, src_seg, src_pos = _pack(src_a, src_b, 10)
+    packed = _apply(model, {'params': params}, src, tgt, inputs_positions=src_pos,
+                    inputs_segment_ids=src_seg, decoder_positions=tgt_pos, decoder_segment_ids=tgt_seg)
+    alone_a = _forward(model, params, src_a, tgt_a)
+    alone_b = _forward(model, params, src_b, tgt_b)
+  else:
+    packed = _apply(model, {'params': params}, tgt, positions=tgt_pos, segment_ids=tgt_seg)
+    alone_a, alone_b = (_forward(model, params, None, t) for t in (tgt_a, tgt_b))
+  np.testing.assert_allclose(packed[:, :4], alone_a, atol=1e-5)
+  np.testing.assert_allclose(packed[:, 4:10], alone_b, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
+def test_attention_implementations_agree_in_the_model(kind):
+  source = _tokens((2, 7), seed=1).at[1, 4:].set(models.PAD_ID)
+  target = _tokens((2, 8), seed=2)
+  outputs = []
+  for impl in ('reference', 'xla', 'auto'):
+    model, params = _setup(tiny(kind=kind, attention_impl=impl, positional='alibi', num_kv_heads=2,
+                                attention_window=5, d_v=12))
+    outputs.append(_forward(model, params, source, target))
+  np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
+  np.testing.assert_allclose(outputs[2], outputs[0], atol=1e-5)
+
+
+def test_kv_heads_equal_to_heads_is_plain_multi_head():
+  a_model, a_params = _setup(tiny(num_kv_heads=0))
+  b_model, b_params = _setup(tiny(num_kv_heads=4))
+  target = _tokens((2, 8))
+  assert jax.tree.map(jnp.shape, a_params) == jax.tree.map(jnp.shape, b_params)
+  np.testing.assert_array_equal(_forward(a_model, a_params, None, target),
+                                _forward(b_model, a_params, None, target))
+
+
+@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
+def test_window_at_least_the_length_is_full_attention(kind):
+  source, target = _tokens((2, 6), seed=1), _tokens((2, 8), seed=2)
+  full_model, params = _setup(tiny(kind=kind, attention_window=0))
+  window_model = models.build_model(tiny(kind=kind, attention_window=8))
+  short_model = models.build_model(tiny(kind=kind, attention_window=2))
+  full = _forward(full_model, params, source, target)
+  np.testing.assert_array_equal(_forward(window_model, params, source, target), full)
+  assert not np.allclose(_forward(short_model, params, source, target), full)
+
+
+def _loss_and_grads(model, params, source, target):
+  weights = jax.random.normal(jax.random.key(7), target.shape + (VOCAB,))
+  loss = lambda p: jnp.sum(_forward(model, p, source, target) * weights)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@functools.lru_cache
+def _unrolled_loss_and_grads(kind):
+  model, params = _setup(tiny(kind=kind, norm_position='pre', positional='rope'))
+  return params, _loss_and_grads(model, params, *_SCAN_INPUTS)
+
+
+_SCAN_INPUTS = (_tokens((2, 6), seed=1), _tokens((2, 8), seed=2))
+
+
+@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
+@pytest.mark.parametrize('layout', [dict(scan_layers=True), dict(remat='full'), dict(remat='dots'),
+                                    dict(scan_layers=True, remat='full')], ids=str)
+def test_scan_and_remat_change_no_number(kind, layout):
+  params, (loss, grads) = _unrolled_loss_and_grads(kind)
+  base_cfg = dict(kind=kind, norm_position='pre', positional='rope')
+  other = models.build_model(tiny(**base_cfg, **layout))
+  convert = models.stack_layers if layout.get('scan_layers') else (lambda tree: tree)
+  other_params = convert(params)
+  expected = jax.eval_shape(lambda: models.init_params(other, jax.random.key(0)))
+  assert jax.tree.map(jnp.shape, other_params) == jax.tree.map(lambda s: s.shape, expected)
+  other_loss, other_grads = _loss_and_grads(other, other_params, *_SCAN_INPUTS)
+  np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+               other_grads, convert(grads))
+
+
+def test_dropout_is_active_only_in_training():
+  model, params = _setup(tiny(kind='encoder_decoder', dropout_rate=0.3, attention_dropout_rate=0.2,
+                              attention_impl='auto'))
+  source, target = _tokens((2, 6), seed=1), _tokens((2, 8), seed=2)
+  train = lambda seed: _apply(model, {'params': params}, source, target, deterministic=False,
+                              rngs={'dropout': jax.random.key(seed)})
+  eval_logits = _forward(model, params, source, target)
+  np.testing.assert_array_equal(_forward(model, params, source, target), eval_logits)
+  np.testing.assert_array_equal(train(0), train(0))
+  assert not np.allclose(train(0), train(1))
+  assert not np.allclose(train(0), eval_logits)
+
+
+def test_compute_dtype_separate_from_param_dtype():
+  model, params = _setup(tiny(dtype='bfloat16', param_dtype='float32', attention_impl='auto'))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  target = _tokens((2, 8))
+  logits = _forward(model, params, None, target)
+  assert logits.dtype == jnp.float32  # the softmax and loss always see float32 logits
+  reference = _forward(*_setup(tiny()), None, target)
+  np.testing.assert_allclose(logits, reference, atol=0.1)  # bfloat16 rounding only
+  _, half = _setup(tiny(param_dtype='bfloat16'))
+  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(half))
+
+
+def test_tied_embeddings_share_one_matrix():
+  _, tied = _setup(tiny(kind='encoder_decoder', tie_embeddings=True))
+  _, untied = _setup(tiny(kind='encoder_decoder', tie_embeddings=False))
+  assert 'shared_embedding' in tied and 'output_embedding' not in tied['decoder']
+  assert {'source_embedding', 'target_embedding'} <= set(untied)
+  assert 'output_embedding' in untied['decoder']
+
+
+def test_shift_right_respects_segments():
+  targets = jnp.array([[5, 6, 7, 8, 9, 0]])
+  segments = jnp.array([[1, 1, 1, 2, 2, 0]])
+  assert models.shift_right(targets, segments).tolist() == [[1, 5, 6, 1, 8, 0]]
+  assert models.shift_right(targets).tolist() == [[1, 5, 6, 7, 8, 0]]
