@@ -3,7 +3,7 @@
     python launch.py --config experiments/translation.py:base --dry_run
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
@@ -20,6 +20,7 @@ def main(argv):
   config = _CONFIG.value
   try:
     if _DRY_RUN.value:
+      logging.set_verbosity(logging.WARNING)  # no backend-discovery chatter around the table
       print(run.dry_run(config))
       return
     run.run(config, _MODE.value, _WORKDIR.value)

@@ -5,14 +5,15 @@ import math
 import jax
 
 
-def param_rows(params, depth: int = 5):
+def param_rows(params, depth: int = 4):
   """(module path, shapes, count) per module, paths cut to `depth` names; leaves may be abstract."""
   rows = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = [str(getattr(k, 'key', k)) for k in path]
-    module = '/'.join(names[:-1][:depth])
+    cut = min(depth, len(names) - 1)
+    module, rest = '/'.join(names[:cut]), '/'.join(names[cut:])
     shapes, count = rows.get(module, ([], 0))
-    rows[module] = (shapes + [f'{names[-1]}{list(leaf.shape)}'], count + math.prod(leaf.shape))
+    rows[module] = (shapes + [f'{rest}{list(leaf.shape)}'], count + math.prod(leaf.shape))
   return [(module, ' '.join(shapes), count) for module, (shapes, count) in rows.items()]
 
 
@@ -20,7 +21,7 @@ def count_params(params) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
-def param_table(params, depth: int = 5) -> str:
+def param_table(params, depth: int = 4) -> str:
   """A table of `param_rows`; its last line is the total."""
   rows = param_rows(params, depth)
   width = max(len(module) for module, _, _ in rows)
