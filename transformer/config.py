@@ -143,3 +143,30 @@ def _positive(key, value):
 
 def _divisors(n):
   return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def default_train_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.train`: the training engine's settings, defaults first, then `overrides`."""
+  train = ml_collections.ConfigDict(dict(
+      num_steps=1000,
+      batch_size=32,              # global, in sequences
+      optimizer='adam',           # 'adam': the paper's rsqrt warmup; 'adamw': warmup + cosine
+      learning_rate=1.0,          # adam: multiplies the paper's schedule; adamw: the peak rate
+      warmup_steps=4000,
+      weight_decay=0.0,           # adamw only; never on norms and biases
+      label_smoothing=0.1,
+      z_loss=0.0,                 # coefficient of log(Z)^2 (PaLM); 0 disables
+      grad_clip=0.0,              # global-norm clipping; 0 disables
+      grad_accum_steps=1,         # micro-batches per step, accumulated inside the jitted step
+      seed=0,
+      parallelism='jit',          # 'jit': sharded over the mesh; 'pmap': classic data parallelism
+      mesh=dict(data=-1, fsdp=1, tensor=1),  # -1: all remaining devices
+      log_every=50,
+      eval_every=500,
+      eval_steps=20,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      peak_flops=0.0,             # per device, for MFU; 0: the platform's table, measured on CPU
+  ))
+  train.update(overrides)
+  return train
