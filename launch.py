@@ -3,14 +3,26 @@
     python launch.py --config experiments/translation.py:base --dry_run
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and samples; default runs/<config>-<variant>.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to run.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print its parameters, exit.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index.')
 flags.mark_flags_as_required(['config'])
+
+
+def default_workdir(config_arg: str) -> str:
+  """runs/<config file stem>-<variant>, e.g. runs/translation-tiny."""
+  path, _, variant = config_arg.partition(':')
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join('runs', f'{stem}-{variant}' if variant else stem)
 
 
 def main(argv):
@@ -23,7 +35,10 @@ def main(argv):
       logging.set_verbosity(logging.WARNING)  # no backend-discovery chatter around the table
       print(run.dry_run(config))
       return
-    run.run(config, _MODE.value, _WORKDIR.value)
+    from transformer import parallel
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
+    run.run(config, _MODE.value, workdir)
   except ConfigError as error:  # a user's mistake: one message, no traceback
     raise app.UsageError(str(error)) from None
 

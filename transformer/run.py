@@ -1,5 +1,6 @@
 """What `launch.py` runs, given a resolved config."""
 
+import os
 import time
 
 import jax
@@ -22,7 +23,18 @@ def dry_run(config) -> str:
   return header + '\n' + summary.param_table(params)
 
 
-def run(config, mode: str, workdir: str | None):
-  raise NotImplementedError(
-      f'--mode {mode} needs the training engine, which is not in this version yet: '
-      'use --dry_run to build a model and count its parameters.')
+def enable_compilation_cache():
+  """JAX's persistent cache: a re-run or resume of the same shapes skips XLA compilation."""
+  directory = os.environ.get('TRANSFORMER_COMPILATION_CACHE',
+                             os.path.join(os.path.expanduser('~'), '.cache', 'transformer-jax'))
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def run(config, mode: str, workdir: str):
+  """`train` (resuming from `workdir`'s checkpoints) or `eval` (the latest checkpoint)."""
+  from transformer import loop  # the engine's imports (orbax, grain) are not needed for a dry run
+  enable_compilation_cache()
+  if mode == 'train':
+    return loop.train_and_evaluate(config, workdir)
+  return loop.evaluate_checkpoint(config, workdir)

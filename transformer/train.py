@@ -77,6 +77,10 @@ def _sums(model, params, batch, deterministic, rng, label_smoothing, z_loss):
   return loss, (count, correct)
 
 
+def global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(model, optimizer, schedule, train_config, axis_name=None):
   """A pure `train_step(state, batch) -> (state, metrics)`.
 
@@ -109,7 +113,7 @@ def make_train_step(model, optimizer, schedule, train_config, axis_name=None):
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss / denominator, 'accuracy': correct / denominator, 'tokens': count,
-               'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(params),
+               'grad_norm': global_norm(grads), 'param_norm': global_norm(params),
                'learning_rate': schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
