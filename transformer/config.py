@@ -163,7 +163,6 @@ def default_train_config(**overrides) -> ml_collections.ConfigDict:
       mesh=dict(data=-1, fsdp=1, tensor=1),  # -1: all remaining devices
       log_every=50,
       eval_every=500,
-      eval_steps=20,
       checkpoint_every=500,
       keep_checkpoints=3,
       peak_flops=0.0,             # per device, for MFU; 0: the platform's table, measured on CPU

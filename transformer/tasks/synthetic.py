@@ -5,6 +5,8 @@ They exercise the whole engine (packing-free padding, masks, grain iterator stat
 by a tiny model in seconds: a loss near 0 means the model attends correctly.
 """
 
+import math
+
 import grain
 import numpy as np
 
@@ -55,6 +57,10 @@ class SyntheticTask:
                               repeat=True).to_iter_dataset())
 
   def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
-    """The fixed held-out set (other seed), once; the last batch is padded with empty rows."""
-    return iter(self._dataset(self.num_eval, self.seed + _EVAL_SEED_OFFSET, batch_size, process_index,
-                              process_count, repeat=False))
+    """The fixed held-out set (other seed), once; the last batch is padded with empty rows, and every
+    process yields the same number of batches (collectives in the eval step need all of them)."""
+    batches = self._dataset(self.num_eval, self.seed + _EVAL_SEED_OFFSET, batch_size, process_index,
+                            process_count, repeat=False)
+    count = math.ceil(math.ceil(self.num_eval / process_count) / batch_size)
+    empty = {key: np.zeros_like(value) for key, value in batches[0].items()}
+    return (batches[i] if i < len(batches) else empty for i in range(count))

@@ -1,0 +1,213 @@
+"""Checkpoints: bitwise round trips, retention, data-iterator state, resharding, clear errors, preemption.
+
+Multi-device and multi-process cases run this file as a script in subprocesses (see `__main__` below):
+the device count must be in XLA_FLAGS before JAX starts.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import grain
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from conftest import tiny
+from transformer import models, optim, train
+from transformer.checkpoint import Checkpoints, PreemptionGuard
+from transformer.config import default_train_config
+
+CONFIG = {'model': {'d_model': 32}, 'train': {'seed': 0, 'mesh': {'data': -1}}}
+
+
+def make_state(d_model=32):
+  """A TrainState after one fake update, so that the step, Adam moments and count are all non-trivial.
+  adamw + clipping: its optax state has empty nodes (EmptyState, MaskedState), which must round-trip too.
+  Jitted: one compile is much faster than running the init op by op."""
+  train_config = default_train_config(optimizer='adamw', grad_clip=1.0, weight_decay=0.1)
+  optimizer = optim.make_optimizer(train_config, d_model)
+  model = models.build_model(tiny(d_model=d_model))
+
+  @jax.jit
+  def build():
+    state = train.init_state(model, optimizer, seed=0)
+    updates, opt_state = optimizer.update(state.params, state.opt_state, state.params)
+    return state.replace(step=state.step + 5, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state)
+  return build()
+
+
+def sharded(tree, devices):
+  """Each array split over `devices` along dim 0 when it divides evenly, else replicated."""
+  mesh = Mesh(np.array(devices), ('x',))
+  def sharding(x):
+    split = x.ndim and x.shape[0] % len(devices) == 0
+    return NamedSharding(mesh, P('x') if split else P())
+  return jax.tree.map(sharding, tree)
+
+
+def abstract(state, shardings=None):
+  shardings = shardings or jax.tree.map(lambda x: x.sharding, state)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def assert_bitwise_equal(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    assert a.dtype == e.dtype and a.shape == e.shape
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+@pytest.fixture(scope='module')
+def state():
+  return make_state()
+
+
+def test_round_trip_is_bitwise(state, tmp_path):
+  ckpt = Checkpoints(str(tmp_path), async_save=False)
+  assert ckpt.latest_step() is None and ckpt.restore_config() is None
+  assert ckpt.save(5, state, data_state={'next_index': 12}, config=CONFIG)
+  restored, data_state = ckpt.restore(abstract(state))
+  assert_bitwise_equal(restored, state)
+  assert int(restored.step) == 5 and data_state == {'next_index': 12}
+  assert ckpt.restore_config() == CONFIG
+  ckpt.close()
+
+
+def test_keep_latest_and_async(state, tmp_path):
+  ckpt = Checkpoints(str(tmp_path / 'relative' / '..' / 'ckpt'), keep=2)  # async by default
+  assert os.path.isabs(ckpt.directory)
+  for step in (1, 2, 3, 4):
+    assert ckpt.save(step, state.replace(step=state.step * 0 + step))
+  assert not ckpt.save(4, state)  # an existing step is skipped, not an error
+  ckpt.wait()
+  assert ckpt.latest_step() == 4 and ckpt.all_steps() == [3, 4]
+  assert sorted(os.listdir(ckpt.directory)) == ['3', '4']
+  restored, data_state = ckpt.restore(abstract(state), step=3)
+  assert int(restored.step) == 3 and data_state is None and ckpt.restore_config() is None
+  ckpt.close()
+  with Checkpoints(ckpt.directory) as reopened:  # a new process finds the same checkpoints
+    assert reopened.latest_step() == 4
+
+
+def test_grain_iterator_state_round_trip(state, tmp_path):
+  dataset = grain.MapDataset.range(100).shuffle(seed=0).batch(4).to_iter_dataset()
+  iterator = iter(dataset)
+  for _ in range(3):
+    next(iterator)
+  with Checkpoints(str(tmp_path)) as ckpt:
+    ckpt.save(3, state, data_state=iterator.get_state())
+    _, data_state = ckpt.restore(abstract(state))
+  fresh = iter(dataset)
+  fresh.set_state(data_state)
+  for _ in range(3):
+    np.testing.assert_array_equal(next(fresh), next(iterator))
+
+
+def run_self(*args, devices=1):
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
+             f' --xla_force_host_platform_device_count={devices}')
+  return subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True,
+                        timeout=120, cwd=os.path.dirname(__file__))
+
+
+def test_restore_onto_another_device_count(state, tmp_path):
+  saved = run_self('save_sharded', str(tmp_path), devices=8)
+  assert saved.returncode == 0, saved.stderr[-3000:]
+  loaded = run_self('restore_sharded', str(tmp_path), devices=2)
+  assert loaded.returncode == 0 and 'restored on 2 devices' in loaded.stdout, loaded.stderr[-3000:]
+  with Checkpoints(str(tmp_path)) as ckpt:  # and on this process's single device
+    restored, _ = ckpt.restore(abstract(state))
+  assert_bitwise_equal(restored, state)
+
+
+def test_changed_model_is_a_clear_error(state, tmp_path):
+  with Checkpoints(str(tmp_path)) as ckpt:
+    ckpt.save(5, state)
+    other = jax.eval_shape(lambda: make_state(d_model=16))
+    with pytest.raises(ValueError, match=r'params/\S+ has shape \(32, \d+\) .* but \(16, \d+\) .*changed'):
+      ckpt.restore(abstract(other, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), other)))
+
+
+def test_missing_checkpoint_is_a_clear_error(state, tmp_path):
+  with Checkpoints(str(tmp_path)) as ckpt:
+    with pytest.raises(FileNotFoundError, match='No checkpoint in'):
+      ckpt.restore(abstract(state))
+    ckpt.save(1, state)
+    with pytest.raises(FileNotFoundError, match=r'step 7 .*saved steps: \[1\]'):
+      ckpt.restore(abstract(state), step=7)
+
+
+def test_incomplete_checkpoint_is_ignored(state, tmp_path):
+  with Checkpoints(str(tmp_path)) as ckpt:
+    ckpt.save(1, state)
+  # What a save killed before its final rename leaves behind: all files, under the temporary name.
+  shutil.copytree(tmp_path / '1', tmp_path / '2.orbax-checkpoint-tmp-1700000000')
+  (tmp_path / '3.orbax-checkpoint-tmp-1700000001').mkdir()
+  with Checkpoints(str(tmp_path)) as ckpt:
+    assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
+    restored, _ = ckpt.restore(abstract(state))
+  assert_bitwise_equal(restored, state)
+
+
+def test_preemption_guard_catches_sigterm():
+  before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+  with PreemptionGuard() as guard:
+    assert not guard.requested and not guard.should_stop(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.requested and guard.should_stop(1)
+  assert {sig: signal.getsignal(sig) for sig in before} == before
+  with PreemptionGuard() as guard:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert guard.requested
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
+      os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_preemption_agrees_across_processes():
+  """Only process 1 receives SIGTERM; both stop at the same (synced) step."""
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = str(sock.getsockname()[1])
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen([sys.executable, __file__, 'preempt', port, str(i)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.path.dirname(__file__))
+           for i in range(2)]
+  outputs = [proc.communicate(timeout=120) for proc in procs]
+  for proc, (out, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+    assert 'should_stop [False, False, True]' in out, out + err[-3000:]
+
+
+if __name__ == '__main__':
+  command, *args = sys.argv[1:]
+  if command == 'save_sharded':
+    assert jax.device_count() == 8
+    state = make_state()
+    state = jax.device_put(state, sharded(state, jax.devices()))
+    assert len(state.params['decoder']['stack']['layer_0']['ffn']['wi']['kernel'].sharding.device_set) == 8
+    with Checkpoints(args[0]) as ckpt:
+      ckpt.save(5, state)
+  elif command == 'restore_sharded':
+    assert jax.device_count() == 2
+    expected = make_state()
+    shardings = sharded(expected, jax.devices())
+    with Checkpoints(args[0]) as ckpt:
+      restored, _ = ckpt.restore(abstract(expected, shardings))
+    assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding == s, restored, shardings))
+    assert_bitwise_equal(restored, expected)
+    print('restored on 2 devices')
+  elif command == 'preempt':
+    port, index = args
+    jax.distributed.initialize(f'localhost:{port}', num_processes=2, process_id=int(index))
+    with PreemptionGuard(sync_every=3) as guard:
+      if jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      print('should_stop', [guard.should_stop(step) for step in (1, 2, 3)], flush=True)
+    jax.distributed.shutdown()

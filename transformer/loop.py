@@ -1,0 +1,155 @@
+"""The training loop: config -> task, model, runner -> steps, logs, evals and checkpoints."""
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from transformer import checkpoint, metrics, models, optim, parallel, tasks
+from transformer.config import ConfigError, ModelConfig
+
+
+class NonFiniteLoss(FloatingPointError):
+  """Training diverged; the message names the step. Checkpoints before it are kept."""
+
+
+def build(config):
+  """Task, model config (vocabulary from the task), model, optimizer and schedule."""
+  task = tasks.get_task(config)
+  model_config = ModelConfig.from_config({**config.model.to_dict(), 'vocab_size': task.vocab_size})
+  model = models.build_model(model_config)
+  optimizer = optim.make_optimizer(config.train, model_config.d_model)
+  schedule = optim.learning_rate_schedule(config.train, model_config.d_model)
+  return task, model, optimizer, schedule
+
+
+def evaluate(runner, task, state, batch_size):
+  """Token-weighted eval loss (no smoothing), perplexity and accuracy over the whole eval set."""
+  totals = None
+  for batch in task.eval_batches(batch_size, jax.process_index(), jax.process_count()):
+    sums = runner.eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  tokens = max(float(totals['tokens']), 1.0)
+  loss = float(totals['loss']) / tokens
+  return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 50.0)),
+          'eval/accuracy': float(totals['correct']) / tokens}
+
+
+def _check_finite(step, values):
+  loss = float(values['loss'])
+  if not math.isfinite(loss):
+    raise NonFiniteLoss(f'The training loss became {loss} at step {step}: lower config.train.learning_rate, '
+                        'set config.train.grad_clip, or check the data. Checkpoints before this step are kept.')
+
+
+def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last eval metrics.
+
+  `stop_at` stops after that step as a preemption would (checkpoint, clean exit): for tests and for
+  splitting a run into jobs of bounded length.
+  """
+  task, model, optimizer, schedule = build(config)
+  train = config.train
+  runner = parallel.Runner(train, model, optimizer, schedule)
+  primary = jax.process_index() == 0
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=train.keep_checkpoints)
+  local_batch = runner.local_batch_size()
+  train_iter = task.train_iter(local_batch, jax.process_index(), jax.process_count())
+  if ckpts.latest_step() is not None:
+    state, data_state = ckpts.restore(runner.abstract_state())
+    state = runner.from_checkpoint(state)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+  else:
+    state = runner.init_state(train.seed)
+  start_step = int(jax.device_get(runner.to_checkpoint(state).step))
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)
+
+  writer = metrics.MetricsWriter(workdir, enabled=primary)
+  progress = metrics.Progress(train.num_steps, enabled=primary)
+  model_flops = metrics.flops_per_token(model.config, task.seq_len)
+  peak = metrics.peak_flops_per_device(train.peak_flops) * jax.device_count()
+
+  def save(step):
+    ckpts.save(step, runner.to_checkpoint(state), train_iter.get_state(), config.to_dict())
+
+  eval_metrics = {}
+  pending = None          # (step, device metrics) of the last dispatched step, fetched one step later
+  window = []             # host metrics since the last log
+  window_start = time.perf_counter()
+  compile_s = None
+  with checkpoint.PreemptionGuard() as guard:
+    for step in range(start_step + 1, train.num_steps + 1):
+      batch = next(train_iter)
+      step_start = time.perf_counter()
+      state, step_metrics = runner.train_step(state, batch)
+      if compile_s is None:  # the first step compiles; time it apart and restart the clock
+        jax.block_until_ready(step_metrics)
+        compile_s = time.perf_counter() - step_start
+        window_start = time.perf_counter()
+        writer.write(step, {'train/compile_s': compile_s})
+      if pending is not None:  # fetching the previous step's metrics does not stall this step's dispatch
+        window.append(jax.device_get(pending[1]))
+        _check_finite(pending[0], window[-1])
+      pending = (step, step_metrics)
+
+      last = step == train.num_steps
+      if step % train.log_every == 0 or last:
+        window.append(jax.device_get(step_metrics))
+        _check_finite(step, window[-1])
+        pending = None
+        elapsed = time.perf_counter() - window_start
+        tokens = sum(float(m['tokens']) for m in window)
+        step_time = elapsed / len(window)
+        scalars = {f'train/{k}': float(np.mean([float(m[k]) for m in window]))
+                   for k in ('loss', 'accuracy', 'grad_norm', 'param_norm', 'learning_rate')}
+        scalars.update({'train/tokens_per_sec': tokens / elapsed, 'train/step_ms': 1000 * step_time,
+                        'train/mfu': tokens / elapsed * model_flops / peak})
+        writer.write(step, scalars)
+        progress.update(step, scalars['train/loss'], scalars['train/tokens_per_sec'], step_time)
+        window, window_start = [], time.perf_counter()
+      if step % train.eval_every == 0 or last:
+        eval_metrics = evaluate(runner, task, state, local_batch)
+        writer.write(step, eval_metrics)
+        window_start = time.perf_counter()  # eval time is not step time
+      stop = guard.should_stop(step) or step == stop_at
+      if step % train.checkpoint_every == 0 or last or stop:
+        if pending is not None:  # never checkpoint a state whose loss was not checked
+          _check_finite(step, jax.device_get(pending[1]))
+        save(step)
+      if stop:
+        if primary and guard.requested:
+          print(f'\nStopped by a signal at step {step}; checkpoint saved. Re-run to resume.', flush=True)
+        break
+  progress.close()
+  ckpts.wait()
+  ckpts.close()
+  writer.close()
+  return eval_metrics
+
+
+def evaluate_checkpoint(config, workdir: str):
+  """Evaluates the latest checkpoint in `workdir` on the task's eval set and logs it."""
+  task, model, optimizer, schedule = build(config)
+  runner = parallel.Runner(config.train, model, optimizer, schedule)
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
+  if ckpts.latest_step() is None:
+    raise ConfigError(f'No checkpoint in {workdir}/checkpoints to evaluate: train first (--mode train).')
+  state, _ = ckpts.restore(runner.abstract_state())
+  state = runner.from_checkpoint(state)
+  results = evaluate(runner, task, state, runner.local_batch_size())
+  step = int(jax.device_get(runner.to_checkpoint(state).step))
+  writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  writer.write(step, results)
+  writer.close()
+  ckpts.close()
+  if jax.process_index() == 0:
+    print(json.dumps({'step': step, **results}))
+  return results

@@ -1,0 +1,226 @@
+"""Multi-host init, the device mesh, logical-axis sharding rules, and the jit / pmap step runners.
+
+`jit`: one SPMD program over a ('data', 'fsdp', 'tensor') mesh. The batch is split over data x fsdp;
+parameters and their optimizer state are sharded by `LOGICAL_RULES`. `pmap`: classic data parallelism,
+the state replicated on every local device. Both compute the same numbers as a single device: the step
+normalises by the global token count, and dropout masks come from the partitionable threefry RNG.
+"""
+
+import functools
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from transformer import models, train
+from transformer.config import ConfigError
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both; FSDP is data parallel too
+PARALLELISM = ('jit', 'pmap')
+PMAP_AXIS = 'batch'
+
+# Logical axis name (see `models.logical_axes`) -> mesh axis; names not listed are replicated.
+LOGICAL_RULES = (
+    ('batch', BATCH_AXES),
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('kv', None),
+    ('layers', None),
+)
+
+
+def _multi_process_environment() -> bool:
+  """A cluster, with more than one process, that `jax.distributed.initialize()` reads by itself."""
+  env = os.environ
+  if 'SLURM_JOB_ID' in env:
+    return int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1'))) > 1
+  if 'OMPI_COMM_WORLD_SIZE' in env:
+    return int(env['OMPI_COMM_WORLD_SIZE']) > 1
+  # TPU pods on GKE list their workers; multislice has a coordinator. (A TPU VM pod slice works
+  # without initialising: its runtime connects the hosts.)
+  hosts = env.get('TPU_PROCESS_ADDRESSES', env.get('TPU_WORKER_HOSTNAMES', ''))
+  return len([h for h in hosts.split(',') if h.strip()]) > 1 or 'MEGASCALE_COORDINATOR_ADDRESS' in env
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-process job: from explicit values, else a detected SLURM / Open MPI / TPU-pod cluster;
+  a no-op for a single process and when already initialized. Call it before anything else uses JAX."""
+  if jax.distributed.is_initialized():
+    return
+  if (coordinator_address, num_processes, process_id) != (None, None, None):
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  elif _multi_process_environment():
+    jax.distributed.initialize()
+
+
+def make_mesh(mesh_config) -> Mesh:
+  """The ('data', 'fsdp', 'tensor') mesh over all devices; one axis may be -1 (all remaining devices)."""
+  sizes = {axis: int(getattr(mesh_config, axis)) for axis in MESH_AXES}
+  count = jax.device_count()
+  given = ', '.join(f'config.train.mesh.{axis}={size}' for axis, size in sizes.items())
+  fill = [axis for axis, size in sizes.items() if size == -1]
+  if len(fill) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+    raise ConfigError(f'{given}: each mesh axis must be a positive size, and at most one may be -1 '
+                      '(all remaining devices).')
+  known = math.prod(size for size in sizes.values() if size != -1)
+  if fill and count % known == 0:
+    sizes[fill[0]] = count // known
+  if math.prod(sizes.values()) != count:
+    problem = (f'the device count {count} is not a multiple of the other axes\' product {known}' if fill
+               else f'the mesh has {known} devices, but the device count is {count}')
+    raise ConfigError(f'{given}: {problem}. Make data x fsdp x tensor equal {count}, or set one axis to -1 '
+                      '(all remaining devices).')
+  # Auto axes: the model code has no sharding annotations, so XLA propagates shardings itself.
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  return math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+
+
+def logical_to_sharding(logical_spec, shape, mesh: Mesh) -> NamedSharding:
+  """`LOGICAL_RULES` applied to one array; a dimension its mesh axes do not divide is replicated
+  (e.g. kv_heads=1 with tensor=2) instead of failing."""
+  mesh_axes = nn.logical_to_mesh_axes(logical_spec, LOGICAL_RULES)
+  dims = [axes if axes is None or size % _axis_size(mesh, axes) == 0 else None
+          for axes, size in zip(mesh_axes, shape)]
+  return NamedSharding(mesh, P(*dims))
+
+
+def state_shardings(model, optimizer, abstract_state, mesh: Mesh):
+  """NamedShardings of a `TrainState`: params by their logical axes, optimizer state like its params
+  (optax keeps flax's boxes when initialised from boxed params), anything else replicated."""
+  boxed_params = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), *models.dummy_inputs(model.config))['params'])
+  boxed_opt_state = jax.eval_shape(optimizer.init, boxed_params)
+  specs = jax.tree.map(lambda _: P(), abstract_state).replace(
+      params=nn.get_partition_spec(boxed_params), opt_state=nn.get_partition_spec(boxed_opt_state))
+  return jax.tree.map(lambda spec, leaf: logical_to_sharding(spec, leaf.shape, mesh),
+                      specs, abstract_state, is_leaf=lambda x: isinstance(x, P))
+
+
+class Runner:
+  """Runs `train.make_train_step` / `make_eval_step` under `train_config.parallelism` ('jit' or 'pmap').
+
+  Batches are numpy dicts holding this process's rows (`local_batch_size()`). Checkpoints use one layout
+  for both modes, the global un-replicated state (`abstract_state`), so they restore across meshes.
+  """
+
+  def __init__(self, train_config, model, optimizer, schedule):
+    self.parallelism = train_config.parallelism
+    if self.parallelism not in PARALLELISM:
+      raise ConfigError(f'config.train.parallelism={self.parallelism!r} is not one of: '
+                        f'{", ".join(PARALLELISM)}.')
+    # Dropout masks must not depend on how the batch is sharded (the default since JAX 0.5).
+    if not jax.config.jax_threefry_partitionable:
+      jax.config.update('jax_threefry_partitionable', True)
+    self.batch_size = int(train_config.batch_size)
+    accum = int(train_config.grad_accum_steps)
+    abstract = jax.eval_shape(lambda: train.init_state(model, optimizer, 0))
+    if self.parallelism == 'jit':
+      self.mesh = make_mesh(train_config.mesh)
+      shards = _axis_size(self.mesh, BATCH_AXES)
+      shards_text = f'the batch shards (mesh data x fsdp = {shards})'
+    else:
+      self.mesh = None
+      shards = jax.device_count()
+      shards_text = f'the device count ({shards}, pmap)'
+    self._shards = shards
+    if self.batch_size % (shards * accum):
+      raise ConfigError(
+          f'config.train.batch_size={self.batch_size} must be divisible by {shards_text} x '
+          f'config.train.grad_accum_steps={accum} = {shards * accum}: change one of them.')
+
+    train_step = train.make_train_step(
+        model, optimizer, schedule, train_config, axis_name=None if self.mesh else PMAP_AXIS)
+    eval_step = train.make_eval_step(model, axis_name=None if self.mesh else PMAP_AXIS)
+    if self.mesh is not None:
+      self._state_shardings = state_shardings(model, optimizer, abstract, self.mesh)
+      self._batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+      # Distinct row blocks on this process (devices along 'tensor' hold the same rows).
+      self._local_shards = len({index[0].indices(shards) for index in
+                                self._batch_sharding.addressable_devices_indices_map((shards,)).values()})
+      replicated = NamedSharding(self.mesh, P())
+      # Created already sharded: the full state never has to fit on one device.
+      self._init = jax.jit(functools.partial(train.init_state, model, optimizer),
+                           out_shardings=self._state_shardings)
+      self._train = jax.jit(train_step, in_shardings=(self._state_shardings, self._batch_sharding),
+                            out_shardings=(self._state_shardings, replicated), donate_argnums=0)
+      self._eval = jax.jit(lambda state, batch: eval_step(state.params, batch),
+                           in_shardings=(self._state_shardings, self._batch_sharding),
+                           out_shardings=replicated)
+      checkpoint_shardings = self._state_shardings
+    else:
+      devices = jax.local_devices()
+      self._local_shards = len(devices)
+      local_mesh = Mesh(np.array(devices), (PMAP_AXIS,))
+      replicas = NamedSharding(local_mesh, P(PMAP_AXIS))  # the layout pmap itself gives its outputs
+      checkpoint_shardings = jax.tree.map(lambda _: NamedSharding(local_mesh, P()), abstract)
+      broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices),) + x.shape), tree)
+      first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+      self._replicate = jax.jit(broadcast, out_shardings=replicas)
+      self._init = jax.jit(lambda seed: broadcast(train.init_state(model, optimizer, seed)),
+                           out_shardings=replicas)
+      self._first = jax.jit(first)
+      self._to_checkpoint = jax.jit(first, out_shardings=checkpoint_shardings)
+      self._train = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0)
+      self._eval = jax.pmap(lambda state, batch: eval_step(state.params, batch), axis_name=PMAP_AXIS)
+    self._abstract = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract, checkpoint_shardings)
+
+  def local_batch_size(self) -> int:
+    """This process's rows of the global `batch_size`."""
+    return self.batch_size // self._shards * self._local_shards
+
+  def init_state(self, seed: int) -> train.TrainState:
+    return self._init(seed)
+
+  def abstract_state(self):
+    """ShapeDtypeStructs (with shardings) of the checkpoint layout: the orbax restore target."""
+    return self._abstract
+
+  def to_checkpoint(self, state):
+    return state if self.mesh is not None else self._to_checkpoint(state)
+
+  def from_checkpoint(self, state):
+    if self.mesh is not None:
+      return jax.device_put(state, self._state_shardings)
+    return self._replicate(state)
+
+  def _global_batch(self, batch, rows=None):
+    """jit: one global array per field from the local rows; pmap: [local devices, rows per device, ...]."""
+    shapes = {k: np.shape(x) for k, x in batch.items()}
+    local = {shape[0] for shape in shapes.values()}
+    shards = self._local_shards
+    if len(local) != 1 or (rows is not None and local != {rows}) or min(local) % shards:
+      expected = f'{rows} rows (this process\'s share of config.train.batch_size)' if rows else (
+          f'a multiple of {shards} rows')
+      raise ValueError(f'Each batch field must have {expected}; got shapes {shapes}.')
+    if self.mesh is None:
+      return {k: np.reshape(x, (shards, -1) + np.shape(x)[1:]) for k, x in batch.items()}
+    scale = self._shards // self._local_shards  # global rows per local row
+    return {k: jax.make_array_from_process_local_data(
+        self._batch_sharding, np.asarray(x), (scale * np.shape(x)[0],) + np.shape(x)[1:])
+        for k, x in batch.items()}
+
+  def train_step(self, state, batch):
+    """(state, metrics); `state` is donated. Metrics stay on device (no host sync here)."""
+    state, metrics = self._train(state, self._global_batch(batch, self.local_batch_size()))
+    return state, (metrics if self.mesh is not None else self._first(metrics))
+
+  def eval_step(self, state, batch) -> dict:
+    """Summed loss / tokens / correct over the global batch (any size the batch shards divide)."""
+    sums = self._eval(state, self._global_batch(batch))
+    return sums if self.mesh is not None else self._first(sums)
