@@ -39,6 +39,13 @@ def evaluate(runner, task, state, batch_size):
           'eval/accuracy': float(totals['correct']) / tokens}
 
 
+def _restore(ckpts, runner):
+  try:
+    return ckpts.restore(runner.abstract_state())
+  except ValueError as error:  # a checkpoint of another model shape: the user's config, not a bug
+    raise ConfigError(str(error)) from None
+
+
 def _check_finite(step, values):
   loss = float(values['loss'])
   if not math.isfinite(loss):
@@ -60,7 +67,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   local_batch = runner.local_batch_size()
   train_iter = task.train_iter(local_batch, jax.process_index(), jax.process_count())
   if ckpts.latest_step() is not None:
-    state, data_state = ckpts.restore(runner.abstract_state())
+    state, data_state = _restore(ckpts, runner)
     state = runner.from_checkpoint(state)
     if data_state is not None:
       train_iter.set_state(data_state)
@@ -142,7 +149,7 @@ def evaluate_checkpoint(config, workdir: str):
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
   if ckpts.latest_step() is None:
     raise ConfigError(f'No checkpoint in {workdir}/checkpoints to evaluate: train first (--mode train).')
-  state, _ = ckpts.restore(runner.abstract_state())
+  state, _ = _restore(ckpts, runner)
   state = runner.from_checkpoint(state)
   results = evaluate(runner, task, state, runner.local_batch_size())
   step = int(jax.device_get(runner.to_checkpoint(state).step))
