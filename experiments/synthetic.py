@@ -6,16 +6,13 @@ Variants: `copy` and `reverse` (encoder-decoder), `lm_copy` (decoder-only: `x EO
 
 import ml_collections
 
-from transformer.config import default_model_config, default_train_config
+from transformer.config import default_model_config, default_train_config, pick_variant
 
 VARIANTS = ('copy', 'reverse', 'lm_copy')
 
 
 def get_config(arg=None):
-  variant = arg or 'reverse'
-  if variant not in VARIANTS:
-    raise ValueError(f'Unknown variant {variant!r} of experiments/synthetic.py: choose one of '
-                     f'{", ".join(VARIANTS)}.')
+  variant = pick_variant(arg, VARIANTS, 'reverse', 'experiments/synthetic.py')
   config = ml_collections.ConfigDict()
   config.task = 'copy' if variant == 'lm_copy' else variant
   config.variant = variant

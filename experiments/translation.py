@@ -6,7 +6,7 @@ Variants: `tiny` (CPU-sized), `base` and `big` (the paper's Table 3 rows "base" 
 
 import ml_collections
 
-from transformer.config import default_model_config
+from transformer.config import default_model_config, default_train_config, pick_variant
 
 # Hyperparameters the paper states (sections 5.3, 5.4 and Table 3).
 _PAPER = dict(kind='encoder_decoder', vocab_size=37000, num_encoder_layers=6, num_decoder_layers=6,
@@ -21,10 +21,7 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-  variant = arg or 'tiny'
-  if variant not in VARIANTS:
-    raise ValueError(f'Unknown variant {variant!r} of experiments/translation.py: choose one of '
-                     f'{", ".join(VARIANTS)}.')
+  variant = pick_variant(arg, VARIANTS, 'tiny', 'experiments/translation.py')
   config = ml_collections.ConfigDict()
   config.task = 'translation'
   config.variant = variant
@@ -33,10 +30,8 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict()
   config.data.seq_len = 256 if variant == 'tiny' else 512
 
-  config.train = ml_collections.ConfigDict()
-  config.train.optimizer = 'adam'  # beta1 0.9, beta2 0.98, eps 1e-9, rsqrt schedule (paper, 5.3)
-  config.train.warmup_steps = 4000
-  config.train.label_smoothing = 0.1
-  config.train.num_steps = {'base': 100_000, 'big': 300_000}.get(variant, 2_000)
-  config.train.seed = 0
+  # The paper's optimizer (5.3): Adam, beta2 0.98, eps 1e-9, rsqrt schedule with 4000 warmup steps.
+  config.train = default_train_config(
+      optimizer='adam', warmup_steps=4000, label_smoothing=0.1,
+      num_steps={'base': 100_000, 'big': 300_000}.get(variant, 2_000))
   return config

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import grain
 import jax
@@ -156,18 +157,27 @@ def test_incomplete_checkpoint_is_ignored(state, tmp_path):
   assert_bitwise_equal(restored, state)
 
 
+def _wait_for(condition, seconds=5.0):
+  """Signal handlers run in the main thread at its next check, not inside os.kill: give them a moment."""
+  deadline = time.time() + seconds
+  while not condition() and time.time() < deadline:
+    time.sleep(0.01)
+  return condition()
+
+
 def test_preemption_guard_catches_sigterm():
   before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
   with PreemptionGuard() as guard:
     assert not guard.requested and not guard.should_stop(0)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert guard.requested and guard.should_stop(1)
+    assert _wait_for(lambda: guard.requested) and guard.should_stop(1)
   assert {sig: signal.getsignal(sig) for sig in before} == before
   with PreemptionGuard() as guard:
     os.kill(os.getpid(), signal.SIGINT)
-    assert guard.requested
+    assert _wait_for(lambda: guard.requested)
     with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
       os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)  # interrupted by the handler
 
 
 def test_preemption_agrees_across_processes():

@@ -136,5 +136,5 @@ def test_bad_config_on_the_command_line_is_one_clear_message():
 
 
 def test_unknown_variant():
-  with pytest.raises(ValueError, match='choose one of tiny, base, big|choose one of base, big, tiny'):
+  with pytest.raises(ConfigError, match='Unknown variant .huge. of experiments/translation.py: choose one of base, big, tiny'):
     translation.get_config('huge')

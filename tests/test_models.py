@@ -239,6 +239,7 @@ def test_compute_dtype_separate_from_param_dtype():
   assert logits.dtype == jnp.float32  # the softmax and loss always see float32 logits
   reference = _forward(*_setup(tiny()), None, target)
   np.testing.assert_allclose(logits, reference, atol=0.1)  # bfloat16 rounding only
+  assert tiny().compute_dtype == jnp.float32  # dtype='auto' on a CPU
   _, half = _setup(tiny(param_dtype='bfloat16'))
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(half))
 

@@ -68,7 +68,7 @@ def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
 def _cudnn_supports(config: ModelConfig) -> bool:
   # cuDNN's fused kernel: half precision, equal query/key and value head sizes, multiples of 8 up to 128.
   d = config.head_dim_qk
-  return (config.dtype in ('bfloat16', 'float16') and d == config.head_dim_v and d % 8 == 0
+  return (config.compute_dtype in (jnp.bfloat16, jnp.float16) and d == config.head_dim_v and d % 8 == 0
           and d <= 128)
 
 
