@@ -172,12 +172,17 @@ def test_preemption_guard_catches_sigterm():
     os.kill(os.getpid(), signal.SIGTERM)
     assert _wait_for(lambda: guard.requested) and guard.should_stop(1)
   assert {sig: signal.getsignal(sig) for sig in before} == before
-  with PreemptionGuard() as guard:
-    os.kill(os.getpid(), signal.SIGINT)
-    assert _wait_for(lambda: guard.requested)
-    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
+  # Python's own Ctrl-C handler before the guard (pytest-xdist workers ignore SIGINT).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with PreemptionGuard() as guard:
       os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(5)  # interrupted by the handler
+      assert _wait_for(lambda: guard.requested)
+      with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # interrupted by the handler
+  finally:
+    signal.signal(signal.SIGINT, before[signal.SIGINT])
 
 
 def test_preemption_agrees_across_processes():

@@ -92,53 +92,55 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   window = []             # host metrics since the last log
   window_start = time.perf_counter()
   compile_s = None
-  with checkpoint.PreemptionGuard() as guard:
-    for step in range(start_step + 1, train.num_steps + 1):
-      batch = next(train_iter)
-      step_start = time.perf_counter()
-      state, step_metrics = runner.train_step(state, batch)
-      if compile_s is None:  # the first step compiles; time it apart and restart the clock
-        jax.block_until_ready(step_metrics)
-        compile_s = time.perf_counter() - step_start
-        window_start = time.perf_counter()
-        writer.write(step, {'train/compile_s': compile_s})
-      if pending is not None:  # fetching the previous step's metrics does not stall this step's dispatch
-        window.append(jax.device_get(pending[1]))
-        _check_finite(pending[0], window[-1])
-      pending = (step, step_metrics)
+  try:
+    with checkpoint.PreemptionGuard() as guard:
+      for step in range(start_step + 1, train.num_steps + 1):
+        batch = next(train_iter)
+        step_start = time.perf_counter()
+        state, step_metrics = runner.train_step(state, batch)
+        if compile_s is None:  # the first step compiles; time it apart and restart the clock
+          jax.block_until_ready(step_metrics)
+          compile_s = time.perf_counter() - step_start
+          window_start = time.perf_counter()
+          writer.write(step, {'train/compile_s': compile_s})
+        if pending is not None:  # fetching the previous step's metrics does not stall this step's dispatch
+          window.append(jax.device_get(pending[1]))
+          _check_finite(pending[0], window[-1])
+        pending = (step, step_metrics)
 
-      last = step == train.num_steps
-      if step % train.log_every == 0 or last:
-        window.append(jax.device_get(step_metrics))
-        _check_finite(step, window[-1])
-        pending = None
-        elapsed = time.perf_counter() - window_start
-        tokens = sum(float(m['tokens']) for m in window)
-        step_time = elapsed / len(window)
-        scalars = {f'train/{k}': float(np.mean([float(m[k]) for m in window]))
-                   for k in ('loss', 'accuracy', 'grad_norm', 'param_norm', 'learning_rate')}
-        scalars.update({'train/tokens_per_sec': tokens / elapsed, 'train/step_ms': 1000 * step_time,
-                        'train/mfu': tokens / elapsed * model_flops / peak})
-        writer.write(step, scalars)
-        progress.update(step, scalars['train/loss'], scalars['train/tokens_per_sec'], step_time)
-        window, window_start = [], time.perf_counter()
-      if step % train.eval_every == 0 or last:
-        eval_metrics = evaluate(runner, task, state, local_batch)
-        writer.write(step, eval_metrics)
-        window_start = time.perf_counter()  # eval time is not step time
-      stop = guard.should_stop(step) or step == stop_at
-      if step % train.checkpoint_every == 0 or last or stop:
-        if pending is not None:  # never checkpoint a state whose loss was not checked
-          _check_finite(step, jax.device_get(pending[1]))
-        save(step)
-      if stop:
-        if primary and guard.requested:
-          print(f'\nStopped by a signal at step {step}; checkpoint saved. Re-run to resume.', flush=True)
-        break
-  progress.close()
-  ckpts.wait()
-  ckpts.close()
-  writer.close()
+        last = step == train.num_steps
+        if step % train.log_every == 0 or last:
+          window.append(jax.device_get(step_metrics))
+          _check_finite(step, window[-1])
+          pending = None
+          elapsed = time.perf_counter() - window_start
+          tokens = sum(float(m['tokens']) for m in window)
+          step_time = elapsed / len(window)
+          scalars = {f'train/{k}': float(np.mean([float(m[k]) for m in window]))
+                     for k in ('loss', 'accuracy', 'grad_norm', 'param_norm', 'learning_rate')}
+          scalars.update({'train/tokens_per_sec': tokens / elapsed, 'train/step_ms': 1000 * step_time,
+                          'train/mfu': tokens / elapsed * model_flops / peak})
+          writer.write(step, scalars)
+          progress.update(step, scalars['train/loss'], scalars['train/tokens_per_sec'], step_time)
+          window, window_start = [], time.perf_counter()
+        if step % train.eval_every == 0 or last:
+          eval_metrics = evaluate(runner, task, state, local_batch)
+          writer.write(step, eval_metrics)
+          window_start = time.perf_counter()  # eval time is not step time
+        stop = guard.should_stop(step) or step == stop_at
+        if step % train.checkpoint_every == 0 or last or stop:
+          if pending is not None:  # never checkpoint a state whose loss was not checked
+            _check_finite(step, jax.device_get(pending[1]))
+          save(step)
+        if stop:
+          if primary and guard.requested:
+            print(f'\nStopped by a signal at step {step}; checkpoint saved. Re-run to resume.', flush=True)
+          break
+  finally:  # a failing run still finishes the saves it started
+    progress.close()
+    ckpts.wait()
+    ckpts.close()
+    writer.close()
   return eval_metrics
 
 
