@@ -39,11 +39,21 @@ def evaluate(runner, task, state, batch_size):
           'eval/accuracy': float(totals['correct']) / tokens}
 
 
+def _prepare(config, workdir):
+  """What training and evaluation share: task, model, runner and the workdir's checkpoints."""
+  task, model, optimizer, schedule = build(config)
+  runner = parallel.Runner(config.train, model, optimizer, schedule)
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
+  return task, model, runner, ckpts
+
+
 def _restore(ckpts, runner):
+  """`(state in the runner's layout, data iterator state, step)` from the latest checkpoint."""
   try:
-    return ckpts.restore(runner.abstract_state())
+    state, data_state = ckpts.restore(runner.abstract_state())
   except ValueError as error:  # a checkpoint of another model shape: the user's config, not a bug
     raise ConfigError(str(error)) from None
+  return runner.from_checkpoint(state), data_state, ckpts.latest_step()
 
 
 def _check_finite(step, values):
@@ -59,21 +69,17 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   `stop_at` stops after that step as a preemption would (checkpoint, clean exit): for tests and for
   splitting a run into jobs of bounded length.
   """
-  task, model, optimizer, schedule = build(config)
+  task, model, runner, ckpts = _prepare(config, workdir)
   train = config.train
-  runner = parallel.Runner(train, model, optimizer, schedule)
   primary = jax.process_index() == 0
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=train.keep_checkpoints)
   local_batch = runner.local_batch_size()
   train_iter = task.train_iter(local_batch, jax.process_index(), jax.process_count())
   if ckpts.latest_step() is not None:
-    state, data_state = _restore(ckpts, runner)
-    state = runner.from_checkpoint(state)
+    state, data_state, start_step = _restore(ckpts, runner)
     if data_state is not None:
       train_iter.set_state(data_state)
   else:
-    state = runner.init_state(train.seed)
-  start_step = int(jax.device_get(runner.to_checkpoint(state).step))
+    state, start_step = runner.init_state(train.seed), 0
   if primary:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -146,15 +152,11 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
 
 def evaluate_checkpoint(config, workdir: str):
   """Evaluates the latest checkpoint in `workdir` on the task's eval set and logs it."""
-  task, model, optimizer, schedule = build(config)
-  runner = parallel.Runner(config.train, model, optimizer, schedule)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
+  task, _, runner, ckpts = _prepare(config, workdir)
   if ckpts.latest_step() is None:
     raise ConfigError(f'No checkpoint in {workdir}/checkpoints to evaluate: train first (--mode train).')
-  state, _ = _restore(ckpts, runner)
-  state = runner.from_checkpoint(state)
+  state, _, step = _restore(ckpts, runner)
   results = evaluate(runner, task, state, runner.local_batch_size())
-  step = int(jax.device_get(runner.to_checkpoint(state).step))
   writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, results)
   writer.close()

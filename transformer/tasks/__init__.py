@@ -6,7 +6,7 @@ TASKS = ('copy', 'reverse')
 
 
 def get_task(config):
-  if config.task in ('copy', 'reverse'):
+  if config.task in TASKS:  # the synthetic tasks
     from transformer.tasks.synthetic import SyntheticTask
     return SyntheticTask(config)
   raise ConfigError(f'config.task={config.task!r} is not one of: {", ".join(TASKS)}.')
