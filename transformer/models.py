@@ -18,6 +18,7 @@ from transformer.config import ConfigError, ModelConfig
 
 PAD_ID = 0
 BOS_ID = 1
+EOS_ID = 2  # every tokenizer and vocabulary in the codebase uses these three ids
 
 _REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block in the backward pass

@@ -31,10 +31,26 @@ def enable_compilation_cache():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def run(config, mode: str, workdir: str):
-  """`train` (resuming from `workdir`'s checkpoints) or `eval` (the latest checkpoint)."""
-  from transformer import loop  # the engine's imports (orbax, grain) are not needed for a dry run
+MODES = ('train', 'eval', 'decode', 'sweep', 'bench')
+
+
+def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
+  """Runs `mode` on a resolved config. `overrides` are the command line's `--config.*` flags, which a
+  sweep passes on to every variant."""
   enable_compilation_cache()
   if mode == 'train':
+    from transformer import loop  # the engine's imports (orbax, grain) are not needed for a dry run
     return loop.train_and_evaluate(config, workdir)
-  return loop.evaluate_checkpoint(config, workdir)
+  if mode == 'eval':
+    from transformer import loop
+    return loop.evaluate_checkpoint(config, workdir)
+  if mode == 'decode':
+    from transformer import loop
+    return loop.decode_checkpoint(config, workdir)
+  if mode == 'sweep':
+    from transformer import sweep
+    return sweep.run_sweep(config, workdir, overrides)
+  if mode == 'bench':
+    from transformer import bench
+    return bench.run_bench(config)
+  raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES}.')

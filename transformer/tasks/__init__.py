@@ -1,4 +1,19 @@
-"""Tasks: each builds its data iterators (and later its metrics and decoding) from the config."""
+"""Tasks: each builds its tokenizer, data iterators, metrics and decoding from the config.
+
+A task object has:
+  vocab_size, seq_len                          the model's vocabulary and the training length
+  train_iter(batch_size, process_index, process_count)
+                                               endless iterator of numpy batches (this process's share)
+                                               with `get_state()` / `set_state()` for checkpoints
+  eval_batches(batch_size, process_index, process_count)
+                                               the held-out set once, never packed, the same number
+                                               of batches on every process
+  eval_metrics(generator, losses) -> dict      task metrics beyond loss / accuracy / perplexity
+                                               (BLEU, bits per byte, ...); `generator` decodes
+  samples(generator, num) -> list[dict]        decoded examples for logs and `--mode decode`
+Batches are dicts of int32 `[batch, length]` arrays: `targets` (+ `_segment_ids`, `_positions` when
+packed) and, for encoder-decoder tasks, `inputs` (+ the same).
+"""
 
 from transformer.config import ConfigError
 

@@ -11,9 +11,8 @@ import grain
 import numpy as np
 
 from transformer.data.batching import pad_batch
-from transformer.models import BOS_ID, PAD_ID
+from transformer.models import BOS_ID, EOS_ID, PAD_ID
 
-EOS_ID = 2
 FIRST_TOKEN = 3  # 0 pad, 1 bos, 2 eos
 _EVAL_SEED_OFFSET = 1_000_003
 
