@@ -116,8 +116,8 @@ class ModelConfig:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
       if key not in fields:
-        near = difflib.get_close_matches(key, fields, n=1)
-        hint = f' Did you mean config.model.{near[0]}?' if near else ''
+        near = nearest(key, fields)
+        hint = f' Did you mean config.model.{near}?' if near else ''
         raise ConfigError(f'Unknown key config.model.{key}.{hint} Valid keys: {", ".join(fields)}.')
     for key, value in values.items():
       expected = type(fields[key].default)
@@ -172,6 +172,12 @@ def default_train_config(**overrides) -> ml_collections.ConfigDict:
   ))
   train.update(overrides)
   return train
+
+
+def nearest(name: str, choices) -> str | None:
+  """The choice closest to a misspelt `name`, for "did you mean" hints; None when nothing is close."""
+  near = difflib.get_close_matches(name, list(choices), n=1)
+  return near[0] if near else None
 
 
 def pick_variant(arg, variants, default: str, file: str) -> str:
