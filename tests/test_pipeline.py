@@ -1,0 +1,115 @@
+"""The grain pipeline: determinism, exact resume, packing without loss or leaks, process shares."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from transformer.attention import make_attention_mask
+from transformer.data import pipeline
+
+
+def _examples(count=60, seed=0, pairs=True):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(count):  # every token value encodes (example, position): lost or repeated tokens show
+    n, m = rng.integers(1, 12), rng.integers(1, 12)
+    ex = {'targets': 1000 * (i + 1) + np.arange(m) + 3}
+    if pairs:
+      ex['inputs'] = 1000 * (i + 1) + 500 + np.arange(n) + 3
+    out.append(ex)
+  return out
+
+
+def _take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def _equal(a, b):
+  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+@pytest.mark.parametrize('pack', [True, False])
+def test_deterministic_and_resumes_exactly(pack):
+  kwargs = dict(seq_len=16, batch_size=4, seed=3, pack=pack)
+  first = _take(pipeline.train_iter(_examples(), **kwargs), 12)
+  assert _equal(first, _take(pipeline.train_iter(_examples(), **kwargs), 12))
+  assert not _equal(first, _take(pipeline.train_iter(_examples(), **{**kwargs, 'seed': 4}), 12))
+  it = pipeline.train_iter(_examples(), **kwargs)
+  _take(it, 5)
+  state = it.get_state()
+  resumed = pipeline.train_iter(_examples(), **kwargs)
+  resumed.set_state(state)
+  assert _equal(first[5:], _take(resumed, 7))
+
+
+def test_packing_loses_no_token_and_resets_positions():
+  examples = _examples(40)
+  it = pipeline.train_iter(examples, seq_len=16, batch_size=4, seed=0, pack=True)
+  seen = collections.Counter()
+  for batch in _take(it, 12):  # ~2 epochs
+    for key in ('inputs', 'targets'):
+      tokens, seg, pos = batch[key], batch[f'{key}_segment_ids'], batch[f'{key}_positions']
+      assert tokens.dtype == np.int32 and tokens.shape == (4, 16)
+      assert np.all((tokens == 0) == (seg == 0))
+      for row in range(4):
+        for s in set(seg[row]) - {0}:
+          where = seg[row] == s
+          np.testing.assert_array_equal(pos[row][where], np.arange(where.sum()))  # restart at 0
+          values = tokens[row][where]
+          example = values[0] // 1000 - 1
+          side = 'inputs' if values[0] % 1000 >= 500 else 'targets'
+          np.testing.assert_array_equal(values, examples[example][side])  # whole, in order
+          seen[(example, side)] += 1
+  # Each example appears whole, with both sides in one row and the same number of times.
+  per_example = {e: (seen[(e, 'inputs')], seen[(e, 'targets')]) for e in range(40)}
+  assert all(i == t and i >= 1 for i, t in per_example.values())
+
+
+def test_packed_segments_never_attend_to_each_other():
+  batch = next(pipeline.train_iter(_examples(), seq_len=16, batch_size=4, seed=0, pack=True))
+  seg, pos = batch['targets_segment_ids'], batch['targets_positions']
+  assert (seg.max(axis=1) > 1).any()  # some rows really hold several examples
+  mask = np.asarray(make_attention_mask(pos, pos, seg, seg, causal=True))[:, 0]
+  same = seg[:, :, None] == seg[:, None, :]  # (padding, segment 0, only sees padding)
+  assert not np.any(mask & ~same)
+  for row in range(4):  # inside a segment: exactly causal
+    for s in set(seg[row]) - {0}:
+      where = np.flatnonzero(seg[row] == s)
+      np.testing.assert_array_equal(mask[row][np.ix_(where, where)], np.tril(np.ones((len(where),) * 2, bool)))
+  cross = np.asarray(make_attention_mask(None, None, seg, batch['inputs_segment_ids'], causal=False))[:, 0]
+  assert not np.any(cross & (seg[:, :, None] != batch['inputs_segment_ids'][:, None, :]))
+
+
+def test_packing_is_efficient():
+  it = pipeline.train_iter(_examples(200, pairs=False), seq_len=32, batch_size=8, seed=0, pack=True)
+  padded = pipeline.train_iter(_examples(200, pairs=False), seq_len=32, batch_size=8, seed=0, pack=False)
+  assert pipeline.packing_efficiency(it) > 0.8 > 2 * pipeline.packing_efficiency(padded)
+
+
+def test_overlong_examples_are_truncated_or_dropped():
+  examples = [{'targets': np.arange(3, 3 + n)} for n in (4, 30, 5)]
+  assert pipeline.report_overlong(examples, 8, 'drop') == 1
+  for overlong, lengths in (('truncate', {4, 5, 8}), ('drop', {4, 5})):
+    it = pipeline.train_iter(examples, seq_len=8, batch_size=1, seed=0, pack=False, overlong=overlong)
+    assert {int((next(it)['targets'] != 0).sum()) for _ in range(12)} == lengths
+
+
+def test_process_shares_split_the_data():
+  examples = _examples(30, pairs=False)
+  firsts = []
+  for index in range(3):
+    it = pipeline.train_iter(examples, seq_len=16, batch_size=5, seed=0, pack=False,
+                             process_index=index, process_count=3)
+    firsts.append({int(row[0]) // 1000 for row in next(it)['targets'] if row[0]})
+  assert not (firsts[0] & firsts[1]) and not (firsts[1] & firsts[2]) and not (firsts[0] & firsts[2])
+
+
+def test_eval_batches_cover_everything_once_with_equal_counts():
+  examples = _examples(23, pairs=False)
+  shares = [list(pipeline.eval_batches(examples, seq_len=16, batch_size=4, process_index=i, process_count=2))
+            for i in range(2)]
+  assert len(shares[0]) == len(shares[1]) == 3  # ceil(ceil(23 / 2) / 4)
+  rows = [row for share in shares for batch in share for row in batch['targets'] if row.any()]
+  assert sorted(int(r[0]) // 1000 for r in rows) == list(range(1, 24))
+  assert all('targets_segment_ids' not in b for share in shares for b in share)  # never packed

@@ -1,0 +1,91 @@
+"""grain pipelines from tokenized examples to fixed-shape numpy batches.
+
+Train: shuffle (anew each epoch) -> repeat -> this process's share -> fit to `seq_len` -> pack or pad
+-> batch. Eval: the held-out set once, padded, never packed. Examples are dicts of 1-D int arrays:
+`targets` (EOS included) and, for encoder-decoder tasks, `inputs`.
+
+Everything is deterministic from the seed and the iterator's `get_state()` / `set_state()` resume it
+exactly (the state goes into every checkpoint).
+"""
+
+import math
+from typing import Sequence
+
+import grain
+import numpy as np
+from absl import logging
+
+from transformer.data.batching import pad_batch
+
+OVERLONG = ('truncate', 'drop')
+
+
+def _as_dataset(examples) -> grain.MapDataset:
+  return examples if isinstance(examples, grain.MapDataset) else grain.MapDataset.source(examples)
+
+
+def report_overlong(examples: Sequence[dict], seq_len: int, overlong: str, name: str = 'training') -> int:
+  """Counts examples with a side longer than `seq_len` and logs what happens to them."""
+  count = sum(any(len(v) > seq_len for v in ex.values()) for ex in examples)
+  if count:
+    logging.warning('%d of %d %s examples are longer than seq_len=%d: %s (config.data.overlong).',
+                    count, len(examples), name, seq_len, 'dropped' if overlong == 'drop' else 'truncated')
+  return count
+
+
+def _fit(example, seq_len: int):
+  """Truncates every side to `seq_len` tokens, as int32."""
+  return {key: np.asarray(value[:seq_len], np.int32) for key, value in example.items()}
+
+
+def train_iter(examples, *, seq_len: int, batch_size: int, seed: int, pack: bool = True,
+               process_index: int = 0, process_count: int = 1, overlong: str = 'truncate'):
+  """An endless iterator of `[batch_size, seq_len]` batches of this process's share of `examples`.
+
+  Packed batches carry `<key>_segment_ids` (1, 2, ... per example, 0 for padding) and
+  `<key>_positions` (restarting at 0 in every example); the models mask across segments.
+  """
+  if overlong not in OVERLONG:
+    raise ValueError(f'overlong={overlong!r}: choose one of {OVERLONG}.')
+  ds = _as_dataset(examples).shuffle(seed=seed).repeat()  # a new permutation every epoch
+  ds = ds[process_index::process_count]
+  if overlong == 'drop':
+    ds = ds.filter(lambda ex: all(len(v) <= seq_len for v in ex.values()))
+  ds = ds.map(lambda ex: _fit(ex, seq_len)).to_iter_dataset()
+  if not pack:
+    return iter(ds.batch(batch_size, drop_remainder=True,
+                         batch_fn=lambda rows: pad_batch(rows, batch_size, seq_len)))
+  first = _fit(_as_dataset(examples)[0], seq_len)
+  # First-fit over a few batches' worth of bins: little padding, and examples still arrive in
+  # shuffled order (bins are shuffled too, so a batch is not all short or all long examples).
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={key: seq_len for key in first}, num_packing_bins=4 * batch_size, seed=seed,
+      shuffle_bins=True)
+  return iter(ds.batch(batch_size, drop_remainder=True, batch_fn=_stack_int32))
+
+
+def _stack_int32(rows):
+  return {key: np.stack([row[key] for row in rows]).astype(np.int32) for key in rows[0]}
+
+
+def eval_batches(examples, *, seq_len: int, batch_size: int, process_index: int = 0,
+                 process_count: int = 1):
+  """The held-out set once, in order, padded (never packed, so metrics do not depend on packing).
+
+  Every process yields the same number of batches (collectives in the eval step need all of them):
+  missing rows and batches are all padding, which the loss weights ignore.
+  """
+  ds = _as_dataset(examples)[process_index::process_count].map(lambda ex: _fit(ex, seq_len))
+  batches = ds.batch(batch_size, batch_fn=lambda rows: pad_batch(rows, batch_size, seq_len))
+  count = math.ceil(math.ceil(len(_as_dataset(examples)) / process_count) / batch_size)
+  empty = {key: np.zeros_like(value) for key, value in batches[0].items()}
+  return (batches[i] if i < len(batches) else empty for i in range(count))
+
+
+def packing_efficiency(iterator, num_batches: int = 20) -> float:
+  """Fraction of token slots holding real tokens over the next batches (for logs and tests)."""
+  real = total = 0
+  for _ in range(num_batches):
+    targets = next(iterator)['targets']
+    real, total = real + int((targets != 0).sum()), total + targets.size
+  return real / max(total, 1)
