@@ -118,7 +118,8 @@ def test_read_documents_txt_and_jsonl(tmp_path):
   jsonl.write_text(json.dumps({'body': 'Élan.'}) + '\n', encoding='utf-8')
   assert corpora.read_documents(str(txt)) == ['First document.', 'Second — with a dash.']
   assert corpora.read_documents(str(jsonl), text_key='body') == ['Élan.']
-  assert corpora.read_documents_files(str(tmp_path / '*'), text_key='body') == ['First document.', 'Second — with a dash.', 'Élan.']
+  assert corpora.read_documents_files(str(tmp_path / '*'), text_key='body') == [
+      'First document.', 'Second — with a dash.', 'Élan.']
 
 
 BAD_FILES = [

@@ -32,7 +32,8 @@ KNOWN_TRANSLATIONS = {
 }
 
 # Markup found in the text (see `clean_verse`):
-_REFERENCE = re.compile(r'\(\d+:\d+[a-z]?\)?')  # 'l': French numbering where it differs, '(7:26)' (once without ')')
+# 'l': the French verse number where it differs, '(7:26)' (once without its ')')
+_REFERENCE = re.compile(r'\(\d+:\d+[a-z]?\)?')
 _LONE_ASTERISKS = re.compile(r'\(\*\)|(?<!\S)\*(?!\S)')  # 'e': '(*)' omitted verse, '* * *' dividers
 _SPACES = re.compile(r'\s+')
 
@@ -192,8 +193,9 @@ def _json_object(path: str, number: int, line: str) -> dict:
 
 def _json_text(path: str, number: int, value: dict, key: str) -> str:
   if key not in value:
-    raise ConfigError(f'{path}, line {number}: no key {key!r} (keys: {", ".join(map(repr, value)) or "none"}); '
-                      f'fix the line or set the key name.')
+    keys = ', '.join(map(repr, value)) or 'none'
+    raise ConfigError(f'{path}, line {number}: no key {key!r} (keys: {keys}); fix the line or set the '
+                      f'key name.')
   text = value[key]
   if not isinstance(text, str):
     raise ConfigError(f'{path}, line {number}: {key!r} is a {type(text).__name__}, expected a string.')
