@@ -124,13 +124,16 @@ def _fused_attention(query, key, value, mask, bias, scale, impl):
 class MultiHeadAttention(nn.Module):
   """Self- or cross-attention with per-head sizes d_k / d_v, grouped KV heads and a KV cache.
 
-  In decode mode (self-attention only) keys and values of the new tokens are written into the
-  `cache` collection at `cache_index`, and the whole cache is attended to; `mask` and `bias` must
-  then cover the cache's length (the decoder builds them).
+  In decode mode self-attention writes the keys and values of the new tokens into the `cache`
+  collection at `cache_index` and attends to the whole cache; `mask` and `bias` must then cover the
+  cache's length (the decoder builds them). Cross-attention (`cross=True`) in decode mode stores the
+  projected encoder keys/values whenever `inputs_kv` is given (the first decoding call) and reuses
+  them when it is None, so later steps skip the two projections of the whole source.
   """
   config: ModelConfig
   decode: bool = False
   deterministic: bool = True
+  cross: bool = False
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, mask, bias=None, rope_positions=None, cache_index=None):
@@ -143,14 +146,20 @@ class MultiHeadAttention(nn.Module):
     init_in = init_out = nn.initializers.xavier_uniform()
     query = proj((heads, cfg.head_dim_qk), name='query',
                  kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'heads', 'kv')))(inputs_q)
-    key = proj((kv_heads, cfg.head_dim_qk), name='key',
-               kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')))(inputs_kv)
-    value = proj((kv_heads, cfg.head_dim_v), name='value',
+    if inputs_kv is None and self.decode and self.cross:
+      key, value = self._cached_cross_kv()
+    else:
+      key = proj((kv_heads, cfg.head_dim_qk), name='key',
                  kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')))(inputs_kv)
+      value = proj((kv_heads, cfg.head_dim_v), name='value',
+                   kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')))(inputs_kv)
     if rope_positions is not None:
       query = layers.apply_rope(query, rope_positions, cfg.rope_base)
       key = layers.apply_rope(key, rope_positions, cfg.rope_base)
-    if self.decode:
+    if self.decode and self.cross and inputs_kv is not None:
+      self.variable('cache', 'cached_key', lambda: key).value = key
+      self.variable('cache', 'cached_value', lambda: value).value = value
+    elif self.decode and not self.cross:
       key, value = self._update_cache(key, value, cache_index)
 
     dropout = cfg.attention_dropout_rate > 0.0 and not self.deterministic
@@ -162,6 +171,12 @@ class MultiHeadAttention(nn.Module):
         cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.storage_dtype, name='out',
         kernel_init=nn.with_logical_partitioning(init_out, ('heads', 'kv', 'embed')))(out)
+
+  def _cached_cross_kv(self):
+    if not self.has_variable('cache', 'cached_key'):
+      raise ConfigError('Cross-attention has no cached keys/values: pass `encoded` to the first decode call '
+                        '(the cache comes from models.init_cache with the right source_length).')
+    return self.get_variable('cache', 'cached_key'), self.get_variable('cache', 'cached_value')
 
   def _update_cache(self, key, value, cache_index):
     """Writes the new keys/values at `cache_index`; returns the full cache. On init it only allocates."""

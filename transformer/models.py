@@ -53,8 +53,8 @@ class Block(nn.Module):
         h, h, ctx['self_mask'], ctx['self_bias'], ctx['rope_positions'], ctx['cache_index']),
         'self_attention')
     if self.cross:
-      x = sublayer(x, lambda h: attention(name='cross_attention')(h, ctx['encoded'], ctx['cross_mask']),
-                   'cross_attention')
+      x = sublayer(x, lambda h: attention(decode=self.decode, cross=True, name='cross_attention')(
+          h, ctx['encoded'], ctx['cross_mask']), 'cross_attention')
     x = sublayer(x, layers.FeedForward(cfg, name='ffn'), 'ffn')
     return x, None
 
@@ -176,6 +176,8 @@ class Decoder(nn.Module):
     ctx = _self_attention_ctx(cfg, positions, kv_positions, segment_ids, kv_segments, causal=True,
                               cache_index=cache_index)
     if self.cross:
+      if decode:
+        encoder_segment_ids = self._cached_encoder_segments(encoded, encoder_segment_ids)
       ctx['encoded'] = encoded
       ctx['cross_mask'] = make_attention_mask(None, None, segment_ids, encoder_segment_ids, causal=False)
     x = Stack(cfg, cfg.num_decoder_layers, cross=self.cross, decode=decode,
@@ -183,6 +185,17 @@ class Decoder(nn.Module):
     if cfg.tie_embeddings:
       return self.embed.attend(x)
     return layers.Embed(cfg, cfg.vocab_size, name='output_embedding').attend(x)
+
+
+  def _cached_encoder_segments(self, encoded, encoder_segment_ids):
+    # Decoding caches what cross-attention needs from the source at the call that passes `encoded`
+    # (the layers cache its keys/values); later steps may pass encoded=None and skip that work.
+    if encoded is not None:
+      self.variable('cache', 'encoder_segment_ids', lambda: encoder_segment_ids).value = encoder_segment_ids
+      return encoder_segment_ids
+    if not self.has_variable('cache', 'encoder_segment_ids'):
+      raise ConfigError('Decoding without `encoded` needs a cache filled by an earlier decode call with it.')
+    return self.get_variable('cache', 'encoder_segment_ids')
 
 
 class EncoderDecoder(nn.Module):
@@ -204,6 +217,8 @@ class EncoderDecoder(nn.Module):
 
   def decode(self, encoded, encoder_segment_ids, decoder_inputs, positions=None, segment_ids=None,
              deterministic=True, decode=False):
+    """Logits for `decoder_inputs`. With `decode=True`, `encoded` and `encoder_segment_ids` may be None
+    after the first call: cross-attention then reuses the keys/values that call cached."""
     return self.decoder(decoder_inputs, positions, segment_ids, encoded, encoder_segment_ids,
                         deterministic, decode)
 

@@ -1,0 +1,302 @@
+"""Autoregressive decoding: greedy, sampling and beam search, each one jitted `lax.while_loop` over the KV cache.
+
+Both model kinds share one layout. The decoder sees `[BOS, prompt, generated...]`, as in training
+(`shift_right` puts BOS first): prompts are given without BOS, right-padded with 0, and the cache
+holds them as prefilled `[B, 1 + P]` with padding as segment 0, which no real token attends to. Each
+row's positions start at 0 on BOS and continue from its own prompt length, so rows with prompts of
+different lengths decode exactly as if each were alone. An encoder-decoder has no prompt: it prefills
+BOS with the encoded source, and the cache keeps the source's cross-attention keys/values.
+
+Outputs hold the generated tokens only: EOS included, PAD (0) after it (PAD itself is never generated). `lengths` limits each row's
+number of generated tokens (a row that reaches it without EOS simply stops).
+
+Compiled loops are cached by jit on (model, static options, shapes): the model is a hashable module.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer import models
+from transformer.config import ConfigError
+from transformer.models import BOS_ID, EOS_ID, PAD_ID
+
+METHODS = ('greedy', 'sample')
+
+
+def generate(model, params, *, inputs=None, prompts=None, max_len: int, method: str = 'greedy', rng=None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, lengths=None):
+  """Greedy or sampled continuations, int32 `[B, max_len]` (EOS included, PAD after it).
+
+  `inputs` `[B, S]`: source tokens (encoder-decoder). `prompts` `[B, P]`: optional decoder-only prefix
+  (no BOS; right-padded with 0). Sampling draws from softmax(logits / temperature) restricted to the
+  `top_k` most likely tokens (0: all) and to the smallest set whose probability reaches `top_p`;
+  temperature 0 means greedy. `lengths` int `[B]`: per-row limit on generated tokens (<= max_len).
+  """
+  if method not in METHODS:
+    raise ConfigError(f'Decoding method {method!r} is unknown: choose one of {", ".join(METHODS)}.')
+  if method == 'sample' and rng is None:
+    raise ConfigError("method='sample' needs an `rng` key (e.g. jax.random.key(seed)).")
+  if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+    raise ConfigError(f'Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1 '
+                      f'(got temperature={temperature}, top_k={top_k}, top_p={top_p}).')
+  inputs, prompts, lengths = _check(model, inputs, prompts, max_len, lengths)
+  if method == 'greedy':  # one compiled loop whatever the (unused) sampling options
+    rng, temperature, top_k, top_p = jax.random.key(0), 1.0, 0, 1.0
+  return _generate(model, params, inputs, prompts, lengths, rng, jnp.float32(temperature), max_len=max_len,
+                   sample=method == 'sample', top_k=int(top_k), top_p=float(top_p))
+
+
+def beam_search(model, params, *, inputs=None, prompts=None, beam_size: int = 4, alpha: float = 0.6,
+                max_len: int, lengths=None):
+  """The `beam_size` best hypotheses per row, best first: (tokens `[B, beam, max_len]`, scores `[B, beam]`).
+
+  A score is the sum of token log-probabilities (EOS included) divided by the GNMT length penalty
+  ((5 + length) / 6) ** alpha (Wu et al., 2016; the Transformer paper uses alpha 0.6). Hypotheses that
+  emit EOS are set aside; a row stops when no alive hypothesis can still beat its worst finished one,
+  or at its length limit, where the alive hypotheses are returned without EOS.
+  """
+  if beam_size < 1:
+    raise ConfigError(f'beam_size={beam_size} must be >= 1.')
+  if alpha < 0:
+    raise ConfigError(f'alpha={alpha} must be >= 0 (a negative length penalty rewards short outputs '
+                      'without bound, and early stopping would be wrong).')
+  inputs, prompts, lengths = _check(model, inputs, prompts, max_len, lengths)
+  return _beam_search(model, params, inputs, prompts, lengths, jnp.float32(alpha), beam_size=int(beam_size),
+                      max_len=max_len)
+
+
+def length_penalty(length, alpha):
+  """GNMT's ((5 + length) / 6) ** alpha."""
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def greedy_uncached(model, params, *, inputs=None, prompts=None, max_len: int):
+  """Greedy decoding the slow way: a full forward pass over the whole prefix for every new token.
+
+  The reference for tests and benchmarks: each row is laid out contiguously (BOS, its prompt, its
+  tokens) in a fixed-size buffer, with no cache and no per-row position bookkeeping.
+  """
+  inputs, prompts, lengths = _check(model, inputs, prompts, max_len, None)
+  batch = lengths.shape[0]
+  width = 0 if prompts is None else prompts.shape[1]
+  prompt_lengths = jnp.zeros((batch,), jnp.int32) if prompts is None else _prompt_lengths(prompts)
+  buffer = jnp.zeros((batch, 1 + width + max_len), jnp.int32).at[:, 0].set(BOS_ID)
+  if prompts is not None:
+    buffer = buffer.at[:, 1:1 + width].set(prompts)
+  done = jnp.zeros((batch,), bool)
+  for i in range(max_len):
+    buffer, done = _uncached_step(model, params, inputs, buffer, done, prompt_lengths + i)
+    if bool(done.all()):
+      break
+  rows = jnp.arange(batch)[:, None]
+  return buffer[rows, prompt_lengths[:, None] + 1 + jnp.arange(max_len)]
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def _uncached_step(model, params, inputs, buffer, done, last):
+  """Appends the argmax after column `last` of each row (PAD once the row has emitted EOS)."""
+  if model.config.kind == 'encoder_decoder':
+    logits = model.apply({'params': params}, inputs, buffer)
+  else:
+    logits = model.apply({'params': params}, buffer)
+  token = jnp.argmax(_no_pad(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]), axis=-1)
+  token = jnp.where(done, PAD_ID, token).astype(jnp.int32)
+  buffer = buffer.at[jnp.arange(buffer.shape[0]), last + 1].set(token)
+  return buffer, done | (token == EOS_ID)
+
+
+def _no_pad(scores):
+  # PAD marks "no token" in outputs, so it is never generated. Beam search masks it after the
+  # softmax: hypothesis scores stay the model's own log-probabilities.
+  return scores.at[..., PAD_ID].set(-jnp.inf)
+
+
+def _check(model, inputs, prompts, max_len, lengths):
+  """Validates the call (outside jit, where values are concrete); returns arrays and `lengths`."""
+  cfg = model.config
+  if cfg.kind == 'encoder_decoder':
+    if inputs is None or prompts is not None:
+      raise ConfigError('An encoder-decoder model decodes from `inputs` (source tokens [batch, length]) and '
+                        'takes no `prompts`.')
+    inputs = jnp.asarray(inputs, jnp.int32)
+    batch, width = inputs.shape[0], 0
+  else:
+    if inputs is not None:
+      raise ConfigError('A decoder-only model has no `inputs`: pass the prefix as `prompts` [batch, length].')
+    batch, width = (1 if lengths is None else len(lengths)), 0  # no prompt: start from BOS alone
+    if prompts is not None:
+      prompts = jnp.asarray(prompts, jnp.int32)
+      batch, width = prompts.shape
+      prompts = prompts if width else None
+  if max_len < 1:
+    raise ConfigError(f'max_len={max_len} must be >= 1.')
+  if cfg.positional == 'learned' and 1 + width + max_len - 1 > cfg.max_len:
+    raise ConfigError(f'Decoding {max_len} tokens after a prompt of {width} reaches position {width + max_len - 1}, '
+                      f'beyond the learned position table (config.model.max_len={cfg.max_len}): decode fewer '
+                      'tokens or raise max_len.')
+  if lengths is None:
+    lengths = jnp.full((batch,), max_len, jnp.int32)
+  else:
+    try:
+      values = np.asarray(lengths)
+    except jax.errors.TracerArrayConversionError:  # called under jit: checked by the caller's trace only
+      values = None
+    if values is not None:
+      if values.shape != (batch,) or values.min(initial=1) < 1 or values.max(initial=1) > max_len:
+        raise ConfigError(f'lengths must be {batch} integers in [1, max_len={max_len}]; got {values.tolist()}.')
+    lengths = jnp.asarray(lengths, jnp.int32)
+  return inputs, prompts, lengths
+
+
+def _prompt_lengths(prompts):
+  return (prompts != PAD_ID).sum(axis=1).astype(jnp.int32)
+
+
+def _prefill(model, params, inputs, prompts, batch, max_len):
+  """Cache after `[BOS, prompt]`, the logits for the first new token `[B, V]`, and a step function.
+
+  `step(cache, tokens [N], i)` feeds the `i`-th generated token (0-based) of each row and returns
+  (logits `[N, V]`, cache); `N` may be a multiple of the batch (beams, row-major).
+  """
+  cfg = model.config
+  width = 0 if prompts is None else prompts.shape[1]
+  prompt_lengths = jnp.zeros((batch,), jnp.int32) if prompts is None else _prompt_lengths(prompts)
+  tokens = jnp.full((batch, 1), BOS_ID, jnp.int32)
+  if prompts is not None:
+    tokens = jnp.concatenate([tokens, prompts], axis=1)
+  segments = (tokens != PAD_ID).astype(jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  # The last generated token is never fed back: BOS + prompt + (max_len - 1) slots.
+  cache_length = 1 + width + max_len - 1
+  source_length = inputs.shape[1] if inputs is not None else 1
+  cache = models.init_cache(model, batch, cache_length, source_length)
+
+  if cfg.kind == 'encoder_decoder':
+    source_segments = (inputs != PAD_ID).astype(jnp.int32)
+    encoded = model.apply({'params': params}, inputs, segment_ids=source_segments, method='encode')
+    call = lambda cache, tokens, positions, segments, encoded=None, source_segments=None: model.apply(
+        {'params': params, 'cache': cache}, encoded, source_segments, tokens, positions, segments,
+        decode=True, method='decode', mutable=['cache'])
+    logits, state = call(cache, tokens, positions, segments, encoded, source_segments)
+  else:
+    call = lambda cache, tokens, positions, segments: model.apply(
+        {'params': params, 'cache': cache}, tokens, positions=positions, segment_ids=segments, decode=True,
+        mutable=['cache'])
+    logits, state = call(cache, tokens, positions, segments)
+  first = jnp.take_along_axis(logits, prompt_lengths[:, None, None], axis=1)[:, 0]
+
+  def step(cache, tokens, i):
+    copies = tokens.shape[0] // batch
+    positions = jnp.repeat(prompt_lengths, copies) + 1 + i
+    logits, state = call(cache, tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None])
+    return logits[:, 0], state['cache']
+
+  return state['cache'], first, step
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_len', 'sample', 'top_k', 'top_p'))
+def _generate(model, params, inputs, prompts, lengths, rng, temperature, *, max_len, sample, top_k, top_p):
+  batch = lengths.shape[0]
+  cache, logits, step = _prefill(model, params, inputs, prompts, batch, max_len)
+
+  def emit(i, cache, tokens, done, logits):
+    logits = _no_pad(logits)
+    if sample:
+      token = _sample(jax.random.fold_in(rng, i), logits, temperature, top_k, top_p)
+    else:
+      token = jnp.argmax(logits, axis=-1)
+    token = jnp.where(done, PAD_ID, token).astype(jnp.int32)
+    tokens = tokens.at[:, i].set(token)
+    done = done | (token == EOS_ID) | (i + 1 >= lengths)
+    return i + 1, cache, tokens, done
+
+  def body(state):
+    i, cache, tokens, done = state
+    logits, cache = step(cache, tokens[:, i - 1], i - 1)
+    return emit(i, cache, tokens, done, logits)
+
+  # The first token comes from the prefill; each loop turn feeds one token and picks the next.
+  state = emit(0, cache, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), bool), logits)
+  _, _, tokens, _ = jax.lax.while_loop(lambda s: (s[0] < max_len) & ~s[3].all(), body, state)
+  return tokens
+
+
+def _sample(rng, logits, temperature, top_k, top_p):
+  """One token per row from the filtered, tempered distribution; argmax when temperature is 0."""
+  greedy = jnp.argmax(logits, axis=-1)
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    # Keep the most likely tokens until their probability reaches top_p (the top one always).
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  drawn = jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+  return jnp.where(temperature > 0, drawn, greedy)
+
+
+def _batch_axes(model, cache):
+  """Each cache leaf's batch axis (None for the scalar index), found by comparing two batch sizes."""
+  shapes = [jax.eval_shape(lambda b=b: models.init_cache(model, b, 2, 2)) for b in (2, 3)]
+  axes = jax.tree.map(lambda a, b: next((k for k, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), None),
+                      *shapes)
+  return jax.tree.structure(cache).flatten_up_to(axes)
+
+
+def _gather_batch(cache, axes, index):
+  leaves, tree = jax.tree.flatten(cache)
+  return tree.unflatten([x if ax is None else jnp.take(x, index, axis=ax) for x, ax in zip(leaves, axes)])
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_len'))
+def _beam_search(model, params, inputs, prompts, lengths, alpha, *, beam_size, max_len):
+  batch, beams = lengths.shape[0], beam_size
+  cache, logits, step = _prefill(model, params, inputs, prompts, batch, max_len)
+  vocab = logits.shape[-1]
+  axes = _batch_axes(model, cache)
+  # Every beam starts as a copy of its row's prefill; only beam 0 is alive so the copies never compete.
+  cache = _gather_batch(cache, axes, jnp.repeat(jnp.arange(batch), beams))
+  logits = jnp.repeat(logits, beams, axis=0)
+  rows = jnp.arange(batch)[:, None]
+  best_possible_penalty = length_penalty(lengths, alpha)
+
+  def select(i, cache, alive, alive_logp, finished, scores, done, logits):
+    logp = _no_pad(jax.nn.log_softmax(logits)).reshape(batch, beams, vocab)
+    candidates = (alive_logp[:, :, None] + logp).reshape(batch, beams * vocab)
+    # At most `beams` of the top 2 * beams candidates end in EOS, so `beams` alive ones remain.
+    top_logp, top = jax.lax.top_k(candidates, 2 * beams)
+    parent, token = top // vocab, (top % vocab).astype(jnp.int32)
+    seqs = alive[rows, parent].at[:, :, i].set(token)
+    at_limit = (i + 1 >= lengths)[:, None]
+    ends = (token == EOS_ID) | at_limit
+
+    new_scores = jnp.where(ends & ~done[:, None], top_logp / length_penalty(i + 1, alpha), -jnp.inf)
+    scores, keep = jax.lax.top_k(jnp.concatenate([scores, new_scores], axis=1), beams)
+    finished = jnp.concatenate([finished, seqs], axis=1)[rows, keep]
+
+    alive_logp, keep = jax.lax.top_k(jnp.where(ends, -jnp.inf, top_logp), beams)
+    alive = seqs[rows, keep]
+    # Log-probs only fall and, with alpha >= 0, the penalty only helps longer hypotheses: the best
+    # alive one can at most reach its current log-prob over the penalty of the row's length limit.
+    bound = alive_logp[:, 0] / best_possible_penalty
+    done = done | at_limit[:, 0] | (bound <= scores[:, -1])
+    cache = _gather_batch(cache, axes, (rows * beams + parent[rows, keep]).reshape(-1))
+    return i + 1, cache, alive, alive_logp, finished, scores, done
+
+  def body(state):
+    i, cache, alive = state[:3]
+    logits, cache = step(cache, alive[:, :, i - 1].reshape(-1), i - 1)
+    return select(i, cache, *state[2:], logits)
+
+  empty = jnp.zeros((batch, beams, max_len), jnp.int32)
+  alive_logp = jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf) * jnp.ones((batch, 1))
+  no_scores = jnp.full((batch, beams), -jnp.inf)
+  state = select(0, cache, empty, alive_logp, empty, no_scores, jnp.zeros((batch,), bool), logits)
+  state = jax.lax.while_loop(lambda s: (s[0] < max_len) & ~s[-1].all(), body, state)
+  return state[4], state[5]
