@@ -168,6 +168,8 @@ def default_train_config(**overrides) -> ml_collections.ConfigDict:
       eval_every=500,
       checkpoint_every=500,
       keep_checkpoints=3,
+      num_samples=3,              # eval examples decoded and logged at every eval (0: none)
+      decode_examples=32,         # --mode decode: eval examples decoded into the workdir
       peak_flops=0.0,             # per device, for MFU; 0: the platform's table, measured on CPU
   ))
   train.update(overrides)

@@ -36,7 +36,32 @@ def evaluate(runner, task, state, batch_size):
   tokens = max(float(totals['tokens']), 1.0)
   loss = float(totals['loss']) / tokens
   return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 50.0)),
-          'eval/accuracy': float(totals['correct']) / tokens}
+          'eval/accuracy': float(totals['correct']) / tokens, 'eval/tokens': tokens}
+
+
+def predictor(runner, model, state, step, seed):
+  """The model with this state's parameters (one copy, not per device), for decoding."""
+  from transformer.predictor import Predictor  # decoding compiles only when a task decodes
+  return Predictor(model, runner.to_checkpoint(state).params, step=step, seed=seed)
+
+
+def evaluate_all(runner, task, model, state, step, config, workdir):
+  """Loss metrics, the task's own metrics (BLEU, bits per byte, ...) and decoded samples.
+
+  Samples are printed, and appended to `<workdir>/samples.jsonl` so a reader can judge them later.
+  """
+  results = evaluate(runner, task, state, runner.local_batch_size())
+  pred = predictor(runner, model, state, step, config.train.seed)
+  results.update(task.eval_metrics(pred, results))
+  num = config.train.num_samples
+  samples = task.samples(pred, num, workdir) if num else []
+  if samples and jax.process_index() == 0:
+    with open(os.path.join(workdir, 'samples.jsonl'), 'a') as f:
+      for sample in samples:
+        f.write(json.dumps({'step': step, **sample}, ensure_ascii=False) + '\n')
+    for sample in samples[:2]:
+      print(f'\n[step {step}] ' + ' | '.join(f'{k}: {v}' for k, v in sample.items()), flush=True)
+  return results
 
 
 def _prepare(config, workdir):
@@ -74,16 +99,14 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   primary = jax.process_index() == 0
   local_batch = runner.local_batch_size()
   train_iter = task.train_iter(local_batch, jax.process_index(), jax.process_count())
+  from transformer import workdir as workdir_lib  # before restoring: refuses a config the checkpoints do not fit
+  workdir_lib.save_config(config, workdir, model.config, write=primary)
   if ckpts.latest_step() is not None:
     state, data_state, start_step = _restore(ckpts, runner)
     if data_state is not None:
       train_iter.set_state(data_state)
   else:
     state, start_step = runner.init_state(train.seed), 0
-  if primary:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
 
   writer = metrics.MetricsWriter(workdir, enabled=primary)
   progress = metrics.Progress(train.num_steps, enabled=primary)
@@ -97,17 +120,20 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   pending = None          # (step, device metrics) of the last dispatched step, fetched one step later
   window = []             # host metrics since the last log
   window_start = time.perf_counter()
+  data_wait = 0.0         # seconds the loop waited for input batches in this window
   compile_s = None
   try:
     with checkpoint.PreemptionGuard() as guard:
       for step in range(start_step + 1, train.num_steps + 1):
+        wait_start = time.perf_counter()
         batch = next(train_iter)
         step_start = time.perf_counter()
+        data_wait += step_start - wait_start
         state, step_metrics = runner.train_step(state, batch)
         if compile_s is None:  # the first step compiles; time it apart and restart the clock
           jax.block_until_ready(step_metrics)
           compile_s = time.perf_counter() - step_start
-          window_start = time.perf_counter()
+          window_start, data_wait = time.perf_counter(), 0.0
           writer.write(step, {'train/compile_s': compile_s})
         if pending is not None:  # fetching the previous step's metrics does not stall this step's dispatch
           window.append(jax.device_get(pending[1]))
@@ -125,14 +151,15 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
           scalars = {f'train/{k}': float(np.mean([float(m[k]) for m in window]))
                      for k in ('loss', 'accuracy', 'grad_norm', 'param_norm', 'learning_rate')}
           scalars.update({'train/tokens_per_sec': tokens / elapsed, 'train/step_ms': 1000 * step_time,
-                          'train/mfu': tokens / elapsed * model_flops / peak})
+                          'train/mfu': tokens / elapsed * model_flops / peak,
+                          'train/data_wait_frac': data_wait / elapsed})
           writer.write(step, scalars)
           progress.update(step, scalars['train/loss'], scalars['train/tokens_per_sec'], step_time)
-          window, window_start = [], time.perf_counter()
+          window, window_start, data_wait = [], time.perf_counter(), 0.0
         if step % train.eval_every == 0 or last:
-          eval_metrics = evaluate(runner, task, state, local_batch)
+          eval_metrics = evaluate_all(runner, task, model, state, step, config, workdir)
           writer.write(step, eval_metrics)
-          window_start = time.perf_counter()  # eval time is not step time
+          window_start, data_wait = time.perf_counter(), 0.0  # eval time is not step time
         stop = guard.should_stop(step) or step == stop_at
         if step % train.checkpoint_every == 0 or last or stop:
           if pending is not None:  # never checkpoint a state whose loss was not checked
@@ -150,13 +177,37 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   return eval_metrics
 
 
+def _prepare_latest(config, workdir, what):
+  task, model, runner, ckpts = _prepare(config, workdir)
+  if ckpts.latest_step() is None:
+    raise ConfigError(f'No checkpoint in {workdir}/checkpoints to {what}: train first (--mode train).')
+  state, _, step = _restore(ckpts, runner)
+  return task, model, runner, ckpts, state, step
+
+
+def decode_checkpoint(config, workdir: str):
+  """Decodes `config.train.decode_examples` eval examples with the latest checkpoint into
+  `<workdir>/decode/step_<N>.jsonl` (source, reference and output, or prompt and continuation)."""
+  task, model, runner, ckpts, state, step = _prepare_latest(config, workdir, 'decode')
+  ckpts.close()
+  pred = predictor(runner, model, state, step, config.train.seed)
+  samples = task.samples(pred, config.train.decode_examples, workdir)
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, 'decode', f'step_{step}.jsonl')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      for sample in samples:
+        f.write(json.dumps(sample, ensure_ascii=False) + '\n')
+    for sample in samples[:5]:
+      print(' | '.join(f'{k}: {v}' for k, v in sample.items()))
+    print(f'{len(samples)} decoded examples written to {path}')
+  return samples
+
+
 def evaluate_checkpoint(config, workdir: str):
   """Evaluates the latest checkpoint in `workdir` on the task's eval set and logs it."""
-  task, _, runner, ckpts = _prepare(config, workdir)
-  if ckpts.latest_step() is None:
-    raise ConfigError(f'No checkpoint in {workdir}/checkpoints to evaluate: train first (--mode train).')
-  state, _, step = _restore(ckpts, runner)
-  results = evaluate(runner, task, state, runner.local_batch_size())
+  task, model, runner, ckpts, state, step = _prepare_latest(config, workdir, 'evaluate')
+  results = evaluate_all(runner, task, model, state, step, config, workdir)
   writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, results)
   writer.close()

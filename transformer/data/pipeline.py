@@ -39,7 +39,8 @@ def _fit(example, seq_len: int):
 
 
 def train_iter(examples, *, seq_len: int, batch_size: int, seed: int, pack: bool = True,
-               process_index: int = 0, process_count: int = 1, overlong: str = 'truncate'):
+               process_index: int = 0, process_count: int = 1, overlong: str = 'truncate',
+               prefetch: int = 2):
   """An endless iterator of `[batch_size, seq_len]` batches of this process's share of `examples`.
 
   Packed batches carry `<key>_segment_ids` (1, 2, ... per example, 0 for padding) and
@@ -52,16 +53,18 @@ def train_iter(examples, *, seq_len: int, batch_size: int, seed: int, pack: bool
   if overlong == 'drop':
     ds = ds.filter(lambda ex: all(len(v) <= seq_len for v in ex.values()))
   ds = ds.map(lambda ex: _fit(ex, seq_len)).to_iter_dataset()
-  if not pack:
-    return iter(ds.batch(batch_size, drop_remainder=True,
-                         batch_fn=lambda rows: pad_batch(rows, batch_size, seq_len)))
-  first = _fit(_as_dataset(examples)[0], seq_len)
-  # First-fit over a few batches' worth of bins: little padding, and examples still arrive in
-  # shuffled order (bins are shuffled too, so a batch is not all short or all long examples).
-  ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={key: seq_len for key in first}, num_packing_bins=4 * batch_size, seed=seed,
-      shuffle_bins=True)
-  return iter(ds.batch(batch_size, drop_remainder=True, batch_fn=_stack_int32))
+  if pack:
+    first = _fit(_as_dataset(examples)[0], seq_len)
+    # First-fit over a few batches' worth of bins: little padding, and examples still arrive in
+    # shuffled order (bins are shuffled too, so a batch is not all short or all long examples).
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={key: seq_len for key in first}, num_packing_bins=4 * batch_size, seed=seed,
+        shuffle_bins=True).batch(batch_size, drop_remainder=True, batch_fn=_stack_int32)
+  else:
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=lambda rows: pad_batch(rows, batch_size, seq_len))
+  # A background thread prepares the next batches while the device computes (XLA releases the GIL);
+  # its state still counts only the batches handed out, so checkpoints resume exactly.
+  return iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch))
 
 
 def _stack_int32(rows):

@@ -9,10 +9,12 @@ import grain
 import numpy as np
 
 from transformer.data import pipeline
+from transformer.data.batching import pad_batch
 from transformer.models import BOS_ID, EOS_ID, PAD_ID
 
 FIRST_TOKEN = 3  # 0 pad, 1 bos, 2 eos
 _EVAL_SEED_OFFSET = 1_000_003
+_EXACT_MATCH_EXAMPLES = 64
 
 
 class SyntheticTask:
@@ -56,10 +58,29 @@ class SyntheticTask:
                                  seq_len=self.seq_len, batch_size=batch_size,
                                  process_index=process_index, process_count=process_count)
 
-  def eval_metrics(self, generator, losses):
-    """Exact-match rate of greedy outputs on a few eval examples: did it learn the rule, not just tokens."""
-    del losses
-    return {}
+  def _greedy(self, predictor, count):
+    """(examples, greedy outputs) for the first `count` eval examples, each output cut after EOS."""
+    examples = [self.example(self.seed + _EVAL_SEED_OFFSET, i) for i in range(min(count, self.num_eval))]
+    width = self.max_len + 1  # the answer and its EOS
+    if self.kind == 'encoder_decoder':
+      sources = [ex['inputs'] for ex in examples]
+      batch = pad_batch([{'inputs': src} for src in sources], len(examples), self.seq_len)
+      tokens = predictor.generate(inputs=batch['inputs'], max_len=width)
+    else:  # the prompt is the source and its EOS; the answer follows
+      sources = [ex['targets'][:(len(ex['targets']) - 2) // 2] for ex in examples]
+      batch = pad_batch([{'p': np.append(src, EOS_ID)} for src in sources], len(examples), width)
+      tokens = predictor.generate(prompts=batch['p'], max_len=width)
+    answers = [src[::-1] if self.task == 'reverse' else src for src in sources]
+    outputs = [list(row[:list(row).index(EOS_ID)] if EOS_ID in row else row) for row in np.asarray(tokens)]
+    return sources, answers, outputs
 
-  def samples(self, generator, num, workdir=None):
-    return []
+  def eval_metrics(self, predictor, losses):
+    """Exact-match rate of greedy outputs: did the model learn the rule, not just most tokens."""
+    del losses
+    _, answers, outputs = self._greedy(predictor, _EXACT_MATCH_EXAMPLES)
+    return {'eval/exact_match': float(np.mean([list(a) == o for a, o in zip(answers, outputs)]))}
+
+  def samples(self, predictor, num, workdir=None):
+    del workdir
+    return [{'source': ' '.join(map(str, s)), 'answer': ' '.join(map(str, a)), 'output': ' '.join(map(str, o))}
+            for s, a, o in zip(*self._greedy(predictor, num))]

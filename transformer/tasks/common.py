@@ -1,0 +1,70 @@
+"""What the text tasks (translation, language modelling) share: corpus choice, tokenizer, batching."""
+
+import numpy as np
+from absl import logging
+
+from transformer.config import ConfigError, nearest
+from transformer.data import pipeline
+from transformer.models import EOS_ID
+
+CORPORA = ('bible', 'files', 'hf', 'tfds')
+
+
+def check_choice(key: str, value: str, choices) -> str:
+  if value not in choices:
+    hint = nearest(value, choices)
+    raise ConfigError(f'config.data.{key}={value!r} is not one of {", ".join(choices)}'
+                      f'{f" (did you mean {hint!r}?)" if hint else ""}.')
+  return value
+
+
+def require(data, key: str, corpus: str) -> str:
+  """A setting that `config.data.corpus=<corpus>` needs."""
+  value = data.get(key, '')
+  if not value:
+    raise ConfigError(f'config.data.corpus={corpus!r} needs config.data.{key}: set it, e.g. '
+                      f'--config.data.{key}=...')
+  return value
+
+
+def build_tokenizer(data, texts, name: str):
+  """SentencePiece trained on `texts` (the training split), cached by content and settings."""
+  from transformer.data import tokenizer  # sentencepiece loads only for text tasks
+  model_type = check_choice('tokenizer', data.tokenizer, ('bpe', 'unigram'))
+  return tokenizer.train_tokenizer(texts, int(data.vocab_size), model_type=model_type, name=name)
+
+
+def with_eos(ids) -> np.ndarray:
+  return np.asarray(list(ids) + [EOS_ID], np.int32)
+
+
+def spread(items, count: int):
+  """`count` items spread evenly over `items` (all of them when count is 0 or too large)."""
+  if count <= 0 or count >= len(items):
+    return list(items)
+  return [items[i] for i in np.linspace(0, len(items) - 1, count).astype(int)]
+
+
+class TokenizedTask:
+  """Train / eval batches from tokenized examples (dicts of id arrays, EOS included)."""
+
+  def __init__(self, config, train_examples, eval_examples):
+    data = config.data
+    self.seq_len = int(data.seq_len)
+    self.seed = int(config.train.seed)
+    self.pack = bool(data.pack)
+    self.overlong = check_choice('overlong', data.overlong, pipeline.OVERLONG)
+    if not train_examples or not eval_examples:
+      raise ConfigError('The corpus has no training or no evaluation examples: check config.data.')
+    self.train_examples, self.eval_examples = train_examples, eval_examples
+    self.overlong_count = pipeline.report_overlong(train_examples, self.seq_len, self.overlong)
+    logging.info('%d training and %d evaluation examples.', len(train_examples), len(eval_examples))
+
+  def train_iter(self, batch_size: int, process_index: int = 0, process_count: int = 1):
+    return pipeline.train_iter(self.train_examples, seq_len=self.seq_len, batch_size=batch_size,
+                               seed=self.seed, pack=self.pack, process_index=process_index,
+                               process_count=process_count, overlong=self.overlong)
+
+  def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
+    return pipeline.eval_batches(self.eval_examples, seq_len=self.seq_len, batch_size=batch_size,
+                                 process_index=process_index, process_count=process_count)
