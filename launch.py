@@ -4,6 +4,7 @@
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,10 +40,29 @@ def main(argv):
     from transformer import parallel
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
-    run.run(config, _MODE.value, workdir)
+    run.run(config, _MODE.value, workdir, command_line_overrides())
   except ConfigError as error:  # a user's mistake: one message, no traceback
     raise app.UsageError(str(error)) from None
 
 
+def command_line_overrides() -> tuple[str, ...]:
+  """The `--config.*` flags as config_flags parsed them, normalised to `--config.a.b=value`."""
+  from transformer.overrides import render
+  values = flags.FLAGS['config'].override_values
+  return tuple(f'--config.{path}={render(value)}' for path, value in values.items())
+
+
+def parse_flags(argv):
+  """absl's flag parsing, after our check of the `--config.*` overrides: a misspelt key or a value of the
+  wrong type is one message (the nearest valid key, the expected type), not a traceback."""
+  from transformer import overrides
+  from transformer.config import ConfigError
+  try:
+    overrides.check_argv(argv)
+  except ConfigError as error:
+    sys.exit(f'Error: {error}')
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,179 @@
+"""Config files and `--config.a.b=v` overrides, checked with messages a user can act on.
+
+ml_collections' config_flags applies the overrides, but on its own a misspelt key ends in a traceback
+and a value of the wrong type in `invalid literal for int()`. `check_argv` runs first and turns both into
+one message naming the key, the nearest valid key or the expected type. The sweep uses the same checks
+for the override sets of its variants.
+"""
+
+import importlib.util
+import os
+import re
+
+import ml_collections
+
+from transformer.config import ConfigError, nearest
+
+# The repository root: config paths such as 'experiments/text.py:tiny' also resolve from here.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OVERRIDE = re.compile(r'^--?(no)?config\.([^=]+)(?:=(.*))?$', re.DOTALL)
+_TRUE, _FALSE = ('true', 't', '1'), ('false', 'f', '0')  # what absl's boolean parser accepts
+
+
+def resolve_path(path: str) -> str:
+  """`path` as given if it exists, else relative to the repository root (so sweeps run from anywhere)."""
+  if os.path.exists(path) or os.path.isabs(path):
+    return os.path.abspath(path)
+  candidate = os.path.join(ROOT, path)
+  return candidate if os.path.exists(candidate) else os.path.abspath(path)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of `'file.py[:arg]'`, as `--config file.py[:arg]` would load it."""
+  path, _, arg = spec.partition(':')
+  path = resolve_path(path)
+  if not os.path.isfile(path):
+    raise ConfigError(f'Config file {path} does not exist (from {spec!r}).')
+  name = 'config_file_' + re.sub(r'\W', '_', os.path.splitext(os.path.basename(path))[0])
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def leaves(config, prefix: str = '') -> dict:
+  """Every leaf of a ConfigDict as {'a.b': value}."""
+  out = {}
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(leaves(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def lookup(config, path: str):
+  """The value at dotted `path`; an unknown key is a ConfigError naming the nearest valid key."""
+  node, walked = config, []
+  for key in path.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      raise ConfigError(_unknown(config, path, walked, key, node))
+    node = node[key]
+    walked.append(key)
+  return node
+
+
+def _unknown(config, path, walked, key, node):
+  where = 'config.' + '.'.join(walked) if walked else 'config'
+  if not isinstance(node, ml_collections.ConfigDict):
+    return f'Unknown key config.{path}: {where} is a value, not a section.'
+  near = nearest(key, node.keys())
+  if near:  # the rest of the path under the near key, if it exists there: config.modle.d_ff -> model.d_ff
+    rest = path.split('.')[len(walked) + 1:]
+    suggestion = '.'.join(walked + [near])
+    section = node[near]
+    if rest and isinstance(section, ml_collections.ConfigDict) and '.'.join(rest) in leaves(section):
+      suggestion = '.'.join(walked + [near] + rest)
+  else:  # e.g. `--config.num_heads`: the same name elsewhere (`config.model.num_heads`)
+    paths = list(leaves(config))
+    tails = {p.rsplit('.', 1)[-1]: p for p in paths}
+    tail = nearest(key, tails)
+    suggestion = tails[tail] if tail else nearest(path, paths)
+  hint = f' Did you mean config.{suggestion}?' if suggestion else ''
+  return f'Unknown key config.{path}.{hint} Valid keys in {where}: {", ".join(node.keys())}.'
+
+
+def _type_name(value) -> str:
+  return {bool: 'a bool (true or false)', int: 'an int', float: 'a float', str: 'a string'}[type(value)]
+
+
+def parse_text(path: str, current, text: str):
+  """The command-line `text` for config.`path` as the type of its `current` value; a ConfigError if
+  it is not one. Types config_flags parses in its own way (tuples, None, sections) pass through."""
+  if type(current) not in (bool, int, float, str):
+    return text
+  try:
+    if isinstance(current, bool):
+      if text.lower() not in _TRUE + _FALSE:
+        raise ValueError(text)
+      return text.lower() in _TRUE
+    if isinstance(current, int):
+      return int(text, 0)
+    if isinstance(current, float):
+      return float(text)
+    return text
+  except ValueError:
+    raise ConfigError(f'--config.{path}={text}: config.{path} must be {_type_name(current)} '
+                      f'(the config has {current!r}).') from None
+
+
+def check_value(path: str, current, value):
+  """A Python `value` for config.`path` (a sweep's override), converted like config_flags would: an int
+  where a float is expected is fine, anything else of the wrong type is a ConfigError."""
+  if type(current) not in (bool, int, float, str) or value is None:
+    return value
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if type(value) is not type(current):
+    raise ConfigError(f'config.{path}={value!r} must be {_type_name(current)} (the config has {current!r}).')
+  return value
+
+
+def render(value) -> str:
+  """`value` as command-line text that config_flags parses back to it."""
+  if isinstance(value, bool):
+    return 'true' if value else 'false'
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def set_value(config, path: str, value):
+  """Sets config.`path` (which must exist) to `value` checked against its current type."""
+  value = check_value(path, lookup(config, path), value)
+  *parents, key = path.split('.')
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[key] = value
+
+
+def split_argv(argv) -> tuple[str | None, list[tuple[str, str | None, int]]]:
+  """(the `--config` file argument, [(override path, its text or None if bare, its index in argv)])."""
+  config_arg, found, i = None, [], 1
+  while i < len(argv):
+    arg = argv[i]
+    if arg == '--':
+      break
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      config_arg, i = argv[i + 1], i + 2
+      continue
+    if arg.startswith(('--config=', '-config=')):
+      config_arg = arg.split('=', 1)[1]
+    match = _OVERRIDE.match(arg)
+    if match:
+      negated, path, text = match.groups()
+      found.append((path, 'false' if negated else text, i))
+    i += 1
+  return config_arg, found
+
+
+def check_argv(argv) -> None:
+  """Loads the config file `argv` names and checks every `--config.*` override against it: a ConfigError
+  for an unknown key (naming the nearest valid one) or a value of the wrong type, or the file's own
+  ConfigError. Other failures to load are left to config_flags, which reports them next."""
+  config_arg, found = split_argv(argv)
+  if not config_arg:
+    return
+  try:
+    config = load_config(config_arg)
+  except ConfigError:  # e.g. an unknown variant: the file's own clear message
+    raise
+  except Exception:  # noqa: BLE001 -- config_flags loads it next and reports the error itself
+    return
+  for path, text, index in found:
+    current = lookup(config, path)
+    if text is None:  # `--config.flag` alone: a boolean, or absl takes the next argument as the value
+      if isinstance(current, bool):
+        continue
+      text = argv[index + 1] if index + 1 < len(argv) else ''
+    parse_text(path, current, text)

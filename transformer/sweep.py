@@ -1,0 +1,325 @@
+"""Ablation sweeps: one experiment repeated with named override sets and seeds, then one table and plot.
+
+A sweep file is a config file whose `get_config` returns `sweep_config(...)`: the base experiment's
+config plus a `sweep` section (so `--config.model.d_model=64` on the command line is checked against
+the base experiment and applies to every variant):
+
+    from transformer import sweep
+
+    def get_config(arg=None):
+      return sweep.sweep_config(
+          base='experiments/text.py:tiny',
+          variants=sweep.product(positional=['sinusoidal', 'learned', 'rope', 'alibi', 'none']),
+          seeds=(0, 1, 2), metric='eval/loss')
+
+`run_sweep` runs every variant x seed as its own `launch.py` process in `<workdir>/<variant>/seed<s>`,
+`parallel` at a time, and writes `results.csv`, `results.md` and `results.png` (see `results.py`).
+Re-running it skips finished runs, resumes interrupted ones from their checkpoints and retries failed
+ones; on a finished sweep it only re-aggregates.
+"""
+
+import dataclasses
+import itertools
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import ml_collections
+
+from transformer import overrides as overrides_lib
+from transformer import results
+from transformer.config import ConfigError, ModelConfig, nearest
+
+LAUNCH = os.path.join(overrides_lib.ROOT, 'launch.py')
+STATUS_FILE = 'status.json'
+LOG_FILE = 'log.txt'
+# Metrics where larger is better; any other metric is minimised unless the sweep says otherwise.
+HIGHER_IS_BETTER = ('accuracy', 'bleu')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing sweep files: named override sets.
+
+def variant(name: str | None = None, **overrides) -> list[dict]:
+  """One override set, e.g. `variant('h=1', num_heads=1, d_k=128, d_v=128)`; a list, so sets add up
+  with `+`. Keys are config paths ('model.d_k') or, when unambiguous, their last name ('d_k')."""
+  if name is None:
+    name = ','.join(f'{key.rsplit(".", 1)[-1]}={overrides_lib.render(value)}' for key, value in overrides.items())
+  return [{'name': name or 'base', 'overrides': dict(overrides)}]
+
+
+def product(**axes) -> list[dict]:
+  """Every combination of the axes' values: `product(norm_position=['post', 'pre'], norm_type=[...])`
+  gives four sets named like 'norm_position=pre,norm_type=rmsnorm'."""
+  keys = list(axes)
+  return [variant(**dict(zip(keys, values)))[0] for values in itertools.product(*axes.values())]
+
+
+def zip_(**axes) -> list[dict]:
+  """The axes' values side by side: `zip_(num_heads=[1, 4], d_k=[128, 32])` gives two sets."""
+  lengths = {key: len(values) for key, values in axes.items()}
+  if len(set(lengths.values())) > 1:
+    raise ConfigError(f'zip_ needs equally long value lists; got lengths {lengths}.')
+  keys = list(axes)
+  return [variant(**dict(zip(keys, values)))[0] for values in zip(*axes.values())]
+
+
+def group(label: str, variants: list[dict]) -> list[dict]:
+  """The same sets with names prefixed by `label`: a table's row groups ('A:num_heads=1,...')."""
+  return [{'name': f'{label}:{v["name"]}', 'overrides': v['overrides']} for v in variants]
+
+
+def sweep_config(base: str, variants: list[dict], seeds=(0,), parallel: int = 1, metric: str = 'eval/loss',
+                 higher_is_better: bool | None = None, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The base experiment's config (`'experiments/text.py:tiny'`) plus a `sweep` section. `overrides` apply
+  to every variant (a variant's own setting wins); change the base only through them, as each run loads the
+  base file afresh. Each key is resolved to its full path and its value checked against the base config;
+  `higher_is_better` defaults from the metric's name (accuracy, bleu: higher)."""
+  config = overrides_lib.load_config(base)
+  if 'sweep' in config:
+    raise ConfigError(f'The base experiment {base!r} is itself a sweep; name an experiment file.')
+  if not variants:
+    raise ConfigError('A sweep needs at least one variant, e.g. sweep.variant("base").')
+  common = resolve_overrides(config, overrides or {}, 'overrides')
+  for path, value in common.items():
+    overrides_lib.set_value(config, path, value)
+  resolved = [{'name': v['name'], 'overrides': resolve_overrides(config, v['overrides'], v['name'])}
+              for v in variants]
+  names = [v['name'] for v in resolved]
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise ConfigError(f'Two variants share a name: {", ".join(duplicates)}; name them with sweep.variant(name, ...).')
+  if higher_is_better is None:
+    higher_is_better = any(word in metric for word in HIGHER_IS_BETTER)
+  config.sweep = ml_collections.ConfigDict(dict(
+      base=base, overrides=tuple(common.items()), variants=resolved, seeds=tuple(int(s) for s in seeds), parallel=int(parallel),
+      metric=metric, higher_is_better=bool(higher_is_better)))
+  return config
+
+
+def resolve_overrides(config, overrides: dict, name: str = '') -> dict:
+  """{short or full key: value} -> {full path: value checked against the config}."""
+  out = {}
+  for key, value in overrides.items():
+    try:
+      path = resolve_key(config, key)
+      out[path] = overrides_lib.check_value(path, overrides_lib.lookup(config, path), value)
+    except ConfigError as error:
+      raise ConfigError(f'{name}: {error}' if name == 'overrides' else f'Variant {name!r}: {error}') from None
+  return out
+
+
+def resolve_key(config, key: str) -> str:
+  """'model.d_k' as is (if it exists); 'd_k' to the one path ending in it."""
+  if '.' in key:
+    overrides_lib.lookup(config, key)
+    return key
+  paths = [p for p in overrides_lib.leaves(config) if p.rsplit('.', 1)[-1] == key]
+  if len(paths) == 1:
+    return paths[0]
+  if paths:
+    raise ConfigError(f'{key!r} is ambiguous: it could be {" or ".join("config." + p for p in paths)}; '
+                      f'write the full path, e.g. **{{{paths[0]!r}: ...}}.')
+  names = {p.rsplit('.', 1)[-1]: p for p in overrides_lib.leaves(config)}
+  near = nearest(key, names)
+  hint = f' Did you mean {near!r} (config.{names[near]})?' if near else ''
+  raise ConfigError(f'No config key is named {key!r}.{hint}')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running: one process per variant x seed.
+
+@dataclasses.dataclass
+class Run:
+  variant: str
+  seed: int
+  directory: str
+  command: list[str]
+  num_steps: int  # the step whose checkpoint marks the run finished
+
+  @property
+  def label(self) -> str:
+    return f'{self.variant}/seed{self.seed}'
+
+  def status(self) -> dict:
+    path = os.path.join(self.directory, STATUS_FILE)
+    if not os.path.exists(path):
+      return {}
+    with open(path) as f:
+      return json.load(f)
+
+  def finished(self) -> bool:
+    status = self.status()
+    return status.get('status') == 'done' and status.get('num_steps') == self.num_steps
+
+  def write_status(self, **values):
+    path = os.path.join(self.directory, STATUS_FILE)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(values, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def directory_name(name: str) -> str:
+  """A variant's folder: its name with path separators and spaces replaced."""
+  return ''.join('_' if c in '/\\ ' else c for c in name)
+
+
+def _split_override(flag: str) -> tuple[str, str]:
+  """'--config.a.b=v' -> ('a.b', 'v')."""
+  name, _, value = flag.partition('=')
+  return name.split('config.', 1)[1], value
+
+
+def plan(config, workdir: str, overrides=()) -> list[Run]:
+  """The sweep's runs: the sweep's common overrides, the variant's, the command line's (all but
+  `sweep.*`), then the seed, as flags to `launch.py`. Every variant's model config is checked here, before any process starts."""
+  if 'sweep' not in config:
+    raise ConfigError('--mode sweep needs a sweep file (its get_config returns sweep.sweep_config(...)); '
+                      'see experiments/ablations/.')
+  spec = config.sweep
+  command_line = [flag for flag in overrides if not _split_override(flag)[0].startswith('sweep.')]
+  varied = {path for v in spec.variants for path in v['overrides']}
+  for flag in command_line:
+    path = _split_override(flag)[0]
+    if path == 'train.seed':
+      raise ConfigError('The sweep sets config.train.seed for each run: choose seeds with --config.sweep.seeds.')
+    if path in varied:
+      raise ConfigError(f'{flag} overrides config.{path}, which the sweep varies; drop it or edit the sweep file.')
+  base_path, _, base_arg = spec.base.partition(':')
+  base = overrides_lib.resolve_path(base_path) + (f':{base_arg}' if base_arg else '')
+  runs = []
+  for v in spec.variants:
+    resolved = config.copy_and_resolve_references()
+    for path, value in v['overrides'].items():
+      overrides_lib.set_value(resolved, path, value)
+    try:
+      ModelConfig.from_config(resolved.model)
+    except ConfigError as error:
+      raise ConfigError(f'Variant {v["name"]!r}: {error}') from None
+    flags = [f'--config.{path}={overrides_lib.render(value)}'
+             for path, value in [*spec.overrides, *v['overrides'].items()]]
+    for seed in spec.seeds:
+      directory = os.path.join(workdir, directory_name(v['name']), f'seed{seed}')
+      command = [sys.executable, LAUNCH, '--config', base, *flags, *command_line,
+                 f'--config.train.seed={seed}', '--workdir', directory]
+      runs.append(Run(v['name'], seed, directory, command, int(resolved.train.num_steps)))
+  return runs
+
+
+def run_sweep(config, workdir: str, overrides=()) -> list[dict]:
+  """Runs the sweep's unfinished runs, then aggregates all of them. Returns the per-run result rows."""
+  runs = plan(config, workdir, overrides)
+  spec = config.sweep
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
+    json.dump({'base': spec.base, 'overrides': dict(spec.overrides), 'variants': list(spec.variants),
+               'seeds': list(spec.seeds), 'metric': spec.metric, 'higher_is_better': spec.higher_is_better,
+               'command_line': list(overrides)}, f, indent=2)
+  todo = [run for run in runs if not run.finished()]
+  if todo:
+    print(f'[sweep] {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, '
+          f'{spec.parallel} at a time; logs in <run>/{LOG_FILE}', flush=True)
+    stopped_by = execute(todo, spec.parallel)
+  else:
+    print(f'[sweep] all {len(runs)} runs finished: aggregating only.', flush=True)
+    stopped_by = None
+  rows = results.write_results(workdir, runs, spec.metric, spec.higher_is_better)
+  if stopped_by is not None:
+    print(f'[sweep] stopped by {signal.Signals(stopped_by).name}: re-run the same command to resume.', flush=True)
+  return rows
+
+
+def _die_with_parent():
+  """In the child: receive SIGTERM (checkpoint and exit) if the sweep process dies, instead of running on
+  as an orphan that a re-run of the sweep would race. Linux only; elsewhere a no-op."""
+  try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
+class _SignalForwarder:
+  """While active, SIGINT / SIGTERM to the sweep are passed on to the running children (which checkpoint
+  and exit) and stop new launches. Children run in their own session, so a terminal's Ctrl-C reaches
+  them once, through here; a second Ctrl-C is forwarded too (the children then stop at once)."""
+
+  def __init__(self, running: dict):
+    self.running = running
+    self.received = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+    for process in list(self.running.values()):
+      if process.poll() is None:
+        process.send_signal(signum)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1) -> int | None:
+  """Runs `runs`, `parallel` at a time, each appending its output to `<directory>/log.txt` and ending with a
+  `status.json`: done (its last checkpoint exists), stopped (interrupted: resumes on a re-run) or failed
+  (with the last lines of its log). A failure does not stop the others. Returns the signal that stopped
+  the sweep, or None."""
+  import subprocess  # noqa: PLC0415 -- only the sweep process starts others
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  if parallel > 1:  # runs sharing an accelerator must not each grab most of its memory
+    env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  pending, running, started = list(runs), {}, {}
+  with _SignalForwarder(running) as forwarder:
+    while running or (pending and forwarder.received is None):
+      while pending and len(running) < max(1, parallel) and forwarder.received is None:
+        run = pending.pop(0)
+        os.makedirs(run.directory, exist_ok=True)
+        previous = run.status()
+        log = open(os.path.join(run.directory, LOG_FILE), 'a')
+        log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")} {" ".join(run.command)}\n')
+        log.flush()
+        running[run.label] = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                              start_new_session=True, preexec_fn=_die_with_parent)
+        log.close()  # the child holds its own copy of the descriptor
+        started[run.label] = (run, time.time(), previous)
+        run.write_status(status='running', num_steps=run.num_steps, attempts=previous.get('attempts', 0) + 1,
+                         wall_s=_earlier_wall(previous), command=run.command)
+        print(f'[sweep] started {run.label}', flush=True)
+      time.sleep(poll_seconds)
+      for label, process in list(running.items()):
+        if process.poll() is None:
+          continue
+        del running[label]
+        run, start, previous = started[label]
+        _finish(run, process.returncode, time.time() - start, previous, forwarder.received)
+  return forwarder.received
+
+
+def _earlier_wall(previous: dict) -> float:
+  """Wall time of earlier attempts of an unfinished run (a finished run starting over counts afresh)."""
+  return 0.0 if previous.get('status') == 'done' else float(previous.get('wall_s', 0.0))
+
+
+def _finish(run: Run, returncode: int, seconds: float, previous: dict, stop_signal):
+  complete = os.path.isdir(os.path.join(run.directory, 'checkpoints', str(run.num_steps)))
+  if returncode == 0 and complete:
+    status, error = 'done', ''
+  elif stop_signal is not None or returncode == 0:  # a signal, ours or the scheduler's: resumable
+    status, error = 'stopped', ''
+  else:
+    status, error = 'failed', results.log_tail(os.path.join(run.directory, LOG_FILE))
+  run.write_status(status=status, num_steps=run.num_steps, attempts=previous.get('attempts', 0) + 1,
+                   wall_s=_earlier_wall(previous) + seconds, returncode=returncode, error=error,
+                   command=run.command)
+  message = f': {error.splitlines()[-1]}' if error else ''
+  print(f'[sweep] {status} {run.label} ({seconds:.0f}s, exit {returncode}){message}', flush=True)
