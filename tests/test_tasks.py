@@ -1,0 +1,123 @@
+"""Translation and text tasks end to end: real corpora load, metrics are right, training logs BLEU /
+bits per byte and decoded samples, `--mode decode` writes outputs, bad settings fail clearly."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import sacrebleu
+
+from experiments import text as text_experiment
+from experiments import translation as translation_experiment
+from transformer import loop, tasks
+from transformer.config import ConfigError
+from transformer.tasks import translation
+
+_WORDS = 'the a cat dog sees runs big small red green house tree'.split()
+_FRENCH = dict(zip(_WORDS, 'le un chat chien voit court grand petit rouge vert maison arbre'.split()))
+
+
+def _pairs(count, seed):
+  rng = np.random.default_rng(seed)
+  sentences = [' '.join(rng.choice(_WORDS, rng.integers(2, 7))) for _ in range(count)]
+  return [(s, ' '.join(_FRENCH[w] for w in s.split())) for s in sentences]
+
+
+def _tiny(config, workdir):
+  config.model.update(num_encoder_layers=1, num_decoder_layers=1, d_model=32, d_ff=64, num_heads=2)
+  config.train.update(num_steps=12, batch_size=8, log_every=6, eval_every=6, checkpoint_every=6,
+                      warmup_steps=2, num_samples=2, decode_examples=3)
+  os.environ['TRANSFORMER_CACHE'] = str(workdir / 'cache')  # tokenizers of the test's own corpora
+  return config
+
+
+@pytest.fixture
+def translation_config(tmp_path):
+  for name, seed, count in (('train', 0, 300), ('dev', 1, 20)):
+    with open(tmp_path / f'{name}.tsv', 'w') as f:
+      f.writelines(f'{s}\t{t}\n' for s, t in _pairs(count, seed))
+  config = _tiny(translation_experiment.get_config('tiny'), tmp_path)
+  config.data.update(corpus='files', train_files=str(tmp_path / 'train.tsv'),
+                     eval_files=str(tmp_path / 'dev.tsv'), vocab_size=40, seq_len=16, bleu_examples=8,
+                     decode_batch_size=8)
+  return config
+
+
+def test_bleu_and_chrf_are_sacrebleus():
+  hyps = ['le chat voit le chien', 'un arbre vert', 'maison']
+  refs = ['le chat voit un chien', 'un arbre vert', 'la maison rouge']
+  assert translation.bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+  assert translation.chrf(hyps, refs) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+  assert translation.bleu(refs, refs) == pytest.approx(100.0)
+
+
+def test_translation_trains_logs_bleu_samples_and_decodes(translation_config, tmp_path):
+  workdir = tmp_path / 'run'
+  loop.train_and_evaluate(translation_config, str(workdir))
+  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  evals = [r for r in records if 'eval/bleu' in r]
+  assert [r['step'] for r in evals] == [6, 12]
+  assert all(0 <= r['eval/bleu'] <= 100 and 0 <= r['eval/chrf'] <= 100 for r in evals)
+  assert evals[-1]['eval/loss'] < evals[0]['eval/loss']
+  samples = [json.loads(line) for line in open(workdir / 'samples.jsonl')]
+  assert len(samples) == 4 and set(samples[0]) == {'step', 'source', 'reference', 'output'}
+  assert samples[0]['source'] == _pairs(20, 1)[0][0]
+
+  decoded = loop.decode_checkpoint(translation_config, str(workdir))
+  written = [json.loads(line) for line in open(workdir / 'decode' / 'step_12.jsonl')]
+  assert written == decoded and len(written) == 3
+  assert written[0]['output'] == samples[-2]['output']  # the same beam search on the same checkpoint
+
+
+def test_text_task_bits_per_byte_and_samples(tmp_path):
+  docs = [' '.join(np.random.default_rng(i).choice(_WORDS, 40)) for i in range(60)]
+  (tmp_path / 'train.txt').write_text('\n'.join(docs[:50]) + '\n')
+  (tmp_path / 'dev.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs[50:]))
+  config = _tiny(text_experiment.get_config('tiny'), tmp_path)
+  config.data.update(corpus='files', train_files=str(tmp_path / 'train.txt'),
+                     eval_files=str(tmp_path / 'dev.jsonl'), vocab_size=40, seq_len=32, sample_len=8)
+  task = tasks.get_task(config)
+  assert task.eval_bytes == sum(len(d.encode()) for d in docs[50:])
+  losses = {'eval/loss': 1.5, 'eval/tokens': 1000.0}
+  assert task.eval_metrics(None, losses)['eval/bits_per_byte'] == pytest.approx(
+      1500 / math.log(2) / task.eval_bytes)
+  # A document longer than seq_len is cut into windows: every token (and its EOS) is kept.
+  ids = task.tokenizer.encode(docs[0])
+  assert sum(len(ex['targets']) for ex in task.train_examples[:math.ceil((len(ids) + 1) / 32)]) == len(ids) + 1
+
+  workdir = tmp_path / 'run'
+  loop.train_and_evaluate(config, str(workdir))
+  last = [json.loads(line) for line in open(workdir / 'metrics.jsonl')][-1]
+  assert last['eval/bits_per_byte'] > 0 and last['eval/perplexity'] > 1
+  samples = [json.loads(line) for line in open(workdir / 'samples.jsonl')]
+  assert samples[0]['prompt'] == ' '.join(docs[50].split()[:8]) and samples[0]['output']
+
+
+def test_the_bible_corpora_load_through_the_tasks(tmp_path):
+  config = translation_experiment.get_config('tiny')
+  config.data.vocab_size = 1000
+  os.environ['TRANSFORMER_CACHE'] = str(tmp_path)
+  task = tasks.get_task(config)
+  assert task.vocab_size == 1000 and len(task.eval_pairs) == 678  # Mark
+  assert len(task.train_examples) == 29545 and 0 < task.overlong_count < 200  # long ones dropped in the pipeline
+  source, target = task.eval_pairs[0]
+  assert source.startswith('The beginning of the gospel') and target.startswith("Commencement de l'Évangile")
+  batch = next(task.train_iter(4))
+  assert batch['inputs'].shape == (4, 128) and batch['targets_segment_ids'].max() > 1  # packed
+
+
+@pytest.mark.parametrize('override, message', [
+    (dict(corpus='wiki'), "config.data.corpus='wiki' is not one of"),
+    (dict(corpus='files'), 'needs config.data.train_files'),
+    (dict(corpus='files', train_files='/nonexistent/train.tsv', eval_files='x'), '/nonexistent/train.tsv'),
+    (dict(tokenizer='wordpiece'), "config.data.tokenizer='wordpiece'"),
+    (dict(eval_split='valid'), "config.data.eval_split='valid' is not one of dev, test"),
+])
+def test_bad_data_settings_fail_clearly(override, message, tmp_path):
+  config = translation_experiment.get_config('tiny')
+  config.data.update(override)
+  os.environ['TRANSFORMER_CACHE'] = str(tmp_path)
+  with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('?', r'\?')):
+    tasks.get_task(config)
