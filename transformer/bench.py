@@ -1,0 +1,278 @@
+"""`--mode bench`: time a config's train step (and optionally its decoding) on synthetic batches.
+
+The train step runs through `parallel.Runner`, exactly as the training loop runs it (jit, shardings,
+donated state). Steps are timed one by one after warm-up and the median is reported, because other
+processes on a shared machine make single timings noisy. MFU divides analytic model FLOPs per second
+by this machine's peak: the data-sheet figure on accelerators, a float32 matmul rate measured in the
+same process on CPU (`metrics.peak_flops_per_device`).
+"""
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from transformer import metrics, models, optim, parallel, summary, train
+from transformer.config import ConfigError, ModelConfig
+
+# `config.bench` (all optional): how long to measure and what else to measure.
+DEFAULTS = dict(
+    steps=5,            # timed train steps (median reported)
+    warmup=2,           # untimed steps after the compiling one
+    data_batches=20,    # input-pipeline batches timed when the config has a task (0: skip)
+    decode=False,       # also time `decoding.generate` (cached) vs the uncached loop
+    decode_batch=1,
+    prompt_len=32,
+    decode_len=256,
+    decode_repeats=3,
+    uncached=True,      # time the uncached loop too (slow: it recomputes the prefix every step)
+)
+
+
+def settings(config) -> dict:
+  """`DEFAULTS` updated by `config.bench`; a misspelt key is an error naming the nearest one."""
+  given = dict(config.bench) if 'bench' in config else {}
+  for key in given:
+    if key not in DEFAULTS:
+      from transformer.config import nearest
+      near = nearest(key, DEFAULTS)
+      raise ConfigError(f'Unknown key config.bench.{key}.{f" Did you mean config.bench.{near}?" if near else ""} '
+                        f'Valid keys: {", ".join(DEFAULTS)}.')
+  return {**DEFAULTS, **given}
+
+
+def default_bench_config(**overrides) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({**DEFAULTS, **overrides})
+
+
+def seq_len_of(config) -> int:
+  return int(config.data.seq_len) if 'data' in config and 'seq_len' in config.data else 64
+
+
+def synthetic_batch(model_config: ModelConfig, batch_size: int, seq_len: int, seed: int = 0) -> dict:
+  """Random non-padding tokens of the training shape (ids >= 3: no pad, BOS or EOS)."""
+  rng = np.random.default_rng(seed)
+  draw = lambda: rng.integers(3, model_config.vocab_size, (batch_size, seq_len)).astype(np.int32)
+  batch = {'targets': draw()}
+  if model_config.kind == 'encoder_decoder':
+    batch['inputs'] = draw()
+  return batch
+
+
+class TrainBench:
+  """A compiled train step of `config` with its state, ready to be timed step by step.
+
+  Kept as an object so a comparison can alternate it with another implementation in one process.
+  """
+
+  def __init__(self, config, model_config: ModelConfig | None = None):
+    self.model_config = model_config or ModelConfig.from_config(config.model)
+    self.model = models.build_model(self.model_config)
+    self.train_config = config.train
+    optimizer = optim.make_optimizer(config.train, self.model_config.d_model)
+    schedule = optim.learning_rate_schedule(config.train, self.model_config.d_model)
+    self.runner = parallel.Runner(config.train, self.model, optimizer, schedule)
+    self.seq_len = seq_len_of(config)
+    self.batch = synthetic_batch(self.model_config, self.runner.local_batch_size(), self.seq_len,
+                                 int(config.train.seed))
+    self.state = self.runner.init_state(int(config.train.seed))
+    jax.block_until_ready(self.state)
+    self.params = summary.count_params(self.state.params)
+    self.tokens_per_step = int(config.train.batch_size) * self.seq_len
+    self.compile_s = None
+    self.last_loss = None
+
+  def step(self) -> float:
+    """One train step, waited for; returns its wall time in seconds. The first one compiles."""
+    start = time.perf_counter()
+    self.state, step_metrics = self.runner.train_step(self.state, self.batch)
+    jax.block_until_ready(step_metrics)
+    seconds = time.perf_counter() - start
+    self.last_loss = float(step_metrics['loss'])
+    if self.compile_s is None:
+      self.compile_s = seconds
+    return seconds
+
+  def times(self, count: int) -> list[float]:
+    return [self.step() for _ in range(count)]
+
+
+def time_input_pipeline(config, batch_size: int, count: int) -> float | None:
+  """Mean seconds of the task's `next(train_iter)`: what the loop waits for before each step.
+
+  None when the config names no task that can be built here (e.g. a corpus that is not installed).
+  """
+  if count <= 0 or 'task' not in config:
+    return None
+  from transformer import tasks
+  try:
+    task = tasks.get_task(config)
+  except (ConfigError, ImportError, OSError, ValueError):
+    return None
+  iterator = task.train_iter(batch_size, 0, 1)
+  next(iterator)  # the first batch starts the pipeline (workers, buffers): not a steady-state cost
+  start = time.perf_counter()
+  for _ in range(count):
+    next(iterator)
+  return (time.perf_counter() - start) / count
+
+
+def compile_train_step(model_config: ModelConfig, train_config, batch_size: int, seq_len: int) -> dict:
+  """Lowers and compiles the train step for abstract inputs (nothing allocated or run) and returns
+  the seconds each took and XLA's compiled memory analysis: bytes of temporaries (activations kept
+  for the backward pass, workspace), of arguments, and the peak."""
+  model = models.build_model(model_config)
+  optimizer = optim.make_optimizer(train_config, model_config.d_model)
+  schedule = optim.learning_rate_schedule(train_config, model_config.d_model)
+  step = train.make_train_step(model, optimizer, schedule, train_config)
+  abstract_state = jax.eval_shape(lambda: train.init_state(model, optimizer, 0))
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       synthetic_batch(model_config, batch_size, seq_len))
+  start = time.perf_counter()
+  lowered = jax.jit(step, donate_argnums=0).lower(abstract_state, batch)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  compiled_at = time.perf_counter()
+  stats = compiled.memory_analysis()
+  return {'lower_s': lowered_at - start, 'compile_s': compiled_at - lowered_at,
+          'temp_bytes': int(stats.temp_size_in_bytes), 'argument_bytes': int(stats.argument_size_in_bytes),
+          'peak_bytes': int(getattr(stats, 'peak_memory_in_bytes', 0) or 0)}
+
+
+def measure_train(config, bench_settings: dict | None = None) -> dict:
+  """The train-step figures of `config`: the JSON that `--mode bench` prints, without decoding."""
+  s = bench_settings or settings(config)
+  bench = TrainBench(config)
+  bench.step()  # compiles
+  bench.times(int(s['warmup']))
+  times = bench.times(max(int(s['steps']), 1))
+  step_s = statistics.median(times)
+  peak = metrics.peak_flops_per_device(float(config.train.peak_flops)) * jax.device_count()
+  flops_per_token = metrics.flops_per_token(bench.model_config, bench.seq_len)
+  tokens_per_sec = bench.tokens_per_step / step_s
+  result = {
+      'tokens_per_sec': tokens_per_sec, 'step_ms': 1000 * step_s, 'step_ms_min': 1000 * min(times),
+      'mfu': tokens_per_sec * flops_per_token / peak, 'compile_s': max(bench.compile_s - step_s, 0.0),
+      'params': bench.params, 'model_tflops_per_step': flops_per_token * bench.tokens_per_step / 1e12,
+      'peak_gflops': peak / 1e9, 'batch_size': int(config.train.batch_size), 'seq_len': bench.seq_len,
+      'steps': len(times), 'devices': jax.device_count(), 'backend': jax.default_backend(),
+      'loss': bench.last_loss,
+  }
+  data_s = time_input_pipeline(config, bench.runner.local_batch_size(), int(s['data_batches']))
+  if data_s is not None:
+    result['data_ms'] = 1000 * data_s
+    result['data_wait_frac'] = data_s / step_s
+  return result
+
+
+def run_bench(config) -> dict:
+  """`--mode bench`: prints a short table, then (last line) the figures as JSON; returns them."""
+  # Compile times are part of the result: a persistent-cache hit would report a load, not a compile.
+  jax.config.update('jax_enable_compilation_cache', False)
+  s = settings(config)
+  result = measure_train(config, s)
+  if s['decode']:
+    result.update(measure_decode(config, s))
+  print(format_table(result))
+  print(json.dumps(result), flush=True)
+  return result
+
+
+_UNITS = {'tokens_per_sec': ('train tokens/s', '{:,.0f}'), 'step_ms': ('step (median)', '{:.1f} ms'),
+          'step_ms_min': ('step (fastest)', '{:.1f} ms'), 'mfu': ('MFU', '{:.1%}'),
+          'compile_s': ('compile', '{:.2f} s'), 'params': ('parameters', '{:,}'),
+          'peak_gflops': ('peak (per run)', '{:,.1f} GFLOP/s'), 'data_ms': ('input batch', '{:.2f} ms'),
+          'data_wait_frac': ('input / step', '{:.2%}')}
+
+
+def format_table(result: dict) -> str:
+  rows = []
+  for key, value in result.items():
+    label, fmt = _UNITS.get(key, (key, '{}'))
+    if isinstance(value, float) and key not in _UNITS:
+      fmt = '{:.4g}'
+    rows.append((label, fmt.format(value)))
+  width = max(len(label) for label, _ in rows)
+  return '\n'.join(f'{label:<{width}}  {text}' for label, text in rows)
+
+
+
+class DecodingMissing(ConfigError):
+  """transformer/decoding.py (greedy, cached and uncached, and beam search) is not in this checkout."""
+
+
+def _decoding():
+  try:
+    from transformer import decoding
+  except ImportError:
+    raise DecodingMissing('transformer/decoding.py is not in this checkout yet') from None
+  return decoding
+
+
+def never_eos(params, vocab_size: int):
+  """`params` with the EOS row of every embedding table zeroed: EOS then scores exactly 0, far below the
+  best of thousands of random logits, so every decode of random weights runs to its full length and
+  the methods compared do the same number of steps."""
+  def fix(path, leaf):
+    named = str(getattr(path[-1], 'key', '')) == 'embedding'
+    return leaf.at[models.EOS_ID].set(0) if named and leaf.ndim == 2 and leaf.shape[0] == vocab_size else leaf
+  return jax.tree_util.tree_map_with_path(fix, params)
+
+
+def _decode_setup(model_config: ModelConfig, batch: int, prompt_len: int, seed: int = 0):
+  model = models.build_model(model_config)
+  params = never_eos(jax.jit(lambda: models.init_params(model, jax.random.key(seed)))(), model_config.vocab_size)
+  tokens = jnp.asarray(synthetic_batch(model_config, batch, prompt_len, seed)['targets'])
+  source = dict(inputs=tokens) if model_config.kind == 'encoder_decoder' else dict(prompts=tokens)
+  return model, params, source
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def decode_times(model_config: ModelConfig, *, batch: int, prompt_len: int, decode_len: int, rounds: int,
+                 methods=('cached', 'uncached'), beam_size: int = 4) -> dict:
+  """Median seconds to decode `decode_len` tokens per method, alternating methods round by round.
+
+  cached: `decoding.generate` (one jitted loop, KV cache); uncached: `decoding.greedy_uncached`
+  (a forward pass over the whole prefix per token); beam: `decoding.beam_search`. Each is called once
+  untimed first (compilation).
+  """
+  decoding = _decoding()
+  model, params, source = _decode_setup(model_config, batch, prompt_len)
+  calls = {
+      'cached': lambda: decoding.generate(model, params, max_len=decode_len, **source),
+      'uncached': lambda: decoding.greedy_uncached(model, params, max_len=decode_len, **source),
+      'beam': lambda: decoding.beam_search(model, params, beam_size=beam_size, max_len=decode_len, **source),
+  }
+  for name in methods:
+    calls[name]()
+  times = {name: [] for name in methods}
+  for _ in range(max(rounds, 1)):
+    for name in methods:
+      times[name].append(_timed(calls[name]))
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure_decode(config, bench_settings: dict) -> dict:
+  """`--mode bench` with `config.bench.decode`: greedy tokens/s of `decoding.generate`, and (with
+  `config.bench.uncached`) of the uncached loop and the speed-up."""
+  s = bench_settings
+  model_config = ModelConfig.from_config(config.model)
+  methods = ('cached', 'uncached') if s['uncached'] else ('cached',)
+  batch, length = int(s['decode_batch']), int(s['decode_len'])
+  times = decode_times(model_config, batch=batch, prompt_len=int(s['prompt_len']), decode_len=length,
+                       rounds=int(s['decode_repeats']), methods=methods)
+  result = {'decode_tokens_per_sec': batch * length / times['cached'],
+            'decode_ms_per_step': 1000 * times['cached'] / length}
+  if 'uncached' in times:
+    result['uncached_tokens_per_sec'] = batch * length / times['uncached']
+    result['decode_speedup'] = times['uncached'] / times['cached']
+  return result
