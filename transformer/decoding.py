@@ -54,9 +54,11 @@ def beam_search(model, params, *, inputs=None, prompts=None, beam_size: int = 4,
   """The `beam_size` best hypotheses per row, best first: (tokens `[B, beam, max_len]`, scores `[B, beam]`).
 
   A score is the sum of token log-probabilities (EOS included) divided by the GNMT length penalty
-  ((5 + length) / 6) ** alpha (Wu et al., 2016; the Transformer paper uses alpha 0.6). Hypotheses that
-  emit EOS are set aside; a row stops when no alive hypothesis can still beat its worst finished one,
-  or at its length limit, where the alive hypotheses are returned without EOS.
+  ((5 + length) / 6) ** alpha (Wu et al., 2016; the Transformer paper uses alpha 0.6); length counts
+  the EOS. Each step extends the alive hypotheses by their top 2 * beam_size candidates; those among
+  the best beam_size that emit EOS are set aside as finished, and the best others stay alive. A row
+  stops when no alive hypothesis can still beat its worst finished one, or at its length limit, where
+  the best candidates are returned without EOS. With beam_size=1 and alpha=0 this is greedy search.
   """
   if beam_size < 1:
     raise ConfigError(f'beam_size={beam_size} must be >= 1.')
@@ -269,14 +271,17 @@ def _beam_search(model, params, inputs, prompts, lengths, alpha, *, beam_size, m
   def select(i, cache, alive, alive_logp, finished, scores, done, logits):
     logp = _no_pad(jax.nn.log_softmax(logits)).reshape(batch, beams, vocab)
     candidates = (alive_logp[:, :, None] + logp).reshape(batch, beams * vocab)
-    # At most `beams` of the top 2 * beams candidates end in EOS, so `beams` alive ones remain.
+    # At most `beams` of the top 2 * beams candidates end in EOS, so `beams` of them can stay alive.
     top_logp, top = jax.lax.top_k(candidates, 2 * beams)
     parent, token = top // vocab, (top % vocab).astype(jnp.int32)
     seqs = alive[rows, parent].at[:, :, i].set(token)
     at_limit = (i + 1 >= lengths)[:, None]
     ends = (token == EOS_ID) | at_limit
 
-    new_scores = jnp.where(ends & ~done[:, None], top_logp / length_penalty(i + 1, alpha), -jnp.inf)
+    # Only the `beams` best candidates may finish (so a beam of one is greedy search); the rest of the
+    # top 2 * beams are there to refill the alive beams.
+    finishes = ends & (jnp.arange(2 * beams) < beams) & ~done[:, None]
+    new_scores = jnp.where(finishes, top_logp / length_penalty(i + 1, alpha), -jnp.inf)
     scores, keep = jax.lax.top_k(jnp.concatenate([scores, new_scores], axis=1), beams)
     finished = jnp.concatenate([finished, seqs], axis=1)[rows, keep]
 

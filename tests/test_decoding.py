@@ -1,0 +1,232 @@
+"""Decoding: the cached loops against the uncached oracle, beam search invariants and scores, sampling."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer import decoding, models
+from transformer.config import ConfigError
+from conftest import tiny
+
+EOS, PAD = models.EOS_ID, models.PAD_ID
+KINDS = ['decoder_only', 'encoder_decoder']
+ROW_LENGTHS = [6, 5, 4, 3, 2, 0, 6, 3]  # prompt (decoder-only) or source lengths, one row empty
+MAX_LEN = 10
+BEAM_MAX_LEN, ALPHA = 8, 0.6
+BEAM_LIMITS = np.array([8, 3, 5, 8, 2, 8, 6, 1])  # per-row limits on generated tokens
+# (seed, factor): scaling EOS's (tied) embedding makes these random models end some rows at once, some
+# after a few steps and run others to the limit: the EOS paths are really taken (tests check that).
+EOS_SETUP = {'decoder_only': (2, 3.0), 'encoder_decoder': (1, 8.0)}
+
+
+@functools.lru_cache
+def _setup(kind):
+  model = models.build_model(tiny(kind=kind, num_encoder_layers=1, num_decoder_layers=1))  # fast compiles
+  seed, factor = EOS_SETUP[kind]
+  params = models.init_params(model, jax.random.key(seed))
+  table = 'shared_embedding' if kind == 'encoder_decoder' else 'embedding'
+  params[table] = {'embedding': params[table]['embedding'].at[EOS].multiply(factor)}
+  tokens = jax.random.randint(jax.random.key(3), (len(ROW_LENGTHS), 6), 3, 37)
+  tokens = jnp.where(jnp.arange(6) < jnp.array(ROW_LENGTHS)[:, None], tokens, PAD)
+  data = dict(inputs=tokens) if kind == 'encoder_decoder' else dict(prompts=tokens)
+  return model, params, data
+
+
+@functools.lru_cache
+def _greedy(kind):
+  model, params, data = _setup(kind)
+  return np.asarray(decoding.generate(model, params, max_len=MAX_LEN, **data))
+
+
+def _eos_steps(tokens):
+  """Per row: the step of the first EOS, or -1."""
+  tokens = np.asarray(tokens)
+  return np.where((tokens == EOS).any(-1), (tokens == EOS).argmax(-1), -1)
+
+
+def _check_well_formed(tokens, limits):
+  """At most one EOS, real tokens before it, PAD after; no EOS means the row ran to its limit."""
+  tokens = np.asarray(tokens)
+  for row, limit in zip(tokens.reshape(-1, tokens.shape[-1]), np.broadcast_to(limits, tokens.shape[:-1]).ravel()):
+    eos = np.flatnonzero(row == EOS)
+    end = eos[0] + 1 if len(eos) else limit
+    assert len(eos) <= 1 and end <= limit, row
+    assert (row[:end] != PAD).all() and (row[end:] == PAD).all(), row
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_greedy_with_cache_equals_uncached(kind):
+  model, params, data = _setup(kind)
+  cached = _greedy(kind)
+  np.testing.assert_array_equal(cached, decoding.greedy_uncached(model, params, max_len=MAX_LEN, **data))
+  steps = _eos_steps(cached)
+  assert (steps > 0).any() and (steps == -1).any(), steps  # rows that stop early, late and never
+  _check_well_formed(cached, MAX_LEN)
+
+
+def test_prompts_of_different_lengths_decode_as_if_alone():
+  model, params, data = _setup('decoder_only')
+  batched = _greedy('decoder_only')
+  for row in (3, 5):  # prompt lengths 3 and 0 (BOS only), without any padding
+    alone = decoding.generate(model, params, prompts=data['prompts'][row:row + 1, :ROW_LENGTHS[row]],
+                              max_len=MAX_LEN)
+    np.testing.assert_array_equal(alone[0], batched[row])
+  # Beam search: each row as in a batch of copies of itself (the same shapes: no new compile).
+  tokens, scores = _beam('decoder_only')
+  for row in (0, 3, 5):
+    alone_tokens, alone_scores = decoding.beam_search(
+        model, params, prompts=jnp.repeat(data['prompts'][row:row + 1], len(ROW_LENGTHS), axis=0),
+        max_len=BEAM_MAX_LEN, lengths=BEAM_LIMITS[[row] * len(ROW_LENGTHS)])
+    np.testing.assert_array_equal(alone_tokens[0], tokens[row])
+    np.testing.assert_allclose(alone_scores[0], scores[row], rtol=1e-5)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_beam_of_one_without_length_penalty_is_greedy(kind):
+  # With alpha = 0 a finished hypothesis can never be beaten by its alive rival, as in greedy.
+  model, params, data = _setup(kind)
+  tokens, _ = decoding.beam_search(model, params, beam_size=1, alpha=0.0, max_len=MAX_LEN, **data)
+  np.testing.assert_array_equal(tokens[:, 0], _greedy(kind))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _log_probs(model, params, *args):
+  return jax.nn.log_softmax(model.apply({'params': params}, *args))
+
+
+def _sequence_log_probs(model, params, data, tokens):
+  """Sum of the model's log-probs of each `[B, beam, T]` hypothesis, by one full forward pass."""
+  batch, beams, length = tokens.shape
+  if model.config.kind == 'encoder_decoder':
+    prefix = np.zeros((batch, 0), np.int32)
+    inputs = jnp.repeat(data['inputs'], beams, axis=0)
+  else:
+    prefix = np.asarray(data['prompts'])
+  prompt_lengths = (prefix != PAD).sum(1)
+  rows = np.zeros((batch, beams, 1 + prefix.shape[1] + length), np.int32)
+  for b in range(batch):  # contiguous: BOS, the row's prompt, the hypothesis
+    n = prompt_lengths[b]
+    rows[b, :, 0] = models.BOS_ID
+    rows[b, :, 1:1 + n] = prefix[b, :n]
+    rows[b, :, 1 + n:1 + n + length] = tokens[b]
+  rows = rows.reshape(batch * beams, -1)
+  args = (inputs, rows) if model.config.kind == 'encoder_decoder' else (rows,)
+  log_probs = np.asarray(_log_probs(model, params, *args)).reshape(batch, beams, rows.shape[1], -1)
+  total = np.zeros((batch, beams))
+  for b in range(batch):
+    for k in range(beams):
+      for t in range(length):
+        if tokens[b, k, t] != PAD:  # the log-prob at the token before predicts it
+          total[b, k] += log_probs[b, k, prompt_lengths[b] + t, tokens[b, k, t]]
+  return total
+
+
+@functools.lru_cache
+def _beam(kind):
+  model, params, data = _setup(kind)
+  tokens, scores = decoding.beam_search(model, params, beam_size=4, alpha=ALPHA, max_len=BEAM_MAX_LEN,
+                                        lengths=BEAM_LIMITS, **data)
+  return np.asarray(tokens), np.asarray(scores)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_beam_search_limits_eos_and_scores(kind):
+  model, params, data = _setup(kind)
+  max_len, alpha, limits = BEAM_MAX_LEN, ALPHA, BEAM_LIMITS
+  tokens, scores = _beam(kind)
+  assert tokens.shape == (8, 4, max_len) and scores.shape == (8, 4)
+  _check_well_formed(tokens, limits[:, None])
+  ended = (tokens == EOS).any(-1)
+  lengths = (tokens != PAD).sum(-1)
+  # Not vacuous: hypotheses that end with EOS, and ones cut at a per-row limit below max_len and at max_len.
+  assert ended.any() and (~ended & (lengths == limits[:, None]) & (limits[:, None] < max_len)).any()
+  assert (~ended & (lengths == max_len)).any()
+  assert (np.diff(scores, axis=1) <= 0).all() and np.isfinite(scores).all()
+  expected = _sequence_log_probs(model, params, data, tokens) / decoding.length_penalty(lengths, alpha)
+  np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_filters_and_rng():
+  model, params, data = _setup('decoder_only')
+  greedy = _greedy('decoder_only')
+  sample = functools.partial(decoding.generate, model, params, max_len=MAX_LEN, method='sample', **data)
+  key = jax.random.key(7)
+  np.testing.assert_array_equal(sample(rng=key, top_k=1), greedy)
+  np.testing.assert_array_equal(sample(rng=key, top_p=1e-6), greedy)
+  np.testing.assert_array_equal(sample(rng=key, temperature=1e-4), greedy)
+  np.testing.assert_array_equal(sample(rng=key, temperature=0.0), greedy)
+  first, again, other = sample(rng=key), sample(rng=key), sample(rng=jax.random.key(8))
+  np.testing.assert_array_equal(first, again)
+  assert (np.asarray(first) != np.asarray(other)).any() and (np.asarray(first) != greedy).any()
+  _check_well_formed(first, MAX_LEN)
+  assert ((_eos_steps(first) > 0) & (_eos_steps(first) < MAX_LEN - 1)).any()  # sampled EOS mid-way
+
+
+def test_generate_respects_per_row_lengths():
+  model, params, data = _setup('encoder_decoder')
+  limits = np.array([1, 2, 3, 4, 10, 10, 2, 3])
+  tokens = np.asarray(decoding.generate(model, params, max_len=MAX_LEN, lengths=limits, **data))
+  full = _greedy('encoder_decoder')
+  for row, limit in enumerate(limits):  # the same tokens, cut at the limit (or at EOS before it)
+    np.testing.assert_array_equal(tokens[row, :limit], full[row, :limit])
+    assert (tokens[row, limit:] == PAD).all()
+  assert ((full != PAD).sum(1) > limits).sum() >= 3  # rows that really had more to say were cut
+
+
+def test_compiled_loops_are_reused():
+  model, params, data = _setup('decoder_only')
+  _greedy('decoder_only')
+  _beam('decoder_only')
+  sizes = decoding._generate._cache_size(), decoding._beam_search._cache_size()
+  shifted = {'prompts': (data['prompts'] + 1) * (data['prompts'] != PAD)}
+  decoding.generate(model, params, max_len=MAX_LEN, **shifted)
+  decoding.beam_search(model, params, max_len=BEAM_MAX_LEN, lengths=BEAM_LIMITS[::-1], alpha=0.3, **shifted)
+  assert (decoding._generate._cache_size(), decoding._beam_search._cache_size()) == sizes
+
+
+def _count_dot_generals(jaxpr):
+  return str(jaxpr).count('dot_general')  # the text includes nested jaxprs
+
+
+def test_cross_attention_keys_values_are_cached():
+  """Steps after the first pass no `encoded`: the same logits as the full forward pass, less work."""
+  model, params, data = _setup('encoder_decoder')
+  source = data['inputs'][:3]
+  target = jax.random.randint(jax.random.key(4), (3, 5), 3, 37)
+  segments = (source != PAD).astype(jnp.int32)
+  encoded = model.apply({'params': params}, source, segment_ids=segments, method='encode')
+  step = jax.jit(lambda cache, tokens, encoded=None, segments=None: model.apply(
+      {'params': params, 'cache': cache}, encoded, segments, tokens, decode=True, method='decode',
+      mutable=['cache']))
+  logits, state = step(models.init_cache(model, 3, 5, source.shape[1]), target[:, :2], encoded, segments)
+  outputs = [logits]
+  for t in range(2, 5):
+    logits, state = step(state['cache'], target[:, t:t + 1])
+    outputs.append(logits)
+  full = jnp.exp(_log_probs(model, params, source, target))
+  np.testing.assert_allclose(jax.nn.softmax(jnp.concatenate(outputs, axis=1)), full, atol=1e-6)
+  # Per layer, a step with `encoded` projects the source to keys and values: two matmuls more.
+  with_source = jax.make_jaxpr(lambda c: step(c, target[:, :1], encoded, segments))(state['cache'])
+  cached = jax.make_jaxpr(lambda c: step(c, target[:, :1]))(state['cache'])
+  layers = model.config.num_decoder_layers
+  assert _count_dot_generals(with_source) - _count_dot_generals(cached) == 2 * layers
+
+
+def test_user_errors():
+  model, params, data = _setup('decoder_only')
+  enc_dec, enc_params, enc_data = _setup('encoder_decoder')
+  cases = [
+      lambda: decoding.generate(model, params, max_len=4, method='sample', **data),  # no rng
+      lambda: decoding.generate(model, params, max_len=4, method='beam', **data),
+      lambda: decoding.generate(enc_dec, enc_params, max_len=4, prompts=data['prompts']),
+      lambda: decoding.generate(model, params, max_len=4, inputs=data['prompts']),
+      lambda: decoding.beam_search(model, params, max_len=4, lengths=[5] * 8, **data),
+      lambda: decoding.beam_search(model, params, max_len=4, alpha=-1.0, **data),
+      lambda: decoding.generate(models.build_model(tiny(positional='learned')), params, max_len=30, **data),
+  ]
+  for case in cases:
+    with pytest.raises(ConfigError):
+      case()
