@@ -121,3 +121,10 @@ def test_bad_data_settings_fail_clearly(override, message, tmp_path):
   os.environ['TRANSFORMER_CACHE'] = str(tmp_path)
   with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('?', r'\?')):
     tasks.get_task(config)
+
+
+def test_unknown_task_names_the_nearest():
+  config = translation_experiment.get_config('tiny')
+  config.task = 'translate'
+  with pytest.raises(ConfigError, match="config.task='translate' is not a task \\(did you mean 'translation'\\?\\)"):
+    tasks.get_task(config)
