@@ -40,9 +40,9 @@ def get_config(arg=None):
       positional='rope', norm_position='pre', max_len=256)
   if toy:
     config.train = default_train_config(
-        num_steps=800, batch_size=16, optimizer='adamw', learning_rate=2e-3, warmup_steps=100,
-        weight_decay=0.01, label_smoothing=0.0, grad_clip=1.0, log_every=50, eval_every=200,
-        checkpoint_every=400)
+        num_steps=400, batch_size=16, optimizer='adamw', learning_rate=2e-3, warmup_steps=50,
+        weight_decay=0.01, label_smoothing=0.0, grad_clip=1.0, log_every=50, eval_every=100,
+        checkpoint_every=200)
   else:
     config.train = default_train_config(
         num_steps=20_000, batch_size=32, optimizer='adamw', learning_rate=1e-3, warmup_steps=500,

@@ -56,6 +56,14 @@ def test_chorales_come_from_the_cache_without_music21(chorales, chorale_cache, m
   assert music.bach_pieces(cache_dir=chorale_cache, limit=2) == chorales
 
 
+def test_a_full_cache_serves_any_limit(chorales, tmp_path, monkeypatch):
+  music._write_json_atomically(str(tmp_path / 'bach-spq4-dur32-v4.json'), {'pieces': chorales})
+  monkeypatch.setitem(sys.modules, 'music21', None)
+  assert music.bach_pieces(cache_dir=str(tmp_path), limit=1) == chorales[:1]
+  assert music.bach_pieces(cache_dir=str(tmp_path)) == chorales
+  assert [p.name for p in tmp_path.iterdir()] == ['bach-spq4-dur32-v4.json']  # no temporary left
+
+
 def test_token_names_are_readable():
   vocab = EventVocab()
   ids = vocab.encode([Note(0, 1, 60, 4), Note(2, 1, 69, 2)]) + [EOS_ID, 5]
@@ -168,6 +176,16 @@ def test_task_errors_say_what_to_change(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, 'music21', None)
   with pytest.raises(ConfigError, match='pip install music21'):
     MusicTask(_config(corpus='bach', cache_dir=str(tmp_path), limit=2))
+
+
+def test_bach_holds_out_every_tenth_chorale(monkeypatch):
+  pieces = [[Note(0, 0, 60 + i, 4)] for i in range(25)]
+  monkeypatch.setattr(music, 'bach_pieces', lambda cache_dir=None, limit=None: pieces[:limit])
+  task = MusicTask(_config(corpus='bach'))
+  assert [task.vocab.decode(ex['targets'])[0].pitch - 60 for ex in task.eval_examples] == [0, 10, 20]
+  assert task.num_train_windows == 22
+  with pytest.raises(ConfigError, match='eval_every_nth=1 must be at least 2'):
+    MusicTask(_config(corpus='bach', eval_every_nth=1))
 
 
 class FakeGenerator:

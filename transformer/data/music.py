@@ -244,11 +244,13 @@ def bach_pieces(cache_dir: str | None = None, limit: int | None = None, steps_pe
   `cache_dir`, by default `$TRANSFORMER_CACHE/music` or `~/.cache/transformer-jax/music`, under a
   name holding the settings: other settings parse again.
   """
-  settings = f'spq{steps_per_quarter}-dur{max_duration}-v{num_voices}' + (f'-n{limit}' if limit else '')
-  path = os.path.join(cache_dir or cache_dir_default(), f'bach-{settings}.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      return [[Note(*n) for n in piece] for piece in json.load(f)['pieces']]
+  settings = f'bach-spq{steps_per_quarter}-dur{max_duration}-v{num_voices}'
+  folder = cache_dir or cache_dir_default()
+  path = os.path.join(folder, f'{settings}-n{limit}.json' if limit else f'{settings}.json')
+  for cached in (os.path.join(folder, f'{settings}.json'), path):  # all chorales hold any first N
+    if os.path.exists(cached):
+      with open(cached) as f:
+        return [[Note(*n) for n in piece] for piece in json.load(f)['pieces'][:limit or None]]
   music21 = _import_music21()
   from music21.corpus import chorales
   names = list(chorales.Iterator(returnType='filename'))[:limit or None]
@@ -336,7 +338,8 @@ def piano_roll_png(notes, path: str, title: str | None = None, size=(10, 4), dpi
     ax.set_ylim(min(n.pitch for n in notes) - 2, max(n.pitch for n in notes) + 2)
     ax.legend(loc='upper right', fontsize='small')
   ax.set_xlabel('time (steps)')
-  ax.set_ylabel('MIDI pitch')
+  ax.set_ylabel('MIDI pitch (60 = C4)')
+  ax.yaxis.get_major_locator().set_params(integer=True)
   if title:
     ax.set_title(title)
   fig.savefig(path)
