@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import synthetic  # noqa: E402
 from transformer import loop, overrides, workdir  # noqa: E402
-from transformer.config import ConfigError  # noqa: E402
+from transformer.config import ConfigError, ModelConfig  # noqa: E402
 
 CONFIG = 'experiments/synthetic.py:reverse'
 
@@ -111,20 +111,20 @@ def small_config(num_steps):
 
 
 def test_resume_refuses_model_and_task_changes_and_allows_more_steps(tmp_path):
-  """The loop checks before restoring (a refusal costs no compile); the allowed change is checked on the
-  same workdir directly, as resuming the training is test_loop's job."""
+  """The loop checks before it restores anything (test_sweep's sweep also meets the refusal through launch.py)."""
   run = str(tmp_path / 'run')
-  loop.train_and_evaluate(small_config(2), run)
-  assert json.load(open(os.path.join(run, 'config.json')))['model']['vocab_size'] == 32  # the task's, as built
+  workdir.save_config(small_config(2), run, ModelConfig.from_config({**small_config(2).model, 'vocab_size': 32}))
+  assert json.load(open(os.path.join(run, 'config.json')))['model']['vocab_size'] == 32  # the model's, as built
+  os.makedirs(os.path.join(run, 'checkpoints', '2'))  # what a trained run leaves; never read: refused first
   wider = small_config(2)
   wider.model.d_model = 48
   with pytest.raises(ConfigError) as error:
     loop.train_and_evaluate(wider, run)
-  assert 'config.model.d_model: 32 -> 48' in str(error.value)
-  assert 'Use a new --workdir' in str(error.value)
+  assert str(error.value).startswith(f'Cannot resume {run} with this config')
+  assert '\n  config.model.d_model: 32 -> 48\nUse a new --workdir' in str(error.value)
   other_task = small_config(2)
   other_task.task = 'copy'
-  with pytest.raises(ConfigError, match=r"config\.task: 'reverse' -> 'copy'"):
+  with pytest.raises(ConfigError, match=r"\n  config\.task: 'reverse' -> 'copy'\n"):
     loop.train_and_evaluate(other_task, run)
   longer = small_config(3)  # more steps and another eval interval: allowed, and recorded
   longer.train.eval_every = 3

@@ -29,7 +29,7 @@ def read_metrics(directory: str) -> dict[int, dict]:
 
 def log_tail(path: str, max_lines: int = 12) -> str:
   """The error at the end of a run's log: its last paragraph without absl log lines and, for a Python
-  traceback, only the exception after the last frame."""
+  traceback, only the exception after the last frame; at most `max_lines` lines."""
   if not os.path.exists(path):
     return ''
   with open(path, errors='replace') as f:
@@ -46,7 +46,9 @@ def log_tail(path: str, max_lines: int = 12) -> str:
   if any(line.startswith('Traceback') for line in paragraph):
     frames = [i for i, line in enumerate(paragraph) if line.startswith(' ')]
     paragraph = paragraph[frames[-1] + 1:] if frames else paragraph
-  return '\n'.join(paragraph[-max_lines:])
+  if len(paragraph) > max_lines:  # a long message: its start says what, its end what to do
+    paragraph = paragraph[:max_lines - 2] + ['...', paragraph[-1]]
+  return '\n'.join(paragraph)
 
 
 @functools.lru_cache(maxsize=None)
