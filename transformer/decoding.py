@@ -135,7 +135,7 @@ def _check(model, inputs, prompts, max_len, lengths):
       prompts = prompts if width else None
   if max_len < 1:
     raise ConfigError(f'max_len={max_len} must be >= 1.')
-  if cfg.positional == 'learned' and 1 + width + max_len - 1 > cfg.max_len:
+  if cfg.positional == 'learned' and width + max_len > cfg.max_len:  # BOS is position 0
     raise ConfigError(f'Decoding {max_len} tokens after a prompt of {width} reaches position {width + max_len - 1}, '
                       f'beyond the learned position table (config.model.max_len={cfg.max_len}): decode fewer '
                       'tokens or raise max_len.')
