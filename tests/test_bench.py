@@ -142,3 +142,42 @@ def test_torch_reference_trains():
   reference = torch_reference.TorchTrainBench(model_config, config.train, batch_size=4, seq_len=16)
   reference.times(3)
   assert np.isfinite(reference.last_loss) and torch_reference.measure_matmul_flops(64, 2) > 0
+
+
+@pytest.mark.parametrize('causal', [True, False])
+@pytest.mark.parametrize('impl', ['reference', 'xla'])
+def test_local_attention_equals_the_dense_window_mask(causal, impl):
+  from transformer import attention
+  batch, length, heads, kv_heads, size, window = 2, 23, 4, 2, 8, 5
+  keys = jax.random.split(jax.random.key(0), 3)
+  query = jax.random.normal(keys[0], (batch, length, heads, size))
+  key = jax.random.normal(keys[1], (batch, length, kv_heads, size))
+  value = jax.random.normal(keys[2], (batch, length, kv_heads, size + 2))
+  # Row 0: one sequence; row 1: three packed segments (positions restart), then padding.
+  segments = np.array([[1] * length, [1] * 7 + [2] * 9 + [3] * 4 + [0] * 3])
+  positions = np.array([np.arange(length), np.r_[np.arange(7), np.arange(9), np.arange(4), np.arange(3)]])
+  mask = attention.LocalMask(positions, positions, segments, segments, window=window, causal=causal)
+  local = attention.local_attention(query, key, value, mask, impl=impl)
+  dense = attention.dot_product_attention(query, key, value, mask.dense(), impl=impl)
+  np.testing.assert_allclose(local, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_windowed_model_uses_local_attention_and_matches_dense(monkeypatch):
+  from transformer import attention, train
+  config = tiny(attention_window=4, max_len=64)
+  model = models.build_model(config)
+  params = models.init_params(model, jax.random.key(0))
+  tokens = np.random.default_rng(0).integers(3, config.vocab_size, (2, 21)).astype(np.int32)
+  tokens[1, 15:] = 0
+  batch = {'targets': tokens}
+  loss = lambda p: train._sums(model, p, batch, True, None, 0.0, 0.0)[0]
+  calls = []
+  blocked = attention.local_attention
+  monkeypatch.setattr(attention, 'local_attention', lambda *a, **k: calls.append(1) or blocked(*a, **k))
+  local_loss, local_grads = jax.value_and_grad(loss)(params)
+  assert calls  # the windowed model took the blocked kernel
+  monkeypatch.setattr(attention, 'local_attention', lambda q, k, v, mask, **kw: attention.dot_product_attention(
+      q, k, v, mask.dense(), **kw))
+  dense_loss, dense_grads = jax.value_and_grad(loss)(params)
+  np.testing.assert_allclose(local_loss, dense_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), local_grads, dense_grads)

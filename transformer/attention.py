@@ -6,6 +6,7 @@ D per-head size. Masks are boolean `[B, 1, T, S]`, True where a query may attend
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -90,6 +91,59 @@ def dot_product_attention(query, key, value, mask, bias=None, *, impl: str = 're
   return _fused_attention(query, key, value, mask, bias, scale, impl)
 
 
+@flax.struct.dataclass
+class LocalMask:
+  """A sliding-window self-attention mask kept in the form it is made from (positions, segment ids),
+  so that `local_attention` builds it block by block: O(T * window) instead of a `[T, T]` matrix."""
+  q_positions: jax.Array
+  kv_positions: jax.Array
+  q_segment_ids: jax.Array
+  kv_segment_ids: jax.Array
+  window: int = flax.struct.field(pytree_node=False)
+  causal: bool = flax.struct.field(pytree_node=False)
+
+  def dense(self):
+    return make_attention_mask(self.q_positions, self.kv_positions, self.q_segment_ids, self.kv_segment_ids,
+                               causal=self.causal, window=self.window)
+
+
+def local_attention(query, key, value, mask: LocalMask, *, impl: str = 'reference', dropout_rate: float = 0.0,
+                    dropout_rng=None):
+  """`dot_product_attention` under `mask.dense()`, in time and memory linear in the length.
+
+  Queries go in blocks of `window`; a key a query may see lies in its own block or the one before
+  (and, not causal, the one after), because within a segment positions advance with the index.
+  Each block attends to those 2 (or 3) key blocks under the same mask rule, evaluated there.
+  Self-attention only (queries and keys of one sequence).
+  """
+  batch, length = query.shape[:2]
+  size = mask.window
+  count = -(-length // size)
+
+  def blocks(x, fill=0):  # [B, T, ...] -> [B, count, size, ...], the tail padded with `fill`
+    x = jnp.pad(x, [(0, 0), (0, count * size - length)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return x.reshape((batch, count, size) + x.shape[2:])
+
+  offsets = (-1, 0) if mask.causal else (-1, 0, 1)
+
+  def neighbours(x, fill=0):  # [B, count, size, ...] -> [B * count, len(offsets) * size, ...]
+    x = jnp.pad(x, [(0, 0), (1, 1)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    x = jnp.concatenate([x[:, 1 + o:1 + o + count] for o in offsets], axis=2)
+    return x.reshape((batch * count,) + x.shape[2:])
+
+  flat = lambda x: x.reshape((batch * count,) + x.shape[2:])
+  # Segment -1 marks keys that are not there (before the start, after the end) and -2 the padded
+  # queries: neither matches a real segment, padding (0) included, so every real query keeps exactly
+  # the keys the dense mask gives it.
+  block_mask = make_attention_mask(
+      flat(blocks(mask.q_positions)), neighbours(blocks(mask.kv_positions)),
+      flat(blocks(mask.q_segment_ids, -2)), neighbours(blocks(mask.kv_segment_ids, -1), -1),
+      causal=mask.causal, window=size)
+  out = dot_product_attention(flat(blocks(query)), neighbours(blocks(key)), neighbours(blocks(value)),
+                              block_mask, impl=impl, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  return out.reshape((batch, count * size) + out.shape[2:])[:, :length]
+
+
 def _reference_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng):
   batch, q_len, num_heads, _ = query.shape
   kv_heads = key.shape[2]
@@ -164,9 +218,10 @@ class MultiHeadAttention(nn.Module):
 
     dropout = cfg.attention_dropout_rate > 0.0 and not self.deterministic
     impl = resolve_impl(cfg, dropout=dropout)
-    out = dot_product_attention(
-        query, key, value, mask, bias, impl=impl, dropout_rate=cfg.attention_dropout_rate if dropout else 0.0,
-        dropout_rng=self.make_rng('dropout') if dropout else None)
+    attend = functools.partial(local_attention, mask=mask) if isinstance(mask, LocalMask) else functools.partial(
+        dot_product_attention, mask=mask, bias=bias)
+    out = attend(query, key, value, impl=impl, dropout_rate=cfg.attention_dropout_rate if dropout else 0.0,
+                 dropout_rng=self.make_rng('dropout') if dropout else None)
     return nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.storage_dtype, name='out',

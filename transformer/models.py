@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from transformer import layers
-from transformer.attention import MultiHeadAttention, make_attention_mask
+from transformer.attention import LocalMask, MultiHeadAttention, make_attention_mask
 from transformer.config import ConfigError, ModelConfig
 
 PAD_ID = 0
@@ -117,9 +117,17 @@ def _defaults(tokens, positions, segment_ids, start=0):
 
 
 def _self_attention_ctx(cfg, q_positions, kv_positions, q_segments, kv_segments, causal, cache_index=None):
+  window, length = cfg.attention_window, q_positions.shape[1]
+  # A window much shorter than the sequence: blocked local attention, linear in the length (no cache,
+  # no ALiBi bias, which would be a [T, T] matrix again).
+  if window and 2 * window < length and cache_index is None and kv_positions.shape[1] == length and (
+      cfg.positional != 'alibi'):
+    self_mask = LocalMask(q_positions, kv_positions, q_segments, kv_segments, window=window, causal=causal)
+  else:
+    self_mask = make_attention_mask(q_positions, kv_positions, q_segments, kv_segments, causal=causal,
+                                    window=window)
   return dict(
-      self_mask=make_attention_mask(q_positions, kv_positions, q_segments, kv_segments,
-                                    causal=causal, window=cfg.attention_window),
+      self_mask=self_mask,
       self_bias=(layers.alibi_bias(q_positions, kv_positions, cfg.num_heads)
                  if cfg.positional == 'alibi' else None),
       rope_positions=q_positions if cfg.positional == 'rope' else None,
