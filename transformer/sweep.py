@@ -91,12 +91,13 @@ def sweep_config(base: str, variants: list[dict], seeds=(0,), parallel: int = 1,
   names = [v['name'] for v in resolved]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
-    raise ConfigError(f'Two variants share a name: {", ".join(duplicates)}; name them with sweep.variant(name, ...).')
+    raise ConfigError(f'Two variants share a name: {", ".join(duplicates)}; '
+                      'name them with sweep.variant(name, ...).')
   if higher_is_better is None:
     higher_is_better = any(word in metric for word in HIGHER_IS_BETTER)
   config.sweep = ml_collections.ConfigDict(dict(
-      base=base, overrides=tuple(common.items()), variants=resolved, seeds=tuple(int(s) for s in seeds), parallel=int(parallel),
-      metric=metric, higher_is_better=bool(higher_is_better)))
+      base=base, overrides=tuple(common.items()), variants=resolved, seeds=tuple(int(s) for s in seeds),
+      parallel=int(parallel), metric=metric, higher_is_better=bool(higher_is_better)))
   return config
 
 
@@ -175,7 +176,8 @@ def _split_override(flag: str) -> tuple[str, str]:
 
 def plan(config, workdir: str, overrides=()) -> list[Run]:
   """The sweep's runs: the sweep's common overrides, the variant's, the command line's (all but
-  `sweep.*`), then the seed, as flags to `launch.py`. Every variant's model config is checked here, before any process starts."""
+  `sweep.*`), then the seed, as flags to `launch.py`. Every variant's model config is checked here, before
+  any process starts."""
   if 'sweep' not in config:
     raise ConfigError('--mode sweep needs a sweep file (its get_config returns sweep.sweep_config(...)); '
                       'see experiments/ablations/.')
