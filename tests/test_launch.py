@@ -131,3 +131,10 @@ def test_resume_refuses_model_and_task_changes_and_allows_more_steps(tmp_path):
   workdir.save_config(longer, run)
   saved = json.load(open(os.path.join(run, 'config.json')))
   assert saved['train']['num_steps'] == 3 and saved['train']['eval_every'] == 3
+
+
+def test_a_sweep_file_outside_sweep_mode_is_refused():
+  from experiments.ablations import norm
+  from transformer import run
+  with pytest.raises(ConfigError, match='This config is a sweep: run it with --mode sweep'):
+    run.run(norm.get_config(), 'train', '/nonexistent')

@@ -6,7 +6,7 @@ import time
 import jax
 
 from transformer import models, summary
-from transformer.config import ModelConfig
+from transformer.config import ConfigError, ModelConfig
 
 
 def dry_run(config) -> str:
@@ -38,6 +38,9 @@ def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
   """Runs `mode` on a resolved config. `overrides` are the command line's `--config.*` flags, which a
   sweep passes on to every variant."""
   enable_compilation_cache()
+  if 'sweep' in config and mode != 'sweep':  # a sweep file would otherwise train its base quietly
+    raise ConfigError(f'This config is a sweep: run it with --mode sweep (not --mode {mode}), or give '
+                      'its base experiment file to --mode {mode}.'.replace('{mode}', mode))
   if mode == 'train':
     from transformer import loop  # the engine's imports (orbax, grain) are not needed for a dry run
     return loop.train_and_evaluate(config, workdir)
