@@ -1,5 +1,6 @@
 """Decoding: the cached loops against the uncached oracle, beam search invariants and scores, sampling."""
 
+import dataclasses
 import functools
 
 import jax
@@ -230,3 +231,68 @@ def test_user_errors():
   for case in cases:
     with pytest.raises(ConfigError):
       case()
+
+
+def test_beam_search_reorders_a_scanned_cache():
+  """With `scan_layers` the cache has a leading layer axis: beams are still gathered on the batch axis."""
+  model, params, data = _setup('decoder_only')
+  scanned = models.build_model(dataclasses.replace(model.config, scan_layers=True))
+  tokens, scores = decoding.beam_search(scanned, models.stack_layers(params), beam_size=4, alpha=ALPHA,
+                                        max_len=BEAM_MAX_LEN, lengths=BEAM_LIMITS, **data)
+  np.testing.assert_array_equal(tokens, _beam('decoder_only')[0])
+  np.testing.assert_allclose(scores, _beam('decoder_only')[1], rtol=1e-5)
+
+
+def _reference_beam_search(model, params, data, beams, alpha, max_len, limits):
+  """Beam search spelled out, with full forward passes and no early stopping: every row runs to its limit."""
+  prefix = np.zeros((len(limits), 0), np.int32) if 'inputs' in data else np.asarray(data['prompts'])
+  prompt_lengths = (prefix != PAD).sum(1)
+  alive = [[((), 0.0)] for _ in limits]  # per row: (tokens, log-prob)
+  finished = [[] for _ in limits]        # per row: (score, tokens)
+  for t in range(max_len):
+    rows = np.zeros((len(limits), beams, 1 + prefix.shape[1] + max_len), np.int32)
+    for b, hyps in enumerate(alive):
+      for k, (seq, _) in enumerate(hyps):
+        n = prompt_lengths[b]
+        rows[b, k, :1 + n + len(seq)] = (models.BOS_ID,) + tuple(prefix[b, :n]) + seq
+    rows = rows.reshape(len(limits) * beams, -1)
+    args = (jnp.repeat(data['inputs'], beams, axis=0), rows) if 'inputs' in data else (rows,)
+    log_probs = np.asarray(_log_probs(model, params, *args)).reshape(len(limits), beams, rows.shape[1], -1)
+    for b, limit in enumerate(limits):
+      if t >= limit:
+        continue
+      candidates = [(logp + log_probs[b, k, prompt_lengths[b] + t, v], seq + (v,))
+                    for k, (seq, logp) in enumerate(alive[b]) for v in range(log_probs.shape[-1]) if v != PAD]
+      candidates = sorted(candidates, key=lambda c: -c[0])[:2 * beams]
+      for rank, (logp, seq) in enumerate(candidates):
+        if rank < beams and (seq[-1] == EOS or t + 1 == limit):
+          finished[b].append((logp / ((5 + t + 1) / 6) ** alpha, seq))
+      alive[b] = [(seq, logp) for logp, seq in candidates if seq[-1] != EOS][:beams]
+  tokens = np.zeros((len(limits), beams, max_len), np.int32)
+  scores = np.zeros((len(limits), beams))
+  for b, hyps in enumerate(finished):
+    for k, (score, seq) in enumerate(sorted(hyps, key=lambda h: -h[0])[:beams]):
+      tokens[b, k, :len(seq)], scores[b, k] = seq, score
+  return tokens, scores
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_beam_search_equals_a_plain_reference(kind):
+  """Early stopping, the per-row limits and the cache reordering change nothing the plain algorithm finds."""
+  model, params, data = _setup(kind)
+  tokens, scores = _reference_beam_search(model, params, data, 4, ALPHA, BEAM_MAX_LEN, BEAM_LIMITS)
+  np.testing.assert_array_equal(_beam(kind)[0], tokens)
+  np.testing.assert_allclose(_beam(kind)[1], scores, rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_stops_early_with_the_same_result():
+  """Rows whose greedy output ends with EOS: every row is done before the limit, and the loop stops."""
+  model, params, data = _setup('encoder_decoder')
+  rows = np.resize(np.flatnonzero(_eos_steps(_greedy('encoder_decoder')) >= 0), len(ROW_LENGTHS))
+  data, limits = {'inputs': data['inputs'][rows]}, np.full(len(ROW_LENGTHS), BEAM_MAX_LEN)
+  tokens, scores, steps = decoding._beam_search(model, params, data['inputs'], None, jnp.asarray(limits),
+                                                jnp.float32(ALPHA), beam_size=4, max_len=BEAM_MAX_LEN)
+  assert steps < BEAM_MAX_LEN
+  expected_tokens, expected_scores = _reference_beam_search(model, params, data, 4, ALPHA, BEAM_MAX_LEN, limits)
+  np.testing.assert_array_equal(tokens, expected_tokens)
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-4)

@@ -66,8 +66,9 @@ def beam_search(model, params, *, inputs=None, prompts=None, beam_size: int = 4,
     raise ConfigError(f'alpha={alpha} must be >= 0 (a negative length penalty rewards short outputs '
                       'without bound, and early stopping would be wrong).')
   inputs, prompts, lengths = _check(model, inputs, prompts, max_len, lengths)
-  return _beam_search(model, params, inputs, prompts, lengths, jnp.float32(alpha), beam_size=int(beam_size),
-                      max_len=max_len)
+  tokens, scores, _ = _beam_search(model, params, inputs, prompts, lengths, jnp.float32(alpha),
+                                   beam_size=int(beam_size), max_len=max_len)
+  return tokens, scores
 
 
 def length_penalty(length, alpha):
@@ -304,4 +305,4 @@ def _beam_search(model, params, inputs, prompts, lengths, alpha, *, beam_size, m
   no_scores = jnp.full((batch, beams), -jnp.inf)
   state = select(0, cache, empty, alive_logp, empty, no_scores, jnp.zeros((batch,), bool), logits)
   state = jax.lax.while_loop(lambda s: (s[0] < max_len) & ~s[-1].all(), body, state)
-  return state[4], state[5]
+  return state[4], state[5], state[0]  # and the number of steps taken (early stopping, for tests)
