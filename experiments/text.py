@@ -43,8 +43,8 @@ def get_config(arg=None):
   config.model.vocab_size = config.data.get_ref('vocab_size')
 
   config.train = default_train_config(
-      num_steps=500 if tiny else 100_000, batch_size=16 if tiny else 256, optimizer='adamw',
+      num_steps=400 if tiny else 100_000, batch_size=16 if tiny else 256, optimizer='adamw',
       learning_rate=3e-3 if tiny else 6e-4, warmup_steps=100 if tiny else 2000, weight_decay=0.1,
-      label_smoothing=0.0, grad_clip=1.0, log_every=100, eval_every=250 if tiny else 2000,
-      checkpoint_every=250 if tiny else 2000)
+      label_smoothing=0.0, grad_clip=1.0, log_every=50, eval_every=100 if tiny else 2000,
+      checkpoint_every=200 if tiny else 2000)
   return config
