@@ -118,7 +118,7 @@ def test_attention_dropout_scales_kept_weights():
 
 
 def test_auto_always_picks_a_working_kernel_on_cpu():
-  # The einsum kernel: the faster one on CPU (docs/performance.md), and the only one with dropout.
+  # The einsum kernel: the faster one on CPU (README, Performance), and the only one with dropout.
   assert attention.resolve_impl(tiny(attention_impl='auto'), dropout=False) == 'reference'
   assert attention.resolve_impl(tiny(attention_impl='auto'), dropout=True) == 'reference'
   assert attention.resolve_impl(tiny(attention_impl='auto', dtype='bfloat16'), dropout=False) == 'reference'

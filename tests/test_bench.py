@@ -68,7 +68,7 @@ def test_unknown_bench_key_names_the_nearest():
 
 def test_memory_analysis_sees_remat():
   # Layers scanned: XLA's CPU buffer assignment keeps unrolled rematerialised layers' temporaries
-  # about as large as without remat (docs/performance.md).
+  # about as large as without remat (README, Performance).
   train_config = bench_configs.get_config('tiny').train
   temps = {}
   for remat in ('none', 'full'):

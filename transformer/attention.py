@@ -64,7 +64,7 @@ def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
   if on_gpu and _cudnn_supports(config):
     return 'cudnn'
   # On CPU the einsum kernel's train step measured 1-10% faster than jax.nn.dot_product_attention's
-  # (docs/performance.md); elsewhere XLA's own kernel.
+  # (README, Performance); elsewhere XLA's own kernel.
   return 'reference' if jax.default_backend() == 'cpu' else 'xla'
 
 
