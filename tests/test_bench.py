@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from transformer import bench, models, summary
+from transformer import bench, decoding, models, summary
 from transformer.config import ConfigError, ModelConfig
 from conftest import tiny
 
@@ -44,14 +44,12 @@ def test_bench_mode_prints_a_table_then_json(capsys):
 
 
 def test_bench_decode_figures(capsys):
-  pytest.importorskip('transformer.decoding')
   result = bench.run_bench(_tiny_config(decode=True, decode_len=6, prompt_len=3, decode_repeats=1))
   assert result['decode_tokens_per_sec'] > 0 and result['uncached_tokens_per_sec'] > 0
   assert result['decode_speedup'] > 0
 
 
 def test_never_eos_forces_full_length_decodes():
-  decoding = pytest.importorskip('transformer.decoding')
   model_config = ModelConfig.from_config(bench_configs.get_config('tiny').model)
   model, params, source = bench._decode_setup(model_config, batch=2, prompt_len=3)
   out = decoding.generate(model, params, max_len=12, **source)

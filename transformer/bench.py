@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transformer import metrics, models, optim, parallel, summary, train
+from transformer import decoding, metrics, models, optim, parallel, summary, train
 from transformer.config import ConfigError, ModelConfig
 
 # `config.bench` (all optional): how long to measure and what else to measure.
@@ -201,18 +201,6 @@ def format_table(result: dict) -> str:
 
 
 
-class DecodingMissing(ConfigError):
-  """transformer/decoding.py (greedy, cached and uncached, and beam search) is not in this checkout."""
-
-
-def _decoding():
-  try:
-    from transformer import decoding
-  except ImportError:
-    raise DecodingMissing('transformer/decoding.py is not in this checkout yet') from None
-  return decoding
-
-
 def never_eos(params, vocab_size: int):
   """`params` with the EOS row of every embedding table zeroed: EOS then scores exactly 0, far below the
   best of thousands of random logits, so every decode of random weights runs to its full length and
@@ -245,7 +233,6 @@ def decode_times(model_config: ModelConfig, *, batch: int, prompt_len: int, deco
   (a forward pass over the whole prefix per token); beam: `decoding.beam_search`. Each is called once
   untimed first (compilation).
   """
-  decoding = _decoding()
   model, params, source = _decode_setup(model_config, batch, prompt_len)
   calls = {
       'cached': lambda: decoding.generate(model, params, max_len=decode_len, **source),
