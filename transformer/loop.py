@@ -56,12 +56,20 @@ def evaluate_all(runner, task, model, state, step, config, workdir):
   num = config.train.num_samples
   samples = task.samples(pred, num, workdir) if num else []
   if samples and jax.process_index() == 0:
-    with open(os.path.join(workdir, 'samples.jsonl'), 'a') as f:
-      for sample in samples:
-        f.write(json.dumps({'step': step, **sample}, ensure_ascii=False) + '\n')
+    _write_samples(os.path.join(workdir, 'samples.jsonl'), [{'step': step, **s} for s in samples], 'a')
     for sample in samples[:2]:
-      print(f'\n[step {step}] ' + ' | '.join(f'{k}: {v}' for k, v in sample.items()), flush=True)
+      print(f'\n[step {step}] {_line(sample)}', flush=True)
   return results
+
+
+def _line(sample: dict) -> str:
+  return ' | '.join(f'{k}: {v}' for k, v in sample.items())
+
+
+def _write_samples(path: str, samples, mode: str):
+  """Decoded samples as JSON lines (text unescaped, so a reader sees the words)."""
+  with open(path, mode) as f:
+    f.writelines(json.dumps(sample, ensure_ascii=False) + '\n' for sample in samples)
 
 
 def _prepare(config, workdir):
@@ -195,11 +203,9 @@ def decode_checkpoint(config, workdir: str):
   if jax.process_index() == 0:
     path = os.path.join(workdir, 'decode', f'step_{step}.jsonl')
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-      for sample in samples:
-        f.write(json.dumps(sample, ensure_ascii=False) + '\n')
+    _write_samples(path, samples, 'w')
     for sample in samples[:5]:
-      print(' | '.join(f'{k}: {v}' for k, v in sample.items()))
+      print(_line(sample))
     print(f'{len(samples)} decoded examples written to {path}')
   return samples
 

@@ -62,16 +62,18 @@ class SyntheticTask:
     """(examples, greedy outputs) for the first `count` eval examples, each output cut after EOS."""
     examples = [self.example(self.seed + _EVAL_SEED_OFFSET, i) for i in range(min(count, self.num_eval))]
     width = self.max_len + 1  # the answer and its EOS
+    rows = max(len(examples), _EXACT_MATCH_EXAMPLES)  # metric and samples share one shape: one compile
     if self.kind == 'encoder_decoder':
       sources = [ex['inputs'] for ex in examples]
-      batch = pad_batch([{'inputs': src} for src in sources], len(examples), self.seq_len)
+      batch = pad_batch([{'inputs': src} for src in sources], rows, self.seq_len)
       tokens = predictor.generate(inputs=batch['inputs'], max_len=width)
     else:  # the prompt is the source and its EOS; the answer follows
       sources = [ex['targets'][:(len(ex['targets']) - 2) // 2] for ex in examples]
-      batch = pad_batch([{'p': np.append(src, EOS_ID)} for src in sources], len(examples), width)
+      batch = pad_batch([{'p': np.append(src, EOS_ID)} for src in sources], rows, width)
       tokens = predictor.generate(prompts=batch['p'], max_len=width)
     answers = [src[::-1] if self.task == 'reverse' else src for src in sources]
-    outputs = [list(row[:list(row).index(EOS_ID)] if EOS_ID in row else row) for row in np.asarray(tokens)]
+    outputs = [list(row[:list(row).index(EOS_ID)] if EOS_ID in row else row)
+               for row in np.asarray(tokens)[:len(examples)]]
     return sources, answers, outputs
 
   def eval_metrics(self, predictor, losses):
