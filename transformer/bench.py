@@ -3,8 +3,9 @@
 The train step runs through `parallel.Runner`, exactly as the training loop runs it (jit, shardings,
 donated state). Steps are timed one by one after warm-up and the median is reported, because other
 processes on a shared machine make single timings noisy. MFU divides analytic model FLOPs per second
-by this machine's peak: the data-sheet figure on accelerators, a float32 matmul rate measured in the
-same process on CPU (`metrics.peak_flops_per_device`).
+by this machine's peak (`metrics.peak_flops_basis`, whose label the table and JSON show as the basis):
+`config.train.peak_flops`, else the data-sheet figure of a known accelerator, else a matmul rate
+measured in the same process (bfloat16 on an unknown accelerator, float32 on CPU).
 """
 
 import json
@@ -113,7 +114,7 @@ def time_input_pipeline(config, batch_size: int, count: int) -> float | None:
     task = tasks.get_task(config)
   except (ConfigError, ImportError, OSError, ValueError):
     return None
-  iterator = task.train_iter(batch_size, 0, 1)
+  iterator = task.train_iter(batch_size)
   next(iterator)  # the first batch starts the pipeline (workers, buffers): not a steady-state cost
   start = time.perf_counter()
   for _ in range(count):
@@ -151,12 +152,14 @@ def measure_train(config, bench_settings: dict | None = None) -> dict:
   bench.times(int(s['warmup']))
   times = bench.times(max(int(s['steps']), 1))
   step_s = statistics.median(times)
-  peak = metrics.peak_flops_per_device(float(config.train.peak_flops)) * jax.device_count()
+  peak, mfu_basis = metrics.peak_flops_basis(float(config.train.peak_flops))
+  peak *= jax.device_count()
   flops_per_token = metrics.flops_per_token(bench.model_config, bench.seq_len)
   tokens_per_sec = bench.tokens_per_step / step_s
   result = {
       'tokens_per_sec': tokens_per_sec, 'step_ms': 1000 * step_s, 'step_ms_min': 1000 * min(times),
-      'mfu': tokens_per_sec * flops_per_token / peak, 'compile_s': max(bench.compile_s - step_s, 0.0),
+      'mfu': tokens_per_sec * flops_per_token / peak, 'mfu_basis': mfu_basis,
+      'compile_s': max(bench.compile_s - step_s, 0.0),
       'params': bench.params, 'model_tflops_per_step': flops_per_token * bench.tokens_per_step / 1e12,
       'peak_gflops': peak / 1e9, 'batch_size': int(config.train.batch_size), 'seq_len': bench.seq_len,
       'steps': len(times), 'devices': jax.device_count(), 'backend': jax.default_backend(),
@@ -192,10 +195,15 @@ _UNITS = {'tokens_per_sec': ('train tokens/s', '{:,.0f}'), 'step_ms': ('step (me
 def format_table(result: dict) -> str:
   rows = []
   for key, value in result.items():
+    if key == 'mfu_basis':  # shown beside MFU, where it qualifies the figure
+      continue
     label, fmt = _UNITS.get(key, (key, '{}'))
     if isinstance(value, float) and key not in _UNITS:
       fmt = '{:.4g}'
-    rows.append((label, fmt.format(value)))
+    text = fmt.format(value)
+    if key == 'mfu' and 'mfu_basis' in result:
+      text += f'  (against {result["mfu_basis"]})'
+    rows.append((label, text))
   width = max(len(label) for label, _ in rows)
   return '\n'.join(f'{label:<{width}}  {text}' for label, text in rows)
 

@@ -1,7 +1,11 @@
 """grain pipelines from tokenized examples to fixed-shape numpy batches.
 
-Train: shuffle (anew each epoch) -> repeat -> this process's share -> fit to `seq_len` -> pack or pad
--> batch. Eval: the held-out set once, padded, never packed. Examples are dicts of 1-D int arrays:
+Train: shuffle (anew each epoch) -> repeat -> fit to `seq_len` -> pack or pad -> global batch -> this
+process's rows. Every process builds the same global batches and keeps its own rows, so a step trains on
+the same examples for any number of processes or devices, and every process's iterator state is the
+same (a checkpoint from one topology resumes exactly on another). The price: each process does the
+whole global batch's data work (cheap for token ids; see the README's scaling section).
+Eval: the held-out set once, padded, never packed. Examples are dicts of 1-D int arrays:
 `targets` (EOS included) and, for encoder-decoder tasks, `inputs`.
 
 Everything is deterministic from the seed and the iterator's `get_state()` / `set_state()` resume it
@@ -39,17 +43,19 @@ def _fit(example, seq_len: int):
 
 
 def train_iter(examples, *, seq_len: int, batch_size: int, seed: int, pack: bool = True,
-               process_index: int = 0, process_count: int = 1, overlong: str = 'truncate',
-               prefetch: int = 2):
-  """An endless iterator of `[batch_size, seq_len]` batches of this process's share of `examples`.
+               rows: tuple[int, int] | None = None, overlong: str = 'truncate', prefetch: int = 2):
+  """An endless iterator of this process's `rows` (start, stop) of `[batch_size, seq_len]` global batches
+  (all rows by default).
 
   Packed batches carry `<key>_segment_ids` (1, 2, ... per example, 0 for padding) and
   `<key>_positions` (restarting at 0 in every example); the models mask across segments.
   """
   if overlong not in OVERLONG:
     raise ValueError(f'overlong={overlong!r}: choose one of {OVERLONG}.')
+  start, stop = rows if rows is not None else (0, batch_size)
+  if not 0 <= start < stop <= batch_size:
+    raise ValueError(f'rows={rows} is not a non-empty range of a global batch of {batch_size} rows.')
   ds = _as_dataset(examples).shuffle(seed=seed).repeat()  # a new permutation every epoch
-  ds = ds[process_index::process_count]
   if overlong == 'drop':
     ds = ds.filter(lambda ex: all(len(v) <= seq_len for v in ex.values()))
   ds = ds.map(lambda ex: _fit(ex, seq_len)).to_iter_dataset()
@@ -62,6 +68,8 @@ def train_iter(examples, *, seq_len: int, batch_size: int, seed: int, pack: bool
         shuffle_bins=True).batch(batch_size, drop_remainder=True, batch_fn=_stack_int32)
   else:
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=lambda rows: pad_batch(rows, batch_size, seq_len))
+  if (start, stop) != (0, batch_size):
+    ds = ds.map(lambda batch: {key: value[start:stop] for key, value in batch.items()})
   # A background thread prepares the next batches while the device computes (XLA releases the GIL);
   # its state still counts only the batches handed out, so checkpoints resume exactly.
   return iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch))

@@ -2,9 +2,9 @@
 
 A task object has:
   vocab_size, seq_len                          the model's vocabulary and the training length
-  train_iter(batch_size, process_index, process_count)
-                                               endless iterator of numpy batches (this process's share)
-                                               with `get_state()` / `set_state()` for checkpoints
+  train_iter(batch_size, rows=None)            endless iterator of this process's rows (start, stop) of
+                                               the global batches of `batch_size` (the same examples for
+                                               any topology), `get_state()` / `set_state()` for checkpoints
   eval_batches(batch_size, process_index, process_count)
                                                the held-out set once, never packed, the same number
                                                of batches on every process

@@ -67,10 +67,9 @@ class TokenizedTask:
     self.overlong_count = pipeline.report_overlong(train_examples, self.seq_len, self.overlong)
     logging.info('%d training and %d evaluation examples.', len(train_examples), len(eval_examples))
 
-  def train_iter(self, batch_size: int, process_index: int = 0, process_count: int = 1):
+  def train_iter(self, batch_size: int, rows: tuple[int, int] | None = None):
     return pipeline.train_iter(self.train_examples, seq_len=self.seq_len, batch_size=batch_size,
-                               seed=self.seed, pack=self.pack, process_index=process_index,
-                               process_count=process_count, overlong=self.overlong)
+                               seed=self.seed, pack=self.pack, rows=rows, overlong=self.overlong)
 
   def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
     return pipeline.eval_batches(self.eval_examples, seq_len=self.seq_len, batch_size=batch_size,

@@ -46,11 +46,10 @@ class SyntheticTask:
   def _examples(self, size, seed):
     return grain.MapDataset.range(size).map(lambda i: self.example(seed, int(i)))
 
-  def train_iter(self, batch_size: int, process_index: int = 0, process_count: int = 1):
-    """An endless iterator of this process's share; `get_state()` / `set_state()` resume it exactly."""
+  def train_iter(self, batch_size: int, rows: tuple[int, int] | None = None):
+    """An endless iterator of `rows` of the global batches; `get_state()` / `set_state()` resume it exactly."""
     return pipeline.train_iter(self._examples(self.num_train, self.seed), seq_len=self.seq_len,
-                               batch_size=batch_size, seed=self.seed, pack=self.pack,
-                               process_index=process_index, process_count=process_count)
+                               batch_size=batch_size, seed=self.seed, pack=self.pack, rows=rows)
 
   def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
     """The fixed held-out set (another seed), once."""
