@@ -41,6 +41,9 @@ def test_bench_mode_prints_a_table_then_json(capsys):
   assert result['params'] == summary.count_params(jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
   assert result['seq_len'] == config.data.seq_len and result['batch_size'] == config.train.batch_size
   assert 0 < result['data_wait_frac'] and np.isfinite(result['loss'])
+  # On CPU the peak is a measured float32 rate: the table says so beside MFU, and the JSON carries it.
+  assert result['mfu_basis'] == 'measured f32 matmul (cpu)'
+  assert any(line.startswith('MFU') and line.endswith('(against measured f32 matmul (cpu))') for line in lines)
 
 
 def test_bench_decode_figures(capsys):

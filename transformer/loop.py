@@ -119,7 +119,10 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   writer = metrics.MetricsWriter(workdir, enabled=primary)
   progress = metrics.Progress(train.num_steps, enabled=primary)
   model_flops = metrics.flops_per_token(model.config, task.seq_len)
-  peak = metrics.peak_flops_per_device(train.peak_flops) * jax.device_count()
+  peak_per_device, mfu_basis = metrics.peak_flops_basis(train.peak_flops)
+  peak = peak_per_device * jax.device_count()
+  if primary:  # once: train/mfu means little without what it divides by
+    print(f'MFU against {mfu_basis}: {peak_per_device / 1e9:,.1f} GFLOP/s per device', flush=True)
 
   def save(step):
     ckpts.save(step, runner.to_checkpoint(state), train_iter.get_state(), config.to_dict())

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -93,25 +94,95 @@ def flops_per_token(config: ModelConfig, target_len: int, source_len: int = 0) -
   return 3.0 * forward
 
 
-# Dense peak FLOP/s per device from vendors' data sheets (bfloat16 unless the name says otherwise).
-_PEAK_FLOPS = {'tpu v4': 275e12, 'tpu v5 lite': 197e12, 'tpu v5e': 197e12, 'tpu v5p': 459e12,
-               'tpu v6 lite': 918e12, 'h100': 989e12, 'a100': 312e12, 'l4': 121e12, 'v100': 125e12}
+# Dense (not 2:4-sparse) peak FLOP/s per JAX device from vendors' data sheets, bfloat16 unless the
+# name says otherwise. Where a data sheet gives only the with-sparsity figure (marked *), dense is half.
+# Keys are lower-case pieces of `jax.devices()[0].device_kind` ('NVIDIA H100 80GB HBM3', 'TPU v5 lite',
+# 'AMD Instinct MI300X'); see `datasheet_peak`. None: no public figure, and a shorter key would be wrong.
+_PEAK_FLOPS = {
+    # NVIDIA product data sheets (TFLOPS).
+    'h100': (989.5e12, 'NVIDIA H100 SXM bf16'),         # H100 SXM 1,979*
+    'h100 pcie': (756.5e12, 'NVIDIA H100 PCIe bf16'),   # H100 PCIe 1,513*
+    'h100 nvl': (835.5e12, 'NVIDIA H100 NVL bf16'),     # H100 NVL 1,671*
+    'h200': (989.5e12, 'NVIDIA H200 SXM bf16'),         # H200 SXM 1,979*
+    'h200 nvl': (835.5e12, 'NVIDIA H200 NVL bf16'),     # H200 NVL 1,671*
+    'gh200': (989.5e12, 'NVIDIA GH200 bf16'),           # GH200 1,979*
+    'b200': (2.25e15, 'NVIDIA B200 bf16'),              # HGX B200, per GPU 4.5 PFLOPS*
+    'gb200': (2.5e15, 'NVIDIA GB200 bf16'),             # GB200 NVL72, per GPU 5 PFLOPS*
+    'a100': (312e12, 'NVIDIA A100 bf16'),               # A100 SXM and PCIe 312 | 624*
+    'a30': (165e12, 'NVIDIA A30 bf16'),                 # A30 165 | 330*
+    'a40': (149.7e12, 'NVIDIA A40 bf16'),               # A40 149.7 | 299.4*
+    'a10': (125e12, 'NVIDIA A10 bf16'),                 # A10 125 | 250* (A10G has no data sheet)
+    'l4': (121e12, 'NVIDIA L4 bf16'),                   # L4 242*
+    'l40': (181.05e12, 'NVIDIA L40 bf16'),              # L40 181.05 | 362.1*
+    'l40s': (362.05e12, 'NVIDIA L40S bf16'),            # L40S 362.05 | 733*
+    'v100': (125e12, 'NVIDIA V100 SXM2 fp16'),          # V100 SXM2 tensor 125 (no bf16)
+    'v100-pcie': (112e12, 'NVIDIA V100 PCIe fp16'),     # V100 PCIe tensor 112 (no bf16)
+    't4': (65e12, 'NVIDIA T4 fp16'),                    # T4 mixed precision 65 (no bf16)
+    # AMD Instinct data sheets, dense bf16 (TFLOPS); one device per GPU (SPX partition mode).
+    'mi300x': (1307.4e12, 'AMD Instinct MI300X bf16'),
+    'mi300a': (980.6e12, 'AMD Instinct MI300A bf16'),
+    'mi325x': (1307.4e12, 'AMD Instinct MI325X bf16'),
+    'mi350x': (2306.9e12, 'AMD Instinct MI350X bf16'),
+    'mi355x': (2516.6e12, 'AMD Instinct MI355X bf16'),
+    # Google Cloud TPU system-architecture pages, per chip (TFLOPS). v2, v3 and TPU7x show JAX one
+    # device per TensorCore, two per chip: halved. v4, v5p: one megacore device per chip.
+    'tpu v2': (22.5e12, 'TPU v2 core bf16'),            # 45 per chip
+    'tpu v3': (61.5e12, 'TPU v3 core bf16'),            # 123 per chip
+    'tpu v4': (275e12, 'TPU v4 chip bf16'),
+    'tpu v4 lite': None,                                # v4i
+    'tpu v5 lite': (197e12, 'TPU v5e chip bf16'),
+    'tpu v5e': (197e12, 'TPU v5e chip bf16'),
+    'tpu v5': (459e12, 'TPU v5p chip bf16'),            # JAX names v5p 'TPU v5'
+    'tpu v5p': (459e12, 'TPU v5p chip bf16'),
+    'tpu v6 lite': (918e12, 'TPU v6e (Trillium) chip bf16'),
+    'tpu v6e': (918e12, 'TPU v6e (Trillium) chip bf16'),
+    'tpu7x': (1153.5e12, 'TPU7x (Ironwood) core bf16'),  # 2,307 per chip
+}
+
+
+def datasheet_peak(device_kind: str):
+  """(FLOP/s, name) of the table entry for `device_kind`, or None.
+
+  Case-insensitive; a key matches only as a whole piece of the name (no letter or digit either side),
+  so 'a10' misses 'A100' and 'A10G', 'h200' misses 'GH200', 'tpu v5' misses 'TPU v5 lite'. The longest
+  matching key wins: 'NVIDIA H100 PCIe' is 'h100 pcie', not 'h100'.
+  """
+  kind = device_kind.lower()
+  for key in sorted(_PEAK_FLOPS, key=len, reverse=True):
+    if re.search(rf'(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])', kind):
+      return _PEAK_FLOPS[key]
+  return None
+
+
+def peak_flops_basis(configured: float = 0.0) -> tuple[float, str]:
+  """Peak FLOP/s of one device and what it is: the configured figure, else the data-sheet entry for
+  the device, else a measured matmul rate (bfloat16 on an unknown accelerator, float32 on CPU)."""
+  if configured > 0:
+    return float(configured), 'configured (config.train.peak_flops)'
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return measure_matmul_flops(), 'measured f32 matmul (cpu)'
+  entry = datasheet_peak(device.device_kind)
+  if entry is not None:
+    return entry[0], f'data sheet: {entry[1]}'
+  if jax.process_index() == 0:
+    print(f'Warning: no data-sheet peak for {device.device_kind!r}; MFU is against a measured bfloat16 matmul '
+          'rate, which overstates it. Set config.train.peak_flops to the dense bf16 peak FLOP/s per device.',
+          file=sys.stderr, flush=True)
+  # A large matmul: a small one on a big accelerator measures launch overhead, not the MXU/tensor cores.
+  return (measure_matmul_flops(size=8192, dtype=jnp.bfloat16),
+          f'measured bf16 matmul (unknown accelerator: {device.device_kind})')
 
 
 def peak_flops_per_device(configured: float = 0.0) -> float:
-  """The configured peak, else the device's data-sheet peak, else (CPU) a measured float32 matmul rate."""
-  if configured > 0:
-    return configured
-  kind = jax.devices()[0].device_kind.lower()
-  for name, flops in _PEAK_FLOPS.items():
-    if name in kind:
-      return flops
-  return measure_matmul_flops()
+  """The peak FLOP/s of `peak_flops_basis`, without its label."""
+  return peak_flops_basis(configured)[0]
 
 
-def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-  """Best-of-`repeats` float32 matmul rate of one device: the CPU's practical peak for MFU."""
-  a = jnp.ones((size, size), jnp.float32)
+def measure_matmul_flops(size: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+  """Best-of-`repeats` matmul rate of one device: the CPU's (float32) or an unknown accelerator's
+  (bfloat16) practical peak for MFU."""
+  a = jnp.ones((size, size), dtype)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   best = math.inf
