@@ -1,13 +1,19 @@
 """Checkpoints (orbax): train state + data-iterator state + config, and a preemption guard.
 
 One step's checkpoint is a directory `<directory>/<step>/` with three items:
-  state   the `TrainState` pytree (params, optimizer state, step, rng), written shard by shard;
-  data    the grain iterator's `get_state()` (JSON);
-  config  the resolved experiment config (JSON), so `--mode eval` can rebuild the model.
+  state      the `TrainState` pytree (params, optimizer state, step, rng), written shard by shard;
+  data_pos   each process's data-iterator state, `process_<i>-of-<n>.json`, written by that process
+             (checkpoints of older versions hold one `data` item, from process 0);
+  config     the resolved experiment config (JSON), so `--mode eval` can rebuild the model.
+The state restores onto any mesh, device or process count, and into either layer layout (scanned or
+unrolled): both compute the same function from the same numbers.
 orbax writes each step into `<step>.orbax-checkpoint-tmp-<timestamp>/` and renames it when complete,
 so a process killed mid-save leaves only a temporary directory, which is never listed as a step.
 """
 
+import dataclasses
+import glob
+import json
 import os
 import signal
 import threading
@@ -15,7 +21,64 @@ import threading
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from transformer import models
+
+
+class ProcessStateHandler(ocp.CheckpointHandler):
+  """Each process saves its own JSON state (`process_<i>-of-<n>.json`) and restores its own.
+
+  On another process count the file of this index is absent: process 0's is used instead. That is
+  exact for this codebase's pipelines, whose state is the same on every process (one global order).
+  """
+
+  def save(self, directory: epath.Path, args: 'ProcessStateSave'):
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / _process_file(jax.process_index(), jax.process_count())
+    path.write_text(json.dumps(args.state))
+
+  def restore(self, directory: epath.Path, args: 'ProcessStateRestore' = None):
+    own = directory / _process_file(jax.process_index(), jax.process_count())
+    if own.exists():
+      return json.loads(own.read_text())
+    others = sorted(glob.glob(os.fspath(directory / 'process_0-of-*.json')))
+    if not others:
+      raise FileNotFoundError(f'No data-iterator state in {directory}.')
+    logging.warning('%s was saved by another process count: resuming the data position from %s (exact: '
+                    'every process holds the same global order).', directory, os.path.basename(others[0]))
+    return json.loads(epath.Path(others[0]).read_text())
+
+  def metadata(self, directory):
+    return None
+
+  def structure(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(ProcessStateHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessStateSave(ocp.args.CheckpointArgs):
+  state: dict
+
+
+@ocp.args.register_with_handler(ProcessStateHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def _process_file(index: int, count: int) -> str:
+  return f'process_{index}-of-{count}.json'
 
 
 class Checkpoints:
@@ -28,8 +91,8 @@ class Checkpoints:
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)  # leftovers of a killed save are deleted on start
     # Handlers up front: a fresh manager can then read metadata before anything was saved or restored.
-    handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
-                'config': ocp.JsonCheckpointHandler()}
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'data_pos': ProcessStateHandler(),
+                'data': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -46,8 +109,8 @@ class Checkpoints:
     if step in self._manager.all_steps():  # e.g. the final step coincides with a periodic save
       return False
     items = {'state': ocp.args.StandardSave(state)}
-    if data_state is not None:
-      items['data'] = ocp.args.JsonSave(data_state)
+    if data_state is not None:  # this process's own position (every process passes its own)
+      items['data_pos'] = ProcessStateSave(data_state)
     if config is not None:
       items['config'] = ocp.args.JsonSave(config)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -56,12 +119,43 @@ class Checkpoints:
     """`(state, data_state)` from `step` (default: the latest). Each array of `abstract_state` (a pytree of
     `jax.ShapeDtypeStruct`) says via `.sharding` where it goes, so any device count or mesh works."""
     step = self._existing_step(step)
-    self._check_shapes(abstract_state, step)
+    saved = ocp.tree.to_flat_dict(self._manager.item_metadata(step)['state'].tree)
+    target_scanned, saved_scanned = _scanned(_flat_paths(abstract_state)), _scanned(saved)
+    if target_scanned != saved_scanned:  # the other layer layout: restore as saved, then convert
+      return self._restore_other_layout(abstract_state, saved, step, target_scanned)
+    self._check_shapes(_flat_paths(abstract_state), saved, step)
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if self._has_item(step, 'data'):
-      items['data'] = ocp.args.JsonRestore()
+    items.update(self._data_item(step))
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored['state'], restored['data'] if 'data' in items else None
+    return restored['state'], self._data_state(restored)
+
+  def _data_item(self, step):
+    if self._has_item(step, 'data_pos'):
+      return {'data_pos': ProcessStateRestore()}
+    return {'data': ocp.args.JsonRestore()} if self._has_item(step, 'data') else {}
+
+  @staticmethod
+  def _data_state(restored):
+    return restored['data_pos'] if 'data_pos' in restored else restored.get('data')
+
+  def _restore_other_layout(self, abstract_state, saved, step, target_scanned):
+    """Restores a checkpoint of the other layer layout (`scan_layers` switched): read replicated as
+    saved, stacked or unstacked, then placed as `abstract_state` says."""
+    mesh = jax.tree.leaves(abstract_state)[0].sharding.mesh
+    replicated = NamedSharding(mesh, P())
+    metadata = self._manager.item_metadata(step)['state'].tree
+    as_saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), metadata)
+    items = {'state': ocp.args.StandardRestore(as_saved), **self._data_item(step)}
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    converted = ocp.tree.to_flat_dict(models.convert_layers(restored['state'], scanned=target_scanned))
+    target = _flat_paths(abstract_state)
+    self._check_shapes(target, converted, step)
+    leaves = [converted[path] for path in target]
+    state = jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
+    state = jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), state, abstract_state)
+    logging.warning('Restored step %d, saved with %s layers, into %s layers.', step,
+                    'scanned' if not target_scanned else 'unrolled', 'scanned' if target_scanned else 'unrolled')
+    return state, self._data_state(restored)
 
   def restore_config(self, step: int | None = None) -> dict | None:
     """The config saved with `step` (default: the latest); None if there is no checkpoint or no config."""
@@ -99,12 +193,8 @@ class Checkpoints:
   def _has_item(self, step, name):
     return (self._manager.directory / str(step) / name).exists()
 
-  def _check_shapes(self, abstract_state, step):
+  def _check_shapes(self, target, saved, step):
     """One readable error instead of orbax's deep traceback when the model no longer matches."""
-    saved = ocp.tree.to_flat_dict(self._manager.item_metadata(step)['state'].tree)
-    # Paths from jax's key paths, not orbax's serialize_tree, which fails on empty optax states.
-    target = {ocp.tree.str_keypath(path): leaf
-              for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     where = f'the checkpoint at step {step} in {self.directory}'
     hint = ('The model/config changed since it was saved: restore with the config it was trained with '
             '(see restore_config / config.json) or start a fresh workdir.')
@@ -122,6 +212,17 @@ class Checkpoints:
 
 def _name(path):
   return '/'.join(str(key) for key in path)
+
+
+def _flat_paths(tree) -> dict:
+  """{path tuple: leaf} in `tree`'s leaf order. Paths from jax's key paths, as orbax flattens a saved
+  tree (not orbax's serialize_tree, which fails on empty optax states)."""
+  return {ocp.tree.str_keypath(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _scanned(flat: dict) -> bool:
+  """Whether parameters are in the `scan_layers` layout (a `layers` tree, not `layer_0`, `layer_1`...)."""
+  return any('layers' in path for path in flat)
 
 
 class PreemptionGuard:

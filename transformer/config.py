@@ -171,6 +171,7 @@ def default_train_config(**overrides) -> ml_collections.ConfigDict:
       num_samples=3,              # eval examples decoded and logged at every eval (0: none)
       decode_examples=32,         # --mode decode: eval examples decoded into the workdir
       peak_flops=0.0,             # per device, for MFU; 0: the platform's table, measured on CPU
+      log_batch_digests=False,    # each process logs a hash of every row it feeds (workdir/batches/)
   ))
   train.update(overrides)
   return train

@@ -1,5 +1,6 @@
 """The training loop: config -> task, model, runner -> steps, logs, evals and checkpoints."""
 
+import hashlib
 import json
 import math
 import os
@@ -105,8 +106,9 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   task, model, runner, ckpts = _prepare(config, workdir)
   train = config.train
   primary = jax.process_index() == 0
-  local_batch = runner.local_batch_size()
-  train_iter = task.train_iter(local_batch, jax.process_index(), jax.process_count())
+  rows = runner.local_rows()
+  train_iter = task.train_iter(int(train.batch_size), rows)
+  digests = BatchDigests(workdir, rows) if train.log_batch_digests else None
   from transformer import workdir as workdir_lib  # before restoring: refuses a config the checkpoints do not fit
   workdir_lib.save_config(config, workdir, model.config, write=primary)
   if ckpts.latest_step() is not None:
@@ -140,6 +142,8 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
         batch = next(train_iter)
         step_start = time.perf_counter()
         data_wait += step_start - wait_start
+        if digests is not None:
+          digests.write(step, batch)
         state, step_metrics = runner.train_step(state, batch)
         if compile_s is None:  # the first step compiles; time it apart and restart the clock
           jax.block_until_ready(step_metrics)
@@ -182,10 +186,33 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
           break
   finally:  # a failing run still finishes the saves it started
     progress.close()
+    if digests is not None:
+      digests.close()
     ckpts.wait()
     ckpts.close()
     writer.close()
   return eval_metrics
+
+
+class BatchDigests:
+  """`config.train.log_batch_digests`: each process appends, per step, a short hash of every row it fed
+  to `<workdir>/batches/process_<i>.jsonl`, so a test (or a researcher chasing a data bug) can check
+  which examples each process trained on at each step, across restarts and topologies."""
+
+  def __init__(self, workdir: str, rows: tuple[int, int]):
+    os.makedirs(os.path.join(workdir, 'batches'), exist_ok=True)
+    self.rows = list(rows)
+    self._file = open(os.path.join(workdir, 'batches', f'process_{jax.process_index()}.jsonl'), 'a')
+
+  def write(self, step: int, batch: dict):
+    count = len(next(iter(batch.values())))
+    row_hashes = [hashlib.blake2b(b''.join(np.ascontiguousarray(batch[k][i]).tobytes() for k in sorted(batch)),
+                                  digest_size=6).hexdigest() for i in range(count)]
+    self._file.write(json.dumps({'step': step, 'rows': self.rows, 'digests': row_hashes}) + '\n')
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
 
 
 def _prepare_latest(config, workdir, what):

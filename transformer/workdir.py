@@ -23,12 +23,15 @@ CONFIG_FILE = 'config.json'
 RESUMABLE = (
     # run length and what the run writes along the way
     'train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
-    'train.keep_checkpoints', 'train.peak_flops',
+    'train.keep_checkpoints', 'train.peak_flops', 'train.log_batch_digests',
     # the learning-rate schedule and clipping
     'train.learning_rate', 'train.warmup_steps', 'train.grad_clip',
-    # the same computation laid out differently on hardware
+    # the same computation laid out differently on hardware: the same examples in every step (one global
+    # order), dropout keyed by each example's index in the global batch and by layer index, and
+    # checkpoints that restore onto any mesh, process count or layer layout. (model.dtype and
+    # attention_impl change rounding, not the function.)
     'train.parallelism', 'train.mesh.*', 'train.grad_accum_steps',
-    'model.attention_impl', 'model.remat', 'model.dtype',
+    'model.attention_impl', 'model.remat', 'model.dtype', 'model.scan_layers',
     # set by the task's tokenizer at run time; config.task and config.data are compared instead
     'model.vocab_size',
     # decoding and sampling at eval time: the trained model is the same
