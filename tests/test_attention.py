@@ -129,3 +129,19 @@ def test_unavailable_kernels_are_clear_errors():
     attention.resolve_impl(tiny(attention_impl='cudnn'), dropout=False)
   with pytest.raises(ConfigError, match='attention_dropout_rate=0'):
     attention.resolve_impl(tiny(attention_impl='xla'), dropout=True)
+
+
+def test_fused_alibi_bias_stays_float32_in_half_precision():
+  # bfloat16 keeps 8 significant bits: with power-of-2 slopes it holds ALiBi penalties exactly up to
+  # distance 255 and rounds them beyond. Both kernels must add the float32 bias to float32 logits,
+  # and so give the same bits.
+  length, heads = 512, 4
+  q, k, v = (x.astype(jnp.bfloat16) for x in jax.random.normal(jax.random.key(3), (3, 1, length, heads, D)))
+  positions = jnp.arange(length)[None]
+  segments = jnp.ones((1, length), jnp.int32)
+  mask = attention.make_attention_mask(positions, positions, segments, segments, causal=True)
+  bias = layers.alibi_bias(positions, positions, heads)
+  reference = attention.dot_product_attention(q, k, v, mask, bias, impl='reference')
+  fused = attention.dot_product_attention(q, k, v, mask, bias, impl='xla')
+  assert fused.dtype == reference.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(fused, np.float32), np.asarray(reference, np.float32))

@@ -170,8 +170,10 @@ def _fused_attention(query, key, value, mask, bias, scale, impl):
   d_qk, d_v = query.shape[-1], value.shape[-1]
   size = max(d_qk, d_v)
   pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, size - x.shape[-1])])
-  if bias is not None:
-    bias = bias.astype(query.dtype)
+  if bias is not None and impl == 'cudnn':
+    # cuDNN casts the bias to the compute dtype: bfloat16 rounds ALiBi penalties at distances >= 256.
+    # XLA's kernel adds the float32 bias to float32 logits, like the reference.
+    impl = 'xla'
   out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value), bias=bias, mask=mask,
                                      scale=scale, implementation=impl)
   return out[..., :d_v]
@@ -192,7 +194,10 @@ class MultiHeadAttention(nn.Module):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, mask, bias=None, rope_positions=None, cache_index=None):
+  def __call__(self, inputs_q, inputs_kv, mask, bias=None, rope_positions=None, cache_index=None,
+               dropout_rng=None):
+    """`dropout_rng`: the attention-dropout key (default: `make_rng('dropout')`); the layers pass
+    explicit keys so that dropout does not depend on the module path (`scan_layers`)."""
     cfg = self.config
     heads, kv_heads = cfg.num_heads, cfg.kv_heads
     proj = functools.partial(
@@ -219,11 +224,13 @@ class MultiHeadAttention(nn.Module):
       key, value = self._update_cache(key, value, cache_index)
 
     dropout = cfg.attention_dropout_rate > 0.0 and not self.deterministic
+    if dropout and dropout_rng is None:
+      dropout_rng = self.make_rng('dropout')
     impl = resolve_impl(cfg, dropout=dropout)
     attend = functools.partial(local_attention, mask=mask) if isinstance(mask, LocalMask) else functools.partial(
         dot_product_attention, mask=mask, bias=bias)
     out = attend(query, key, value, impl=impl, dropout_rate=cfg.attention_dropout_rate if dropout else 0.0,
-                 dropout_rng=self.make_rng('dropout') if dropout else None)
+                 dropout_rng=dropout_rng if dropout else None)
     return nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.storage_dtype, name='out',

@@ -5,7 +5,12 @@ decoder input (`shift_right`). Inputs may be packed: several sequences per row, 
 `segment_ids` (1, 2, ... ; 0 = padding) with `positions` restarting at 0 in each.
 """
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -26,6 +31,30 @@ _REMAT_POLICIES = {
 }
 
 
+_ACTIVATION_RULES = contextvars.ContextVar('activation_rules', default=())
+
+
+@contextlib.contextmanager
+def activation_sharding(rules):
+  """While tracing under a mesh: `_constrain` shards activations by `rules` (logical name -> mesh axes).
+
+  Not flax's `nn.logical_axis_rules`: under those Flax also constrains parameter initialisers, which
+  `apply` traces to check shapes, and DenseGeneral's flattened kernel then fails its rank-3 names.
+  """
+  token = _ACTIVATION_RULES.set(tuple(rules))
+  try:
+    yield
+  finally:
+    _ACTIVATION_RULES.reset(token)
+
+
+def _constrain(x, *axes):
+  """Shards an activation by logical axis names (`parallel.LOGICAL_RULES`); a no-op outside
+  `activation_sharding` (one device, pmap, decoding)."""
+  rules = _ACTIVATION_RULES.get()
+  return nn.with_logical_constraint(x, axes, rules=rules) if rules else x
+
+
 class Block(nn.Module):
   """One layer: self-attention, optional cross-attention, feed-forward; each a residual sub-layer.
 
@@ -38,25 +67,28 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, ctx):
+  def __call__(self, x, ctx, dropout_key=None):
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    # This layer's key (from the Stack) split by dropout site, never by module path: scanned and
+    # unrolled layers then drop the same units.
+    site = lambda i: None if dropout_key is None else jax.random.fold_in(dropout_key, i)
 
-    def sublayer(x, fn, name):
+    def sublayer(x, fn, name, key):
       # Post-LN (paper): LayerNorm(x + Dropout(f(x))). Pre-LN: x + Dropout(f(LayerNorm(x))).
       if cfg.norm_position == 'pre':
-        return x + dropout(fn(layers.norm(cfg, f'{name}_norm')(x)))
-      return layers.norm(cfg, f'{name}_norm')(x + dropout(fn(x)))
+        return x + dropout(fn(layers.norm(cfg, f'{name}_norm')(x)), rng=key)
+      return layers.norm(cfg, f'{name}_norm')(x + dropout(fn(x), rng=key))
 
     attention = functools.partial(MultiHeadAttention, cfg, deterministic=self.deterministic)
     x = sublayer(x, lambda h: attention(decode=self.decode, name='self_attention')(
-        h, h, ctx['self_mask'], ctx['self_bias'], ctx['rope_positions'], ctx['cache_index']),
-        'self_attention')
+        h, h, ctx['self_mask'], ctx['self_bias'], ctx['rope_positions'], ctx['cache_index'],
+        dropout_rng=site(1)), 'self_attention', site(0))
     if self.cross:
       x = sublayer(x, lambda h: attention(decode=self.decode, cross=True, name='cross_attention')(
-          h, ctx['encoded'], ctx['cross_mask']), 'cross_attention')
-    x = sublayer(x, layers.FeedForward(cfg, name='ffn'), 'ffn')
-    return x, None
+          h, ctx['encoded'], ctx['cross_mask'], dropout_rng=site(3)), 'cross_attention', site(2))
+    x = sublayer(x, layers.FeedForward(cfg, name='ffn'), 'ffn', site(4))
+    return _constrain(x, 'activation_batch', 'activation_length', 'activation_embed'), None
 
 
 class Stack(nn.Module):
@@ -75,14 +107,20 @@ class Stack(nn.Module):
       # Under scan, CSE across iterations is impossible anyway; unrolled, prevent_cse keeps remat real.
       block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=_REMAT_POLICIES[cfg.remat])
     kwargs = dict(cross=self.cross, decode=self.decode, deterministic=self.deterministic)
+    keys = None
+    if not self.deterministic and (cfg.dropout_rate > 0 or cfg.attention_dropout_rate > 0):
+      # Layer i's dropout key is fold_in(the Stack's key, i) in both layouts (the Stack's path is the
+      # same in both), so `scan_layers` changes no dropout mask.
+      key = self.make_rng('dropout')
+      keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(self.num_layers))
     if cfg.scan_layers:
       scanned = nn.scan(
-          block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True, 'dropout': True},
-          in_axes=nn.broadcast, length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = scanned(cfg, **kwargs, name='layers')(x, ctx)
+          block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
+          in_axes=(nn.broadcast, 0), length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = scanned(cfg, **kwargs, name='layers')(x, ctx, keys)
     else:
       for i in range(self.num_layers):
-        x, _ = block(cfg, **kwargs, name=f'layer_{i}')(x, ctx)
+        x, _ = block(cfg, **kwargs, name=f'layer_{i}')(x, ctx, None if keys is None else keys[i])
     if cfg.norm_position == 'pre':
       x = layers.norm(cfg, 'final_norm')(x)
     return x
@@ -105,7 +143,8 @@ class _Embedder(nn.Module):
       x += layers.sinusoidal(positions, cfg.d_model, x.dtype)
     elif cfg.positional == 'learned':
       x += layers.LearnedPositions(cfg, name='position_embedding')(positions)
-    return nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
+    x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
+    return _constrain(x, 'activation_batch', 'activation_length', 'activation_embed')
 
 
 def _defaults(tokens, positions, segment_ids, start=0):
@@ -191,8 +230,10 @@ class Decoder(nn.Module):
     x = Stack(cfg, cfg.num_decoder_layers, cross=self.cross, decode=decode,
               deterministic=deterministic, name='stack')(x, ctx)
     if cfg.tie_embeddings:
-      return self.embed.attend(x)
-    return layers.Embed(cfg, cfg.vocab_size, name='output_embedding').attend(x)
+      logits = self.embed.attend(x)
+    else:
+      logits = layers.Embed(cfg, cfg.vocab_size, name='output_embedding').attend(x)
+    return _constrain(logits, 'activation_batch', 'activation_length', 'activation_vocab')
 
 
   def _cached_encoder_segments(self, encoded, encoder_segment_ids):
@@ -271,8 +312,13 @@ def init_params(model: nn.Module, rng, batch_size: int = 1, length: int = 8):
   """Initial parameters (logical-axis boxes removed; see `logical_axes` for them).
 
   Eager: cheap for one call. The training engine jits its own init, with output shardings.
+  `scan_layers` is a layout, not a model: scanned parameters are the unrolled ones stacked, so one
+  seed gives the same weights (and losses) in both layouts.
   """
-  return nn.unbox(model.init(rng, *dummy_inputs(model.config, batch_size, length))['params'])
+  cfg = model.config
+  twin = model.clone(config=dataclasses.replace(cfg, scan_layers=False)) if cfg.scan_layers else model
+  params = nn.unbox(twin.init(rng, *dummy_inputs(cfg, batch_size, length))['params'])
+  return stack_layers(params) if cfg.scan_layers else params
 
 
 def logical_axes(model: nn.Module):
@@ -299,14 +345,44 @@ def shift_right(targets, segment_ids=None):
 
 
 def stack_layers(params):
-  """Unrolled parameters (`layer_0`, `layer_1`, ...) -> the `scan_layers` layout (one `layers` tree).
+  """Unrolled parameters (`layer_0`, `layer_1`, ...) -> the `scan_layers` layout (one `layers` tree)."""
+  return convert_layers(params, scanned=True)
 
-  Lets a checkpoint move between the two layouts; both compute the same function.
+
+def unstack_layers(params):
+  """The `scan_layers` layout -> unrolled parameters; the inverse of `stack_layers`."""
+  return convert_layers(params, scanned=False)
+
+
+_LAYER_NAME = re.compile(r'layer_(\d+)')
+
+
+def convert_layers(tree, scanned: bool):
+  """`tree` with every layer stack in the scanned layout (`scanned=True`: `layer_0..layer_{n-1}` -> one
+  `layers` subtree with a leading layer axis) or the unrolled one (`scanned=False`: the inverse).
+
+  Any pytree holding such dicts converts (params, cache, a TrainState, optax states whose `mu` / `nu`
+  mirror the params); dicts already in the target layout stay as they are. Both layouts compute the
+  same function, so a checkpoint moves between them. Traceable: under `jax.eval_shape` it converts
+  abstract trees too (e.g. a restore target).
   """
-  if not isinstance(params, dict):
-    return params
-  names = sorted((k for k in params if k.startswith('layer_')), key=lambda k: int(k.split('_')[1]))
-  out = {k: stack_layers(v) for k, v in params.items() if k not in names}
-  if names:
-    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
-  return out
+  is_dict = lambda x: isinstance(x, Mapping)
+  return jax.tree.map(lambda x: _convert_dict(x, scanned) if is_dict(x) else x, tree, is_leaf=is_dict)
+
+
+def _convert_dict(node, scanned):
+  out = {k: convert_layers(v, scanned) for k, v in node.items()}
+  indices = {int(m.group(1)): k for k in out if isinstance(k, str) and (m := _LAYER_NAME.fullmatch(k))}
+  if scanned and indices:
+    if sorted(indices) != list(range(len(indices))):
+      raise ValueError(f'Layers {sorted(indices)} are not layer_0..layer_{len(indices) - 1}.')
+    blocks = [out.pop(indices[i]) for i in range(len(indices))]
+    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  elif not scanned and 'layers' in out:
+    stacked = out.pop('layers')
+    leaves = jax.tree.leaves(stacked)
+    if not leaves:
+      raise ValueError('A `layers` subtree without arrays: its number of layers is unknown.')
+    for i in range(leaves[0].shape[0]):
+      out[f'layer_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return type(node)(out)

@@ -22,9 +22,18 @@ def learning_rate_schedule(train, d_model: int):
       0.0, train.learning_rate, warmup, max(int(train.num_steps), warmup + 1), train.learning_rate * 0.1)
 
 
+# Decayed by what a parameter is (its leaf name), not its rank: `scan_layers` stacks norm scales and
+# biases into matrices, and they must stay undecayed.
+DECAYED = ('kernel', 'embedding')  # weight matrices; token and learned-position tables
+
+
 def decay_mask(params):
-  """Weight decay on matrices only: never on norm scales or biases (vectors)."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for weight matrices and embedding tables; never for norm scales or biases."""
+  def decayed(path, _):
+    # The last dict key is the leaf's name; flax boxes (nn.Partitioned) add attribute keys after it.
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] in DECAYED
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(train, d_model: int) -> optax.GradientTransformation:
