@@ -1,13 +1,16 @@
 """Model-level numerics: cached decoding, causality, packing, kernels, scan/remat, dtypes."""
 
+import dataclasses
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from transformer import models
+from transformer import models, optim
 from conftest import tiny
 
 VOCAB = 37
@@ -216,6 +219,76 @@ def test_scan_and_remat_change_no_number(kind, layout):
   np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
                other_grads, convert(grads))
+
+
+@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
+def test_scan_layers_keeps_the_seeds_weights(kind):
+  cfg = tiny(kind=kind, remat='full')
+  unrolled_model, unrolled = _setup(cfg)
+  scanned_model, scanned = _setup(dataclasses.replace(cfg, scan_layers=True))
+  jax.tree.map(np.testing.assert_array_equal, scanned, models.stack_layers(unrolled))
+  np.testing.assert_allclose(_forward(scanned_model, scanned, *_SCAN_INPUTS),
+                             _forward(unrolled_model, unrolled, *_SCAN_INPUTS), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
+def test_dropout_is_the_same_scanned_and_unrolled(kind):
+  cfg = tiny(kind=kind, dropout_rate=0.1, attention_dropout_rate=0.1, remat='full')
+  weights = jax.random.normal(jax.random.key(7), _SCAN_INPUTS[1].shape + (VOCAB,))
+  unrolled_model, params = _setup(cfg)
+
+  def train(model, params):
+    def loss(p):
+      logits = _forward(model, p, *_SCAN_INPUTS, deterministic=False, rngs={'dropout': jax.random.key(3)})
+      return jnp.sum(logits * weights), logits
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, grads
+
+  logits, grads = train(unrolled_model, params)
+  scanned_model = models.build_model(dataclasses.replace(cfg, scan_layers=True))
+  scanned_logits, scanned_grads = train(scanned_model, models.stack_layers(params))
+  assert not np.allclose(logits, _forward(unrolled_model, params, *_SCAN_INPUTS), atol=1e-2)  # dropout on
+  np.testing.assert_allclose(scanned_logits, logits, rtol=1e-5, atol=1e-6)
+  # A gradient sums hundreds of terms: its float32 error scales with the leaf's largest entry (a
+  # different dropout mask moves gradients by about 10% of it).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
+               scanned_grads, models.stack_layers(grads))
+
+
+@flax.struct.dataclass
+class _State:  # TrainState-like: a struct dataclass holding params and an optax state
+  step: jax.Array
+  params: dict
+  opt_state: tuple
+
+
+def test_convert_layers_between_layouts():
+  cfg = tiny(kind='encoder_decoder')
+  _, params = _setup(cfg)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1,
+                                                                       mask=optim.decay_mask))
+  grads = jax.tree.map(lambda p: jnp.cos(p) + 1.0, params)  # non-zero, different in every layer
+  def state(params, grads):  # one real step, so that mu and nu hold per-layer values
+    _, opt_state = optimizer.update(grads, optimizer.init(params), params)
+    return _State(step=jnp.ones((), jnp.int32), params=params, opt_state=opt_state)
+  unrolled = state(params, grads)
+  scanned = state(models.stack_layers(params), models.stack_layers(grads))
+  assert 'layers' in scanned.opt_state[1][0].mu['encoder']['stack']  # ScaleByAdamState, scanned
+
+  for source, target, to_scanned in ((unrolled, scanned, True), (scanned, unrolled, False)):
+    converted = models.convert_layers(source, scanned=to_scanned)
+    assert jax.tree.structure(converted) == jax.tree.structure(target)
+    jax.tree.map(np.testing.assert_array_equal, converted, target)
+    assert jax.tree.structure(models.convert_layers(target, to_scanned)) == jax.tree.structure(target)
+  jax.tree.map(np.testing.assert_array_equal, models.unstack_layers(models.stack_layers(params)), params)
+  # Abstract trees (a checkpoint's restore target) convert under eval_shape.
+  abstract = jax.eval_shape(lambda s: models.convert_layers(s, scanned=False), scanned)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), unrolled)
+  # Layers in numeric order, not string order (layer_10 after layer_9).
+  many = {f'layer_{i}': {'kernel': jnp.full((2,), i)} for i in range(12)}
+  assert models.stack_layers(many)['layers']['kernel'][:, 0].tolist() == list(range(12))
+  assert models.unstack_layers(models.stack_layers(many)).keys() == many.keys()
 
 
 def test_dropout_is_active_only_in_training():
