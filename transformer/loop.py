@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 
 import jax
@@ -180,6 +181,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
           if pending is not None:  # never checkpoint a state whose loss was not checked
             _check_finite(step, jax.device_get(pending[1]))
           save(step)
+        _test_kill(step)
         if stop:
           if primary and guard.requested:
             print(f'\nStopped by a signal at step {step}; checkpoint saved. Re-run to resume.', flush=True)
@@ -192,6 +194,14 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
     ckpts.close()
     writer.close()
   return eval_metrics
+
+
+def _test_kill(step: int) -> None:
+  """Tests of fault tolerance: `TRANSFORMER_TEST_KILL_AT=<step>:<process>` SIGKILLs that process after
+  that step (a checkpoint saved at it may still be in flight), as a lost machine would be."""
+  target = os.environ.get('TRANSFORMER_TEST_KILL_AT')
+  if target and target == f'{step}:{jax.process_index()}':
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class BatchDigests:
