@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transformer import decoding, metrics, models, optim, parallel, summary, train
+from transformer import decoding, hlo_audit, metrics, models, optim, parallel, summary, train
 from transformer.config import ConfigError, ModelConfig
 
 # `config.bench` (all optional): how long to measure and what else to measure.
@@ -31,6 +31,7 @@ DEFAULTS = dict(
     decode_len=256,
     decode_repeats=3,
     uncached=True,      # time the uncached loop too (slow: it recomputes the prefix every step)
+    audit=False,        # also count the compiled step's collectives against the layout's analytic traffic
 )
 
 
@@ -144,6 +145,65 @@ def compile_train_step(model_config: ModelConfig, train_config, batch_size: int,
           'peak_bytes': int(getattr(stats, 'peak_memory_in_bytes', 0) or 0)}
 
 
+def _layout(mesh) -> str:
+  split = [axis for axis in parallel.MESH_AXES if mesh.shape[axis] > 1]
+  return {(): 'single', ('data',): 'data', ('fsdp',): 'fsdp', ('tensor',): 'tensor'}.get(tuple(split), 'mixed')
+
+
+def expected_collectives(runner, model_config: ModelConfig, batch_size: int, seq_len: int, accum: int) -> dict:
+  """`hlo_audit.expected` for this runner's mesh and a decoder-only model; {} for other cases."""
+  layout = _layout(runner.mesh)
+  if model_config.kind != 'decoder_only' or layout not in ('data', 'fsdp', 'tensor'):
+    return {}
+  shardings = jax.tree.leaves(runner._state_shardings.params)
+  leaves = jax.tree.leaves(runner.abstract_state().params)
+  size = lambda leaf: leaf.size * leaf.dtype.itemsize
+  param_bytes = sum(size(leaf) for leaf in leaves)
+  uses = lambda sharding, axis: any(axis == a or (isinstance(a, tuple) and axis in a) for a in sharding.spec)
+  if layout == 'fsdp':
+    gathered = sum(size(leaf) for leaf, s in zip(leaves, shardings) if uses(s, 'fsdp'))
+    return hlo_audit.expected('fsdp', param_bytes, gathered)
+  if layout == 'data':
+    return hlo_audit.expected('data', param_bytes)
+  # Tensor: per layer, forward: attention output and FFN output; backward: the FFN input and each
+  # attention input projection (q, k, v are separate matmuls, reduced one by one; k and v only when
+  # 'tensor' divides the kv heads). A split vocabulary adds the lookup and the logits' input gradient.
+  tensor, cfg = runner.mesh.shape['tensor'], model_config
+  per_layer = 3 + 1 + (2 if cfg.kv_heads % tensor == 0 else 0)
+  reductions = per_layer * cfg.num_decoder_layers + (2 if cfg.vocab_size % tensor == 0 else 0)
+  activation = batch_size // accum * seq_len * cfg.d_model * jnp.dtype(cfg.compute_dtype).itemsize
+  return hlo_audit.expected('tensor', param_bytes, activation_bytes=activation, reductions=reductions,
+                            accum=accum)
+
+
+def audit_train_step(config, single_dot_flops: int | None = None) -> dict:
+  """The compiled train step (jit over the config's mesh, abstract inputs): its collectives per kind
+  with their runs and bytes per step and device (`hlo_audit`), the layout's analytic expectation, and
+  its per-device matmul FLOPs over those of the same step compiled for one device, divided by the
+  device count (1.0: the work is split evenly, none repeated). `single_dot_flops` (the one-device step's,
+  from an earlier audit of the same model and batch) saves compiling that step again."""
+  model_config = ModelConfig.from_config(config.model)
+  model = models.build_model(model_config)
+  optimizer = optim.make_optimizer(config.train, model_config.d_model)
+  schedule = optim.learning_rate_schedule(config.train, model_config.d_model)
+  runner = parallel.Runner(config.train, model, optimizer, schedule)
+  batch_size, seq_len = int(config.train.batch_size), seq_len_of(config)
+  batch = synthetic_batch(model_config, batch_size, seq_len)
+  text = runner.lower_train_step(batch).compile().as_text()
+  found = hlo_audit.collectives(text)
+  if single_dot_flops is None:
+    single = jax.jit(train.make_train_step(model, optimizer, schedule, config.train)).lower(
+        jax.eval_shape(lambda: train.init_state(model, optimizer, 0)), batch)
+    single_dot_flops = hlo_audit.dot_flops(single.compile().as_text())
+  accum = int(config.train.grad_accum_steps)
+  return {'layout': _layout(runner.mesh), 'mesh': dict(runner.mesh.shape),
+          'collectives': hlo_audit.summary(found),
+          'expected': expected_collectives(runner, model_config, batch_size, seq_len, accum),
+          'dot_flops_ratio': hlo_audit.dot_flops(text) / (single_dot_flops / jax.device_count()),
+          'single_dot_flops': single_dot_flops,
+          'all_gathers': [(c.bytes, c.runs, c.op_name) for c in found if c.kind == 'all-gather']}
+
+
 def measure_train(config, bench_settings: dict | None = None) -> dict:
   """The train-step figures of `config`: the JSON that `--mode bench` prints, without decoding."""
   s = bench_settings or settings(config)
@@ -180,6 +240,14 @@ def run_bench(config) -> dict:
   result = measure_train(config, s)
   if s['decode']:
     result.update(measure_decode(config, s))
+  if s['audit']:
+    audit = audit_train_step(config)
+    print(f'collectives per step and device ({audit["layout"]} layout, mesh {audit["mesh"]}):')
+    print(hlo_audit.format_table(audit['collectives'], audit['expected']))
+    result['collective_bytes'] = sum(row['bytes'] for row in audit['collectives'].values())
+    if audit['expected']:
+      result['collective_bytes_expected'] = sum(audit['expected'].values())
+    result['dot_flops_ratio'] = audit['dot_flops_ratio']
   print(format_table(result))
   print(json.dumps(result), flush=True)
   return result

@@ -1,9 +1,11 @@
 """Multi-host init, the device mesh, logical-axis sharding rules, and the jit / pmap step runners.
 
 `jit`: one SPMD program over a ('data', 'fsdp', 'tensor') mesh. The batch is split over data x fsdp;
-parameters and their optimizer state are sharded by `LOGICAL_RULES`. `pmap`: classic data parallelism,
-the state replicated on every local device. Both compute the same numbers as a single device: the step
-normalises by the global token count, and dropout masks come from the partitionable threefry RNG.
+parameters and their optimizer state are sharded by `LOGICAL_RULES`, and so are the activations the model
+names (`activation_*`). `pmap`: classic data parallelism, the state replicated on every local device.
+Both compute the same numbers as a single device, with or without dropout and gradient accumulation:
+the step normalises by the global token count, and each example draws its dropout from a key of its
+index in the global batch (`train.make_train_step`).
 """
 
 import functools
@@ -25,6 +27,8 @@ PARALLELISM = ('jit', 'pmap')
 PMAP_AXIS = 'batch'
 
 # Logical axis name (see `models.logical_axes`) -> mesh axis; names not listed are replicated.
+# Parameters: FSDP splits their `embed` dimension. Activations have names of their own: their d_model
+# stays whole (giving it the parameters' `embed` rule would re-shard every activation between layers).
 LOGICAL_RULES = (
     ('batch', BATCH_AXES),
     ('embed', 'fsdp'),
@@ -34,6 +38,13 @@ LOGICAL_RULES = (
     ('kv_heads', 'tensor'),
     ('kv', None),
     ('layers', None),
+    ('activation_batch', BATCH_AXES),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_kv_heads', 'tensor'),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
 )
 
 
@@ -98,6 +109,22 @@ def logical_to_sharding(logical_spec, shape, mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(*dims))
 
 
+def activation_rules(model_config, mesh: Mesh):
+  """`LOGICAL_RULES` for the activations of this model on `mesh`: a dimension the mesh axis does not
+  divide (e.g. vocabulary 37 on tensor=2) stays whole rather than padded."""
+  sizes = {'activation_heads': model_config.num_heads, 'activation_kv_heads': model_config.kv_heads,
+           'activation_mlp': model_config.d_ff, 'activation_vocab': model_config.vocab_size}
+  return tuple((name, None if axes is not None and sizes.get(name, 0) % _axis_size(mesh, axes) else axes)
+               for name, axes in LOGICAL_RULES)
+
+
+def _gathered(sharding: NamedSharding) -> NamedSharding:
+  """A parameter's sharding as the model uses it: FSDP's shards all-gathered (ZeRO-3), tensor splits kept."""
+  drop = lambda axes: (tuple(a for a in axes if a != 'fsdp') or None) if isinstance(axes, tuple) else (
+      None if axes == 'fsdp' else axes)
+  return NamedSharding(sharding.mesh, P(*(drop(axes) for axes in sharding.spec)))
+
+
 def state_shardings(model, optimizer, abstract_state, mesh: Mesh):
   """NamedShardings of a `TrainState`: params by their logical axes, optimizer state like its params
   (optax keeps flax's boxes when initialised from boxed params), anything else replicated."""
@@ -142,11 +169,16 @@ class Runner:
           f'config.train.batch_size={self.batch_size} must be divisible by {shards_text} x '
           f'config.train.grad_accum_steps={accum} = {shards * accum}: change one of them.')
 
-    train_step = train.make_train_step(
-        model, optimizer, schedule, train_config, axis_name=None if self.mesh else PMAP_AXIS)
-    eval_step = train.make_eval_step(model, axis_name=None if self.mesh else PMAP_AXIS)
     if self.mesh is not None:
       self._state_shardings = state_shardings(model, optimizer, abstract, self.mesh)
+      layout = train.MeshLayout(self.mesh, BATCH_AXES, activation_rules(model.config, self.mesh),
+                                jax.tree.map(_gathered, self._state_shardings.params))
+      train_step = train.make_train_step(model, optimizer, schedule, train_config, layout=layout)
+      eval_step = train.make_eval_step(model, layout=layout)
+    else:
+      train_step = train.make_train_step(model, optimizer, schedule, train_config, axis_name=PMAP_AXIS)
+      eval_step = train.make_eval_step(model, axis_name=PMAP_AXIS)
+    if self.mesh is not None:
       self._batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
       # Distinct row blocks on this process (devices along 'tensor' hold the same rows).
       self._local_shards = len({index[0].indices(shards) for index in
@@ -184,6 +216,20 @@ class Runner:
     """This process's rows of the global `batch_size`."""
     return self.batch_size // self._shards * self._local_shards
 
+  def local_rows(self) -> tuple[int, int]:
+    """(start, stop): the rows of each global batch that this process feeds (its devices' rows)."""
+    local = self.local_batch_size()
+    if self.mesh is None:  # pmap numbers devices process by process
+      start = jax.process_index() * local
+      return start, start + local
+    blocks = {index[0].indices(self.batch_size)[:2] for index in
+              self._batch_sharding.addressable_devices_indices_map((self.batch_size,)).values()}
+    start, stop = min(b[0] for b in blocks), max(b[1] for b in blocks)
+    if stop - start != local:
+      raise ConfigError(f'This process\'s devices hold rows that are not one block of the batch ({sorted(blocks)}): '
+                        'order config.train.mesh so that each process\'s devices are neighbours on data x fsdp.')
+    return start, stop
+
   def init_state(self, seed: int) -> train.TrainState:
     return self._init(seed)
 
@@ -214,6 +260,16 @@ class Runner:
     return {k: jax.make_array_from_process_local_data(
         self._batch_sharding, np.asarray(x), (scale * np.shape(x)[0],) + np.shape(x)[1:])
         for k, x in batch.items()}
+
+  def lower_train_step(self, batch):
+    """The jitted train step lowered for abstract inputs (jit only): `batch` holds global-shape arrays
+    or ShapeDtypeStructs; nothing is allocated. `.compile().as_text()` is what `hlo_audit` reads."""
+    if self.mesh is None:
+      raise ValueError('lower_train_step needs parallelism=jit (a pmap step has no global program).')
+    state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                         self._abstract, self._state_shardings)
+    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding) for k, x in batch.items()}
+    return self._train.lower(state, batch)
 
   def train_step(self, state, batch):
     """(state, metrics); `state` is donated. Metrics stay on device (no host sync here)."""

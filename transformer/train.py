@@ -1,5 +1,8 @@
 """Train state, loss, and the pure `train_step` / `eval_step` functions."""
 
+import contextlib
+import dataclasses
+import math
 from typing import Any
 
 import flax
@@ -46,6 +49,14 @@ def cross_entropy(logits, targets, weights, label_smoothing: float = 0.0, z_loss
   return jnp.sum(loss * weights), jnp.sum(weights)
 
 
+def argmax(logits):
+  """`jnp.argmax(logits, -1)` (the first maximum) from two plain reductions: with the vocabulary split
+  over devices they are all-reduces of [batch, length], where argmax all-gathers every shard's best."""
+  vocab = logits.shape[-1]
+  best = jnp.max(logits, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(logits == best, jnp.arange(vocab), vocab), axis=-1)
+
+
 def _apply(model, params, batch, deterministic, rng=None):
   """Logits for a batch dict: `targets` (+ `targets_segment_ids`, `targets_positions`) and, for the
   encoder-decoder, `inputs` (+ `inputs_segment_ids`, `inputs_positions`)."""
@@ -73,7 +84,7 @@ def _sums(model, params, batch, deterministic, rng, label_smoothing, z_loss):
   logits = _apply(model, params, batch, deterministic, rng)
   weights = token_weights(batch)
   loss, count = cross_entropy(logits, batch['targets'], weights, label_smoothing, z_loss)
-  correct = jnp.sum((jnp.argmax(logits, -1) == batch['targets']) * weights)
+  correct = jnp.sum((argmax(logits) == batch['targets']) * weights)
   return loss, (count, correct)
 
 
@@ -81,31 +92,128 @@ def global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(model, optimizer, schedule, train_config, axis_name=None):
+def dropout_active(model_config) -> bool:
+  return model_config.dropout_rate > 0 or model_config.attention_dropout_rate > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshLayout:
+  """How a step jitted over `mesh` keeps its work split (built by `parallel.Runner`)."""
+  mesh: Any                # a jax.sharding.Mesh
+  batch_axes: tuple        # the mesh axes the batch dimension is split over
+  rules: tuple = ()        # logical activation axis -> mesh axes, for `models.activation_sharding`
+  param_shardings: Any = None  # how the parameters are used: their FSDP shards gathered (ZeRO-3)
+
+  @property
+  def shards(self) -> int:
+    return math.prod(self.mesh.shape[axis] for axis in self.batch_axes)
+
+  def inner_rules(self):
+    """The rules inside a vmap over batch slices, whose `spmd_axis_name` splits the batch instead."""
+    return tuple((name, None if name == 'activation_batch' else axes) for name, axes in self.rules)
+
+
+def sharding_context(layout: MeshLayout | None):
+  """While tracing a step jitted over `layout.mesh`: bare PartitionSpecs and the model's logical
+  activation constraints resolve against it. Without a layout (one device, pmap) it does nothing,
+  so the model's constraints stay no-ops."""
+  if layout is None:
+    return contextlib.nullcontext()
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.sharding.use_abstract_mesh(layout.mesh.abstract_mesh))
+  stack.enter_context(models.activation_sharding(layout.rules))
+  return stack
+
+
+def make_train_step(model, optimizer, schedule, train_config, axis_name=None,
+                    layout: MeshLayout | None = None):
   """A pure `train_step(state, batch) -> (state, metrics)`.
 
   Gradients are of the *summed* loss, divided once by the number of real tokens in the whole batch
   (psum'd over `axis_name` under pmap): the update is the same for any device count, any split into
-  `grad_accum_steps` micro-batches, and any amount of padding.
+  `grad_accum_steps` micro-batches, and any amount of padding. Dropout is drawn per example, from
+  `fold_in(step key, the row's index in the global batch)`, so it does not depend on the layout either.
+
+  Under `layout` (jit over a mesh) every micro-batch stays split over the batch axes, activations
+  follow the layout's logical rules, and each batch shard keeps its own partial gradient until the
+  last micro-batch, so gradients are reduced across devices once per step.
   """
   accum = int(train_config.grad_accum_steps)
   smoothing, z_loss = float(train_config.label_smoothing), float(train_config.z_loss)
+  per_row = dropout_active(model.config)
+  # On a mesh each batch shard's gradient is computed apart (vmap over shards) and summed after the
+  # last micro-batch: one reduction across devices per step, not one per micro-batch (nor one per use
+  # of a tied embedding). The price: each device holds a whole partial gradient while accumulating.
+  per_shard = layout is not None and layout.shards > 1 and layout.param_shardings is not None
+  if per_shard:  # [shards, *parameter]: split over the batch axes, then like the parameter in use
+    shard_shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(
+        s.mesh, jax.sharding.PartitionSpec(layout.batch_axes, *s.spec)), layout.param_shardings)
+
+  def loss_fn(params, batch, row_ids, step_key, row_axes):
+    if layout is not None and layout.param_shardings is not None:
+      params = jax.tree.map(jax.lax.with_sharding_constraint, params, layout.param_shardings)
+    if per_row:
+      # One key per example: the masks are the same whatever the batch layout (devices,
+      # micro-batches). The model sees one-row batches; `row_axes` split the mapped rows on a mesh.
+      def one_row(row, key):
+        with models.activation_sharding(layout.inner_rules() if layout else ()):
+          return _apply(model, params, jax.tree.map(lambda x: x[None], row), False, key)[0]
+      keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(row_ids)
+      logits = jax.vmap(one_row, spmd_axis_name=row_axes)(batch, keys)
+    else:
+      logits = _apply(model, params, batch, False)
+    weights = token_weights(batch)
+    loss, count = cross_entropy(logits, batch['targets'], weights, smoothing, z_loss)
+    correct = jnp.sum((argmax(logits) == batch['targets']) * weights)
+    return loss, (count, correct)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def split(x):
+    # Micro-batch m holds rows i * accum + m: each device's contiguous block of rows splits into
+    # accum equal parts locally, so no micro-batch moves between devices.
+    return jnp.moveaxis(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 1, 0)
+
+  def micro_grads(params, micro_batch, micro_ids, step_key):
+    if per_shard:
+      # vmap over the batch shards (one per device along the batch axes): gradients [shards, ...].
+      def shard_grads(batch, ids):
+        with models.activation_sharding(layout.inner_rules()):
+          (loss, (count, correct)), grads = grad_fn(params, batch, ids, step_key, None)
+        return grads, loss, count, correct
+      by_shard = lambda x: x.reshape((layout.shards, -1) + x.shape[1:])
+      return jax.vmap(shard_grads, spmd_axis_name=layout.batch_axes)(
+          jax.tree.map(by_shard, micro_batch), by_shard(micro_ids))
+    row_axes = None
+    if layout is not None:
+      row_axes = layout.batch_axes
+      micro_batch = jax.lax.with_sharding_constraint(micro_batch, jax.sharding.PartitionSpec(row_axes))
+    (loss, (count, correct)), grads = grad_fn(params, micro_batch, micro_ids, step_key, row_axes)
+    return grads, loss, count, correct
 
   def train_step(state, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    if axis_name is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    grad_fn = jax.value_and_grad(
-        lambda p, b, r: _sums(model, p, b, False, r, smoothing, z_loss), has_aux=True)
+    with sharding_context(layout):
+      return _train_step(state, batch)
 
-    def micro_step(carry, xs):
-      index, micro = xs
-      (loss, (count, correct)), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, index))
-      return jax.tree.map(jnp.add, carry, (grads, loss, count, correct)), None
+  def _train_step(state, batch):
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
+    if axis_name is not None:  # pmap: global rows, ordered like the devices (process-major)
+      row_ids += jax.lax.axis_index(axis_name) * rows
 
-    micro_batches = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0, 0.0)
-    (grads, loss, count, correct), _ = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), micro_batches))
+    def micro_step(carry, micro):
+      sums = jax.tree.map(jnp.add, carry, micro_grads(state.params, *micro, step_key))
+      if per_shard:  # keep each shard's partial gradient on its own devices
+        sums = (jax.tree.map(jax.lax.with_sharding_constraint, sums[0], shard_shardings),) + sums[1:]
+      return sums, None
+
+    micro_batches = (jax.tree.map(split, batch), split(row_ids))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+        micro_grads, state.params, *jax.tree.map(lambda x: x[0], micro_batches), step_key))
+    (grads, loss, count, correct), _ = jax.lax.scan(micro_step, zeros, micro_batches)
+    if per_shard:
+      grads, loss, count, correct = jax.tree.map(lambda x: jnp.sum(x, axis=0), (grads, loss, count, correct))
     if axis_name is not None:
       grads, loss, count, correct = jax.lax.psum((grads, loss, count, correct), axis_name)
     denominator = jnp.maximum(count, 1.0)
@@ -120,10 +228,13 @@ def make_train_step(model, optimizer, schedule, train_config, axis_name=None):
   return train_step
 
 
-def make_eval_step(model, axis_name=None):
+def make_eval_step(model, axis_name=None, layout: MeshLayout | None = None):
   """`eval_step(params, batch) -> summed metrics` (no label smoothing, ever)."""
   def eval_step(params, batch):
-    loss, (count, correct) = _sums(model, params, batch, True, None, 0.0, 0.0)
+    with sharding_context(layout):
+      if layout is not None and layout.param_shardings is not None:
+        params = jax.tree.map(jax.lax.with_sharding_constraint, params, layout.param_shardings)
+      loss, (count, correct) = _sums(model, params, batch, True, None, 0.0, 0.0)
     sums = {'loss': loss, 'tokens': count, 'correct': correct}
     return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
   return eval_step

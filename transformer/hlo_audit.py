@@ -1,0 +1,180 @@
+"""What a compiled train step communicates: its collectives, read from the compiled HLO text.
+
+XLA's cost analysis, like a plain scan of the text, sees a while loop's body once; here every
+instruction is counted as many times as it runs per step (the trip counts of the while loops around
+it multiplied, from `known_trip_count`). `expected` gives the analytic traffic of the data, FSDP and
+tensor-parallel layouts, to compare against (`--mode bench` with `config.bench.audit`, and the tests).
+"""
+
+import dataclasses
+import json
+import math
+import re
+
+KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4,
+          'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
+_ARRAY = re.compile(r'\b([a-z]\w*)\[([\d,]*)\]')
+_HEADER = re.compile(r'^(ENTRY )?%?([\w.\-]+) .*\{\s*$')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$')
+_CALLS = re.compile(r'\b(body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)')
+
+
+@dataclasses.dataclass
+class Collective:
+  kind: str        # one of KINDS
+  bytes: int       # per run and device: the larger of operands and result (the whole buffer reduced / gathered)
+  runs: int        # times it runs per step
+  name: str
+  op_name: str     # the JAX operation it came from (HLO metadata)
+
+
+def array_bytes(type_text: str) -> int:
+  """Bytes of every array in an HLO type (`f32[8,64]{1,0}` or a tuple of them)."""
+  return sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
+             for dtype, dims in _ARRAY.findall(type_text) if dtype in _BYTES or dtype.startswith('f8'))
+
+
+def _split(text: str):
+  """{computation: [instruction lines]} and the entry computation's name."""
+  computations, entry, current = {}, None, None
+  for line in text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(' '):
+      current = header.group(2)
+      computations[current] = []
+      if header.group(1):
+        entry = current
+    elif current is not None and line.strip() != '}':
+      computations[current].append(line)
+  return computations, entry
+
+
+def _runs(computations, entry):
+  """Times each computation runs per step: while bodies multiply by their known trip count."""
+  edges = {name: [] for name in computations}
+  for name, lines in computations.items():
+    for line in lines:
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+      for role, callees in _CALLS.findall(line):
+        for callee in callees.strip('{}').replace('%', '').replace(' ', '').split(','):
+          if callee in edges[name] or callee not in computations:
+            continue
+          if role == 'body':
+            if trips is None:
+              raise ValueError(f'while loop without a known trip count in {name}: {line[:200]}')
+            factor = int(trips.group(1))
+          else:
+            factor = 1  # conditionals count as if every branch ran: an upper bound
+          edges[name].append((callee, factor))
+  runs = {}
+
+  def visit(name, factor):
+    runs[name] = runs.get(name, 0) + factor
+    for callee, times in edges[name]:
+      visit(callee, factor * times)
+
+  visit(entry, 1)
+  return runs
+
+
+def _instructions(hlo_text: str):
+  """(runs per step, name, result type, opcode, the rest of the line, {name: type} so far) of every
+  instruction in a computation that runs."""
+  computations, entry = _split(hlo_text)
+  runs = _runs(computations, entry)
+  for name, lines in computations.items():
+    types = {}
+    for line in lines:
+      match = _INSTRUCTION.match(line)
+      if match:
+        result, type_text, opcode, rest = match.groups()
+        types[result] = type_text
+        if runs.get(name):
+          yield runs[name], result, type_text, opcode, rest, types
+
+
+def _operands(rest: str):
+  return re.findall(r'%([\w.\-]+)', rest.split(')')[0])
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+  """Every collective of a compiled module (`compiled.as_text()`), with its runs per step."""
+  found = []
+  for runs, result, type_text, opcode, rest, types in _instructions(hlo_text):
+    kind = opcode.removesuffix('-start')
+    if kind not in KINDS or opcode.endswith('-done'):
+      continue
+    size = max(array_bytes(type_text), sum(array_bytes(types.get(o, '')) for o in _operands(rest)))
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    found.append(Collective(kind, size, runs, result, op_name.group(1) if op_name else ''))
+  return found
+
+
+def dot_flops(hlo_text: str) -> int:
+  """Matmul FLOPs per step and device (2 x output elements x contracted size of every `dot`), loops
+  counted by their trip counts: unlike XLA's cost analysis, which sees a loop body once."""
+  total = 0
+  for runs, _, type_text, opcode, rest, types in _instructions(hlo_text):
+    if opcode != 'dot':
+      continue
+    lhs = _ARRAY.search(types.get(_operands(rest)[0], ''))
+    contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
+    if lhs is None or contracting is None:
+      raise ValueError(f'cannot read the operand shape of a dot: {rest[:200]}')
+    dims = [int(d) for d in lhs.group(2).split(',') if d]
+    contracted = math.prod(dims[int(i)] for i in contracting.group(1).split(',') if i)
+    out = math.prod(int(d) for d in _ARRAY.search(type_text).group(2).split(',') if d)
+    total += runs * 2 * out * contracted
+  return total
+
+
+def summary(found: list[Collective]) -> dict:
+  """{kind: {'count': runs per step, 'bytes': bytes per step and device}} for every kind present."""
+  table = {}
+  for c in found:
+    row = table.setdefault(c.kind, {'count': 0, 'bytes': 0})
+    row['count'] += c.runs
+    row['bytes'] += c.runs * c.bytes
+  return table
+
+
+def expected(layout: str, param_bytes: int, gathered_bytes: int = 0, activation_bytes: int = 0,
+             reductions: int = 0, accum: int = 1) -> dict:
+  """Analytic bytes per step and device, by collective kind (buffer sizes, as `collectives` counts).
+
+  data:   one all-reduce of the gradients (all `param_bytes`), after the last micro-batch.
+  fsdp:   the FSDP-split parameters (`gathered_bytes`, whole) all-gathered once: the backward pass and
+          every micro-batch reuse them (XLA hoists the gathers out of the accumulation loop); and the
+          gradients reduced once. CPU XLA emits no reduce-scatter: it all-reduces and each device
+          keeps its slice, so that reduction is an all-reduce of `param_bytes`.
+  tensor: `reductions` all-reduces of the [micro-batch, length, d_model] activation
+          (`activation_bytes`) per micro-batch: the partial sums of matmuls whose contracted axis is
+          split over 'tensor'.
+  """
+  if layout == 'data':
+    return {'all-reduce': param_bytes}
+  if layout == 'fsdp':
+    return {'all-gather': gathered_bytes, 'all-reduce': param_bytes}
+  if layout == 'tensor':
+    return {'all-reduce': accum * reductions * activation_bytes}
+  raise ValueError(f'unknown layout {layout!r}: data, fsdp or tensor')
+
+
+def format_table(rows: dict, expectation: dict | None = None) -> str:
+  """Kind, count, bytes (and expected bytes and their ratio) as aligned text."""
+  expectation = expectation or {}
+  lines = [f'{"collective":<20}{"count":>7}{"bytes":>14}{"expected":>14}{"ratio":>8}']
+  for kind in KINDS:
+    row, want = rows.get(kind), expectation.get(kind)
+    if row is None and want is None:
+      continue
+    count, size = (row['count'], row['bytes']) if row else (0, 0)
+    ratio = f'{size / want:.3f}' if want else ''
+    lines.append(f'{kind:<20}{count:>7}{size:>14,}{(f"{want:,}" if want is not None else ""):>14}{ratio:>8}')
+  return '\n'.join(lines)
+
+
+def to_json(found: list[Collective]) -> str:
+  return json.dumps([dataclasses.asdict(c) for c in found])
