@@ -198,14 +198,17 @@ class Runner:
       self._local_shards = len(devices)
       local_mesh = Mesh(np.array(devices), (PMAP_AXIS,))
       replicas = NamedSharding(local_mesh, P(PMAP_AXIS))  # the layout pmap itself gives its outputs
-      checkpoint_shardings = jax.tree.map(lambda _: NamedSharding(local_mesh, P()), abstract)
+      # Checkpoints hold global arrays replicated over every process's devices: orbax cannot write the
+      # host-local arrays pmap works with once there are several processes.
+      self._checkpoint_sharding = NamedSharding(Mesh(np.array(jax.devices()), (PMAP_AXIS,)), P())
+      checkpoint_shardings = jax.tree.map(lambda _: self._checkpoint_sharding, abstract)
       broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices),) + x.shape), tree)
       first = lambda tree: jax.tree.map(lambda x: x[0], tree)
       self._replicate = jax.jit(broadcast, out_shardings=replicas)
       self._init = jax.jit(lambda seed: broadcast(train.init_state(model, optimizer, seed)),
                            out_shardings=replicas)
       self._first = jax.jit(first)
-      self._to_checkpoint = jax.jit(first, out_shardings=checkpoint_shardings)
+      self._first_everywhere = jax.jit(first, out_shardings=NamedSharding(local_mesh, P()))
       self._train = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0)
       self._eval = jax.pmap(lambda state, batch: eval_step(state.params, batch), axis_name=PMAP_AXIS)
     self._abstract = jax.tree.map(
@@ -238,12 +241,16 @@ class Runner:
     return self._abstract
 
   def to_checkpoint(self, state):
-    return state if self.mesh is not None else self._to_checkpoint(state)
+    if self.mesh is not None:
+      return state
+    local = self._first_everywhere(state)  # one copy on each local device, assembled into a global array
+    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+        x.shape, self._checkpoint_sharding, [shard.data for shard in x.addressable_shards]), local)
 
   def from_checkpoint(self, state):
     if self.mesh is not None:
       return jax.device_put(state, self._state_shardings)
-    return self._replicate(state)
+    return self._replicate(jax.tree.map(lambda x: x.addressable_data(0), state))  # this process's copy
 
   def _global_batch(self, batch, rows=None):
     """jit: one global array per field from the local rows; pmap: [local devices, rows per device, ...]."""
