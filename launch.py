@@ -1,6 +1,6 @@
 """Run an experiment: flags -> config -> run.
 
-    python launch.py --config experiments/translation.py:base --dry_run
+python launch.py --config experiments/translation.py:base --dry_run
 """
 
 import os
@@ -11,12 +11,16 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and samples; default runs/<config>-<variant>.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'decode', 'sweep', 'bench'],
-                          'train (resumes), eval / decode (latest checkpoint), sweep, bench.')
+_MODE = flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'eval', 'decode', 'sweep', 'bench'],
+  'train (resumes), eval / decode (latest checkpoint), sweep, bench.',
+)
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print its parameters, exit.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(['config'])
 
 
@@ -31,6 +35,7 @@ def main(argv):
   del argv
   from transformer import run  # after flag parsing: keeps --help fast
   from transformer.config import ConfigError
+
   config = _CONFIG.value
   try:
     if _DRY_RUN.value:
@@ -38,6 +43,7 @@ def main(argv):
       print(run.dry_run(config))
       return
     from transformer import parallel
+
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
     run.run(config, _MODE.value, workdir, command_line_overrides())
@@ -48,6 +54,7 @@ def main(argv):
 def command_line_overrides() -> tuple[str, ...]:
   """The `--config.*` flags as config_flags parsed them, normalised to `--config.a.b=value`."""
   from transformer.overrides import render
+
   values = flags.FLAGS['config'].override_values
   return tuple(f'--config.{path}={render(value)}' for path, value in values.items())
 
@@ -57,6 +64,7 @@ def parse_flags(argv):
   wrong type is one message (the nearest valid key, the expected type), not a traceback."""
   from transformer import overrides
   from transformer.config import ConfigError
+
   try:
     overrides.check_argv(argv)
   except ConfigError as error:

@@ -73,14 +73,16 @@ def train_section(args, state):
   rows = []
   eager = compiled = None
   if torch_reference is not None:
-    eager = torch_reference.TorchTrainBench(ours.model_config, config.train, ours.runner.local_batch_size(),
-                                            ours.seq_len)
+    eager = torch_reference.TorchTrainBench(
+      ours.model_config, config.train, ours.runner.local_batch_size(), ours.seq_len
+    )
     assert eager.params == ours.params, (eager.params, ours.params)
     benches['eager'] = eager
     if not args.no_torch_compile:
       try:
-        compiled = torch_reference.TorchTrainBench(ours.model_config, config.train, ours.runner.local_batch_size(),
-                                                   ours.seq_len, compile=True)
+        compiled = torch_reference.TorchTrainBench(
+          ours.model_config, config.train, ours.runner.local_batch_size(), ours.seq_len, compile=True
+        )
         compiled.step()  # compiles (minutes on 2 cores); fails here if this machine cannot build kernels
         benches['compiled'] = compiled
       except Exception as error:  # noqa: BLE001 - any compiler failure is a result to report
@@ -92,26 +94,59 @@ def train_section(args, state):
   state['ours_tokens_per_sec'] = ours.tokens_per_step / medians['ours']
   tok = lambda name: ours.tokens_per_step / medians[name]
   c = ours.model_config
-  shape = (f'LM d{c.d_model} L{c.num_decoder_layers} h{c.num_heads} ff{c.d_ff} V{c.vocab_size}, '
-           f'{ours.seq_len}x{ours.runner.local_batch_size()} f32')
+  shape = (
+    f'LM d{c.d_model} L{c.num_decoder_layers} h{c.num_heads} ff{c.d_ff} V{c.vocab_size}, '
+    f'{ours.seq_len}x{ours.runner.local_batch_size()} f32'
+  )
   if eager is None:
-    rows.append(row(f'train tokens/s vs PyTorch eager ({shape})', f'{tok("ours"):,.0f}', MISSING, '',
-                    '>= 1.0x', '?'))
+    rows.append(row(f'train tokens/s vs PyTorch eager ({shape})', f'{tok("ours"):,.0f}', MISSING, '', '>= 1.0x', '?'))
   else:
     ratio = medians['eager'] / medians['ours']
-    rows.append(row(f'train tokens/s vs PyTorch eager ({shape}; {eager.optimizer_kind} AdamW)',
-                    f'{tok("ours"):,.0f}', f'{tok("eager"):,.0f}', f'{ratio:.2f}x', '>= 1.0x', yes(ratio >= 1.0)))
-    rows.append(row('parameters (ours = PyTorch)', f'{ours.params:,}', f'{eager.params:,}', '', 'equal',
-                    yes(ours.params == eager.params)))
+    rows.append(
+      row(
+        f'train tokens/s vs PyTorch eager ({shape}; {eager.optimizer_kind} AdamW)',
+        f'{tok("ours"):,.0f}',
+        f'{tok("eager"):,.0f}',
+        f'{ratio:.2f}x',
+        '>= 1.0x',
+        yes(ratio >= 1.0),
+      )
+    )
+    rows.append(
+      row(
+        'parameters (ours = PyTorch)',
+        f'{ours.params:,}',
+        f'{eager.params:,}',
+        '',
+        'equal',
+        yes(ours.params == eager.params),
+      )
+    )
   if torch_reference is not None and not args.no_torch_compile:
     if isinstance(compiled, str):
       rows.append(row('train tokens/s vs torch.compile', f'{tok("ours"):,.0f}', compiled, '', 'report', ''))
     else:
       ratio = medians['compiled'] / medians['ours']
-      rows.append(row('train tokens/s vs torch.compile', f'{tok("ours"):,.0f}', f'{tok("compiled"):,.0f}',
-                      f'{ratio:.2f}x', 'report', ''))
-  rows.append(row('train step (median)', f'{1000 * medians["ours"]:.0f} ms',
-                  f'{1000 * medians["eager"]:.0f} ms' if eager else '', '', '', ''))
+      rows.append(
+        row(
+          'train tokens/s vs torch.compile',
+          f'{tok("ours"):,.0f}',
+          f'{tok("compiled"):,.0f}',
+          f'{ratio:.2f}x',
+          'report',
+          '',
+        )
+      )
+  rows.append(
+    row(
+      'train step (median)',
+      f'{1000 * medians["ours"]:.0f} ms',
+      f'{1000 * medians["eager"]:.0f} ms' if eager else '',
+      '',
+      '',
+      '',
+    )
+  )
   state['train_bench'] = ours
   return rows
 
@@ -131,13 +166,29 @@ def mfu_section(args, state):
   flops = metrics.flops_per_token(ours.model_config, ours.seq_len) * ours.tokens_per_step / step_s
   xla, rows = max(xla_rates), []
   mfu = flops / xla
-  rows.append(row('MFU (model FLOP/s / XLA f32 matmul rate)', f'{mfu:.2f}', f'{xla / 1e9:.0f} GFLOP/s',
-                  f'{flops / 1e9:.0f} GFLOP/s model', '>= 0.8', yes(mfu >= 0.8)))
+  rows.append(
+    row(
+      'MFU (model FLOP/s / XLA f32 matmul rate)',
+      f'{mfu:.2f}',
+      f'{xla / 1e9:.0f} GFLOP/s',
+      f'{flops / 1e9:.0f} GFLOP/s model',
+      '>= 0.8',
+      yes(mfu >= 0.8),
+    )
+  )
   if torch_rates:
     torch_peak = max(torch_rates)
-    rows.append(row('f32 matmul 1024^3 rate: XLA vs PyTorch (MKL)', f'{xla / 1e9:.0f} GFLOP/s',
-                    f'{torch_peak / 1e9:.0f} GFLOP/s', f'{xla / torch_peak:.2f}x', 'report', ''))
-    rows.append(row('MFU against PyTorch\'s matmul rate', f'{flops / torch_peak:.2f}', '', '', 'report', ''))
+    rows.append(
+      row(
+        'f32 matmul 1024^3 rate: XLA vs PyTorch (MKL)',
+        f'{xla / 1e9:.0f} GFLOP/s',
+        f'{torch_peak / 1e9:.0f} GFLOP/s',
+        f'{xla / torch_peak:.2f}x',
+        'report',
+        '',
+      )
+    )
+    rows.append(row("MFU against PyTorch's matmul rate", f'{flops / torch_peak:.2f}', '', '', 'report', ''))
   else:
     rows.append(row('f32 matmul rate: XLA vs PyTorch', f'{xla / 1e9:.0f} GFLOP/s', MISSING, '', 'report', ''))
   return rows
@@ -155,9 +206,17 @@ def compile_section(args, state):
   s2, s12 = (statistics.median(seconds[n]) for n in (2, 12))
   unrolled = lm_config('lm', num_decoder_layers=12)
   r = bench.compile_train_step(ModelConfig.from_config(unrolled.model), unrolled.train, 8, 256)
-  return [row('compile, scan_layers: 12 vs 2 layers', f'{s12:.1f} s', f'{s2:.1f} s', f'{s12 / s2:.2f}x',
-              '<= 1.5x', yes(s12 / s2 <= 1.5)),
-          row('compile, 12 layers unrolled (for scale)', f'{r["lower_s"] + r["compile_s"]:.1f} s', '', '', '', '')]
+  return [
+    row(
+      'compile, scan_layers: 12 vs 2 layers',
+      f'{s12:.1f} s',
+      f'{s2:.1f} s',
+      f'{s12 / s2:.2f}x',
+      '<= 1.5x',
+      yes(s12 / s2 <= 1.5),
+    ),
+    row('compile, 12 layers unrolled (for scale)', f'{r["lower_s"] + r["compile_s"]:.1f} s', '', '', '', ''),
+  ]
 
 
 def memory_section(args, state):
@@ -166,12 +225,26 @@ def memory_section(args, state):
   for remat in ('none', 'full', 'dots'):
     config = lm_config('lm12', remat=remat)
     out[remat] = bench.compile_train_step(ModelConfig.from_config(config.model), config.train, 8, 256)
-  mib = lambda b: f'{b / 2 ** 20:,.0f} MiB'
+  mib = lambda b: f'{b / 2**20:,.0f} MiB'
   ratio = out['none']['temp_bytes'] / out['full']['temp_bytes']
-  return [row('temp memory, 12 layers: remat=full vs no remat', mib(out['full']['temp_bytes']),
-              mib(out['none']['temp_bytes']), f'{ratio:.2f}x less', '>= 2x less', yes(ratio >= 2)),
-          row('temp memory, remat=dots', mib(out['dots']['temp_bytes']), mib(out['none']['temp_bytes']),
-              f'{out["none"]["temp_bytes"] / out["dots"]["temp_bytes"]:.2f}x less', 'report', '')]
+  return [
+    row(
+      'temp memory, 12 layers: remat=full vs no remat',
+      mib(out['full']['temp_bytes']),
+      mib(out['none']['temp_bytes']),
+      f'{ratio:.2f}x less',
+      '>= 2x less',
+      yes(ratio >= 2),
+    ),
+    row(
+      'temp memory, remat=dots',
+      mib(out['dots']['temp_bytes']),
+      mib(out['none']['temp_bytes']),
+      f'{out["none"]["temp_bytes"] / out["dots"]["temp_bytes"]:.2f}x less',
+      'report',
+      '',
+    ),
+  ]
 
 
 def long_section(args, state):
@@ -190,14 +263,29 @@ def long_section(args, state):
   rows = []
   for length in lengths:
     full, local = times[length, 0], times[length, window]
-    rows.append(row(f'step at seq {length}: window {window} vs full (2 layers, batch 1)',
-                    f'{1000 * local:.0f} ms', f'{1000 * full:.0f} ms', f'{full / local:.2f}x', 'report', ''))
+    rows.append(
+      row(
+        f'step at seq {length}: window {window} vs full (2 layers, batch 1)',
+        f'{1000 * local:.0f} ms',
+        f'{1000 * full:.0f} ms',
+        f'{full / local:.2f}x',
+        'report',
+        '',
+      )
+    )
   first, last = lengths[0], lengths[-1]
   growth = times[last, window] / times[first, window]
   linear = last / first
-  rows.append(row(f'window step growth, seq {first} -> {last}', f'{growth:.1f}x',
-                  f'{times[last, 0] / times[first, 0]:.1f}x (full)', f'linear = {linear:.0f}x',
-                  'linear', yes(growth <= 1.5 * linear)))
+  rows.append(
+    row(
+      f'window step growth, seq {first} -> {last}',
+      f'{growth:.1f}x',
+      f'{times[last, 0] / times[first, 0]:.1f}x (full)',
+      f'linear = {linear:.0f}x',
+      'linear',
+      yes(growth <= 1.5 * linear),
+    )
+  )
   return rows
 
 
@@ -211,8 +299,16 @@ def input_section(args, state):
     b.times(2)
     step_s = statistics.median(b.times(args.steps))
   frac = data_s / step_s
-  return [row('input pipeline wait per step (synthetic copy task, lm shape)', f'{1000 * data_s:.2f} ms',
-              f'{1000 * step_s:.0f} ms step', f'{frac:.2%}', '< 5%', yes(frac < 0.05))]
+  return [
+    row(
+      'input pipeline wait per step (synthetic copy task, lm shape)',
+      f'{1000 * data_s:.2f} ms',
+      f'{1000 * step_s:.0f} ms step',
+      f'{frac:.2%}',
+      '< 5%',
+      yes(frac < 0.05),
+    )
+  ]
 
 
 def decode_section(args, state):
@@ -223,9 +319,16 @@ def decode_section(args, state):
     times = bench.decode_times(model_config, batch=batch, prompt_len=32, decode_len=256, rounds=args.decode_rounds)
     speedup = times['uncached'] / times['cached']
     tokens = batch * 256
-    rows.append(row(f'greedy decode tokens/s, batch {batch}: KV cache vs uncached (lm shape)',
-                    f'{tokens / times["cached"]:,.0f}', f'{tokens / times["uncached"]:,.0f}',
-                    f'{speedup:.1f}x', '>= 10x', yes(speedup >= 10)))
+    rows.append(
+      row(
+        f'greedy decode tokens/s, batch {batch}: KV cache vs uncached (lm shape)',
+        f'{tokens / times["cached"]:,.0f}',
+        f'{tokens / times["uncached"]:,.0f}',
+        f'{speedup:.1f}x',
+        '>= 10x',
+        yes(speedup >= 10),
+      )
+    )
   return rows
 
 
@@ -234,12 +337,20 @@ def beam_section(args, state):
   model_config = ModelConfig.from_config(lm_config('translation').model)
   rows = []
   for batch in (1, 8):
-    times = bench.decode_times(model_config, batch=batch, prompt_len=32, decode_len=64, rounds=args.rounds,
-                               methods=('cached', 'beam'))
+    times = bench.decode_times(
+      model_config, batch=batch, prompt_len=32, decode_len=64, rounds=args.rounds, methods=('cached', 'beam')
+    )
     ratio = times['beam'] / times['cached']
-    rows.append(row(f'beam 4 vs greedy time, batch {batch}, 64 tokens (translation tiny)',
-                    f'{1000 * times["beam"]:.0f} ms', f'{1000 * times["cached"]:.0f} ms', f'{ratio:.2f}x',
-                    '<= 5x', yes(ratio <= 5)))
+    rows.append(
+      row(
+        f'beam 4 vs greedy time, batch {batch}, 64 tokens (translation tiny)',
+        f'{1000 * times["beam"]:.0f} ms',
+        f'{1000 * times["cached"]:.0f} ms',
+        f'{ratio:.2f}x',
+        '<= 5x',
+        yes(ratio <= 5),
+      )
+    )
   return rows
 
 
@@ -266,9 +377,16 @@ def main(argv=None):
   unknown = set(only) - set(SECTIONS)
   if unknown:
     parser.error(f'unknown sections {sorted(unknown)}; choose from {SECTIONS}')
-  sections = {'train': train_section, 'mfu': mfu_section, 'compile': compile_section,
-              'memory': memory_section, 'decode': decode_section, 'beam': beam_section,
-              'long': long_section, 'input': input_section}
+  sections = {
+    'train': train_section,
+    'mfu': mfu_section,
+    'compile': compile_section,
+    'memory': memory_section,
+    'decode': decode_section,
+    'beam': beam_section,
+    'long': long_section,
+    'input': input_section,
+  }
   rows, state = [], {}
   start = time.perf_counter()
   for name in SECTIONS:
@@ -276,9 +394,11 @@ def main(argv=None):
       section_start = time.perf_counter()
       rows += sections[name](args, state)
       print(f'[{name}: {time.perf_counter() - section_start:.0f} s]', file=sys.stderr, flush=True)
-  print(f'<!-- {jax.devices()[0].device_kind}, {os.cpu_count()} cores, JAX {jax.__version__}'
-        f'{", PyTorch " + torch_reference.torch.__version__ if torch_reference else ""}; '
-        f'{time.perf_counter() - start:.0f} s -->')
+  print(
+    f'<!-- {jax.devices()[0].device_kind}, {os.cpu_count()} cores, JAX {jax.__version__}'
+    f'{", PyTorch " + torch_reference.torch.__version__ if torch_reference else ""}; '
+    f'{time.perf_counter() - start:.0f} s -->'
+  )
   print(markdown(rows))
 
 

@@ -26,8 +26,9 @@ PAD_ID, BOS_ID = 0, 1
 
 def check_supported(cfg) -> None:
   """Raises ValueError for a `ModelConfig` this reference does not mirror."""
-  wanted = dict(kind='decoder_only', norm_position='pre', norm_type='layernorm', positional='sinusoidal',
-                tie_embeddings=True)
+  wanted = dict(
+    kind='decoder_only', norm_position='pre', norm_type='layernorm', positional='sinusoidal', tie_embeddings=True
+  )
   for key, value in wanted.items():
     if getattr(cfg, key) != value:
       raise ValueError(f'the PyTorch reference needs model.{key}={value!r}, not {getattr(cfg, key)!r}')
@@ -68,10 +69,10 @@ class Block(nn.Module):
   def forward(self, x):
     batch, length, _ = x.shape
     q, k, v = self.qkv(self.attention_norm(x)).split(
-        [self.heads * self.dk, self.heads * self.dk, self.heads * self.dv], dim=-1)
+      [self.heads * self.dk, self.heads * self.dk, self.heads * self.dv], dim=-1
+    )
     heads = lambda t, size: t.view(batch, length, self.heads, size).transpose(1, 2)
-    attended = F.scaled_dot_product_attention(heads(q, self.dk), heads(k, self.dk), heads(v, self.dv),
-                                              is_causal=True)
+    attended = F.scaled_dot_product_attention(heads(q, self.dk), heads(k, self.dk), heads(v, self.dv), is_causal=True)
     x = x + self.out(attended.transpose(1, 2).reshape(batch, length, -1))
     return x + self.wo(self.activation(self.wi(self.ffn_norm(x))))
 
@@ -81,13 +82,13 @@ class TorchLM(nn.Module):
     super().__init__()
     check_supported(cfg)
     self.d_model = cfg.d_model
-    self.embedding = nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model ** -0.5)
+    self.embedding = nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model**-0.5)
     self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_decoder_layers))
     self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_epsilon)
     self.register_buffer('positions', sinusoidal(cfg.max_len, cfg.d_model), persistent=False)
 
   def forward(self, tokens):
-    x = F.embedding(tokens, self.embedding) * math.sqrt(self.d_model) + self.positions[:tokens.shape[1]]
+    x = F.embedding(tokens, self.embedding) * math.sqrt(self.d_model) + self.positions[: tokens.shape[1]]
     for block in self.blocks:
       x = block(x)
     return self.final_norm(x) @ self.embedding.t()
@@ -105,8 +106,10 @@ def make_optimizer(model, train_config):
   """AdamW as `transformer.optim` builds it: betas (0.9, 0.95), eps 1e-8, decay on matrices only."""
   decay = [p for p in model.parameters() if p.ndim >= 2]
   no_decay = [p for p in model.parameters() if p.ndim < 2]
-  groups = [{'params': decay, 'weight_decay': float(train_config.weight_decay)},
-            {'params': no_decay, 'weight_decay': 0.0}]
+  groups = [
+    {'params': decay, 'weight_decay': float(train_config.weight_decay)},
+    {'params': no_decay, 'weight_decay': 0.0},
+  ]
   kwargs = dict(lr=float(train_config.learning_rate), betas=(0.9, 0.95), eps=1e-8)
   try:
     return torch.optim.AdamW(groups, fused=True, **kwargs), 'fused'
@@ -117,8 +120,7 @@ def make_optimizer(model, train_config):
 class TorchTrainBench:
   """One train step (forward, loss, backward, clip, AdamW, the same metrics as ours), timed per step."""
 
-  def __init__(self, model_config, train_config, batch_size: int, seq_len: int, compile: bool = False,
-               seed: int = 0):
+  def __init__(self, model_config, train_config, batch_size: int, seq_len: int, compile: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     self.model = TorchLM(model_config)
     self.params = count_params(self.model)
@@ -136,8 +138,9 @@ class TorchTrainBench:
     flat_logits, flat_targets = logits.view(-1, logits.shape[-1]), self.targets.view(-1)
     loss = F.cross_entropy(flat_logits, flat_targets)
     loss.backward()
-    grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
-                 if self.clip > 0 else None)
+    grad_norm = (
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True) if self.clip > 0 else None
+    )
     self.optimizer.step()
     self.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -167,4 +170,4 @@ def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
     start = time.perf_counter()
     a @ a
     best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+  return 2 * size**3 / best

@@ -14,14 +14,26 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CANDIDATES = ('--xla_cpu_use_onednn=true', '--xla_cpu_use_xnnpack=true', '--xla_cpu_enable_fast_math=true',
-              '--xla_cpu_enable_custom_matmul_tiling=true')
+CANDIDATES = (
+  '--xla_cpu_use_onednn=true',
+  '--xla_cpu_use_xnnpack=true',
+  '--xla_cpu_enable_fast_math=true',
+  '--xla_cpu_enable_custom_matmul_tiling=true',
+)
 
 
 def bench_once(config: str, flags: str, steps: int) -> dict:
   env = {**os.environ, 'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} {flags}'.strip()}
-  command = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config', config, '--mode', 'bench',
-             f'--config.bench.steps={steps}', '--config.bench.data_batches=0']
+  command = [
+    sys.executable,
+    os.path.join(ROOT, 'launch.py'),
+    '--config',
+    config,
+    '--mode',
+    'bench',
+    f'--config.bench.steps={steps}',
+    '--config.bench.data_batches=0',
+  ]
   done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
   if done.returncode:
     return {'error': (done.stderr.strip().splitlines() or ['failed'])[-1][:120]}
@@ -50,8 +62,10 @@ def main(argv=None):
       continue
     step = statistics.median(r['step_ms'] for r in good)
     base = base or step
-    print(f'| `{flags or "(none)"}` | {step:.0f} ms | {statistics.median(r["peak_gflops"] for r in good):.0f} GFLOP/s '
-          f'| {statistics.median(r["mfu"] for r in good):.2f} | {base / step:.2f}x |')
+    print(
+      f'| `{flags or "(none)"}` | {step:.0f} ms | {statistics.median(r["peak_gflops"] for r in good):.0f} GFLOP/s '
+      f'| {statistics.median(r["mfu"] for r in good):.2f} | {base / step:.2f}x |'
+    )
 
 
 if __name__ == '__main__':

@@ -19,19 +19,61 @@ import ml_collections
 from transformer.bench import default_bench_config
 from transformer.config import default_model_config, default_train_config, pick_variant
 
-_LM = dict(kind='decoder_only', vocab_size=8192, num_decoder_layers=6, d_model=512, d_ff=2048,
-           num_heads=8, dropout_rate=0.0, positional='sinusoidal', norm_position='pre',
-           norm_type='layernorm', activation='relu', tie_embeddings=True, max_len=4096, dtype='float32')
+_LM = dict(
+  kind='decoder_only',
+  vocab_size=8192,
+  num_decoder_layers=6,
+  d_model=512,
+  d_ff=2048,
+  num_heads=8,
+  dropout_rate=0.0,
+  positional='sinusoidal',
+  norm_position='pre',
+  norm_type='layernorm',
+  activation='relu',
+  tie_embeddings=True,
+  max_len=4096,
+  dtype='float32',
+)
 VARIANTS = {
-    'lm': (_LM, 256, 8),
-    'lm12': ({**_LM, 'num_decoder_layers': 12, 'scan_layers': True}, 256, 8),
-    'lm2': ({**_LM, 'num_decoder_layers': 2, 'scan_layers': True}, 256, 8),
-    'long': (_LM, 4096, 1),
-    'translation': (dict(kind='encoder_decoder', vocab_size=8000, num_encoder_layers=2, num_decoder_layers=2,
-                         d_model=128, d_ff=512, num_heads=4, dropout_rate=0.0, max_len=256,
-                         positional='sinusoidal', norm_position='post', dtype='float32'), 64, 8),
-    'tiny': (dict(kind='decoder_only', vocab_size=64, num_decoder_layers=2, d_model=32, d_ff=64,
-                  num_heads=4, dropout_rate=0.0, max_len=64, norm_position='pre', dtype='float32'), 16, 4),
+  'lm': (_LM, 256, 8),
+  'lm12': ({**_LM, 'num_decoder_layers': 12, 'scan_layers': True}, 256, 8),
+  'lm2': ({**_LM, 'num_decoder_layers': 2, 'scan_layers': True}, 256, 8),
+  'long': (_LM, 4096, 1),
+  'translation': (
+    dict(
+      kind='encoder_decoder',
+      vocab_size=8000,
+      num_encoder_layers=2,
+      num_decoder_layers=2,
+      d_model=128,
+      d_ff=512,
+      num_heads=4,
+      dropout_rate=0.0,
+      max_len=256,
+      positional='sinusoidal',
+      norm_position='post',
+      dtype='float32',
+    ),
+    64,
+    8,
+  ),
+  'tiny': (
+    dict(
+      kind='decoder_only',
+      vocab_size=64,
+      num_decoder_layers=2,
+      d_model=32,
+      d_ff=64,
+      num_heads=4,
+      dropout_rate=0.0,
+      max_len=64,
+      norm_position='pre',
+      dtype='float32',
+    ),
+    16,
+    4,
+  ),
 }
 
 
@@ -45,12 +87,28 @@ def get_config(arg=None):
   # longest copy fills the row.
   config.task = 'copy'
   half = (seq_len - 2) // 2
-  config.data = ml_collections.ConfigDict(dict(
-      vocab_size=model['vocab_size'], seq_len=seq_len, min_len=max(half // 2, 1),
-      max_len=half if model['kind'] == 'decoder_only' else seq_len - 1, num_train=100_000, num_eval=64))
+  config.data = ml_collections.ConfigDict(
+    dict(
+      vocab_size=model['vocab_size'],
+      seq_len=seq_len,
+      min_len=max(half // 2, 1),
+      max_len=half if model['kind'] == 'decoder_only' else seq_len - 1,
+      num_train=100_000,
+      num_eval=64,
+    )
+  )
   config.train = default_train_config(
-      num_steps=100, batch_size=batch_size, optimizer='adamw', learning_rate=3e-4, warmup_steps=10,
-      weight_decay=0.1, label_smoothing=0.0, grad_clip=1.0, log_every=10, eval_every=100,
-      checkpoint_every=100)
+    num_steps=100,
+    batch_size=batch_size,
+    optimizer='adamw',
+    learning_rate=3e-4,
+    warmup_steps=10,
+    weight_decay=0.1,
+    label_smoothing=0.0,
+    grad_clip=1.0,
+    log_every=10,
+    eval_every=100,
+    checkpoint_every=100,
+  )
   config.bench = default_bench_config()
   return config

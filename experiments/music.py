@@ -20,32 +20,62 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.task = 'music'
   config.variant = variant
-  config.data = ml_collections.ConfigDict(dict(
-      corpus=variant,             # 'toy' (generated) or 'bach' (music21's chorales)
-      seq_len=256,                # events per training row; longer pieces are cut at onsets
-      pack=True,                  # several pieces per row (segment-masked)
-      overlong='truncate',        # never happens: pieces are windowed to seq_len first
-      num_pieces=20_000,          # toy: training pieces (from train.seed)
-      num_eval_pieces=200,        # toy: held-out pieces (another seed)
-      limit=0,                    # bach: parse only the first N chorales (0: all 371)
-      eval_every_nth=10,          # bach: chorales 0, 10, 20, ... are held out
-      cache_dir='',               # bach: parsed notes ('' = $TRANSFORMER_CACHE/music or ~/.cache/...)
-      sample_len=256,             # events generated per sample
-      temperature=1.0, top_k=0, top_p=0.95,
-      seconds_per_step=0.125,     # MIDI tempo: a sixteenth note = 0.125 s (120 quarter notes / min)
-  ))
+  config.data = ml_collections.ConfigDict(
+    dict(
+      corpus=variant,  # 'toy' (generated) or 'bach' (music21's chorales)
+      seq_len=256,  # events per training row; longer pieces are cut at onsets
+      pack=True,  # several pieces per row (segment-masked)
+      overlong='truncate',  # never happens: pieces are windowed to seq_len first
+      num_pieces=20_000,  # toy: training pieces (from train.seed)
+      num_eval_pieces=200,  # toy: held-out pieces (another seed)
+      limit=0,  # bach: parse only the first N chorales (0: all 371)
+      eval_every_nth=10,  # bach: chorales 0, 10, 20, ... are held out
+      cache_dir='',  # bach: parsed notes ('' = $TRANSFORMER_CACHE/music or ~/.cache/...)
+      sample_len=256,  # events generated per sample
+      temperature=1.0,
+      top_k=0,
+      top_p=0.95,
+      seconds_per_step=0.125,  # MIDI tempo: a sixteenth note = 0.125 s (120 quarter notes / min)
+    )
+  )
   config.model = default_model_config(
-      kind='decoder_only', vocab_size=143, num_decoder_layers=3 if toy else 6, d_model=128 if toy else 256,
-      d_ff=512 if toy else 1024, num_heads=4 if toy else 8, dropout_rate=0.0 if toy else 0.1,
-      positional='rope', norm_position='pre', max_len=256)
+    kind='decoder_only',
+    vocab_size=143,
+    num_decoder_layers=3 if toy else 6,
+    d_model=128 if toy else 256,
+    d_ff=512 if toy else 1024,
+    num_heads=4 if toy else 8,
+    dropout_rate=0.0 if toy else 0.1,
+    positional='rope',
+    norm_position='pre',
+    max_len=256,
+  )
   if toy:
     config.train = default_train_config(
-        num_steps=400, batch_size=16, optimizer='adamw', learning_rate=2e-3, warmup_steps=50,
-        weight_decay=0.01, label_smoothing=0.0, grad_clip=1.0, log_every=50, eval_every=100,
-        checkpoint_every=200)
+      num_steps=400,
+      batch_size=16,
+      optimizer='adamw',
+      learning_rate=2e-3,
+      warmup_steps=50,
+      weight_decay=0.01,
+      label_smoothing=0.0,
+      grad_clip=1.0,
+      log_every=50,
+      eval_every=100,
+      checkpoint_every=200,
+    )
   else:
     config.train = default_train_config(
-        num_steps=20_000, batch_size=32, optimizer='adamw', learning_rate=1e-3, warmup_steps=500,
-        weight_decay=0.05, label_smoothing=0.0, grad_clip=1.0, log_every=100, eval_every=1000,
-        checkpoint_every=1000)
+      num_steps=20_000,
+      batch_size=32,
+      optimizer='adamw',
+      learning_rate=1e-3,
+      warmup_steps=500,
+      weight_decay=0.05,
+      label_smoothing=0.0,
+      grad_clip=1.0,
+      log_every=100,
+      eval_every=1000,
+      checkpoint_every=1000,
+    )
   return config

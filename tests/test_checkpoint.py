@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 from conftest import tiny
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from transformer import models, optim, train
 from transformer.checkpoint import Checkpoints, PreemptionGuard
 from transformer.config import default_train_config
@@ -39,17 +40,19 @@ def make_state(d_model=32):
   def build():
     state = train.init_state(model, optimizer, seed=0)
     updates, opt_state = optimizer.update(state.params, state.opt_state, state.params)
-    return state.replace(step=state.step + 5, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state)
+    return state.replace(step=state.step + 5, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
   return build()
 
 
 def sharded(tree, devices):
   """Each array split over `devices` along dim 0 when it divides evenly, else replicated."""
   mesh = Mesh(np.array(devices), ('x',))
+
   def sharding(x):
     split = x.ndim and x.shape[0] % len(devices) == 0
     return NamedSharding(mesh, P('x') if split else P())
+
   return jax.tree.map(sharding, tree)
 
 
@@ -112,10 +115,17 @@ def test_grain_iterator_state_round_trip(state, tmp_path):
 
 
 def run_self(*args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
-             f' --xla_force_host_platform_device_count={devices}')
-  return subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True,
-                        timeout=120, cwd=os.path.dirname(__file__))
+  env = dict(
+    os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}'
+  )
+  return subprocess.run(
+    [sys.executable, __file__, *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=os.path.dirname(__file__),
+  )
 
 
 def test_restore_onto_another_device_count(state, tmp_path):
@@ -191,9 +201,17 @@ def test_preemption_agrees_across_processes():
     sock.bind(('localhost', 0))
     port = str(sock.getsockname()[1])
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen([sys.executable, __file__, 'preempt', port, str(i)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.path.dirname(__file__))
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, __file__, 'preempt', port, str(i)],
+      env=env,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      cwd=os.path.dirname(__file__),
+    )
+    for i in range(2)
+  ]
   outputs = [proc.communicate(timeout=120) for proc in procs]
   for proc, (out, err) in zip(procs, outputs):
     assert proc.returncode == 0, err[-3000:]

@@ -6,19 +6,20 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import pytest
+from conftest import tiny
 
 from transformer import models, summary
 from transformer.config import ConfigError, ModelConfig, default_model_config
-from conftest import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import translation  # noqa: E402
 
 
-@pytest.mark.parametrize('overrides,message', [
+@pytest.mark.parametrize(
+  'overrides,message',
+  [
     (dict(d_model=30, num_heads=4), 'config.model.d_model=30 is not divisible by config.model.num_heads=4'),
     (dict(num_heads=4, num_kv_heads=3), r'num_kv_heads=3: pick num_kv_heads among \[1, 2, 4\]'),
     (dict(positional='xpos'), "positional='xpos' is not one of: sinusoidal, learned, rope, alibi, none"),
@@ -30,7 +31,8 @@ from experiments import translation  # noqa: E402
     (dict(dropout_rate=1.5), r'dropout_rate=1.5 must be in \[0, 1\)'),
     (dict(positional='rope', d_k=7), 'd_k=7 must be even'),
     (dict(num_heads=0), 'num_heads=0 must be a positive integer'),
-])
+  ],
+)
 def test_bad_settings_name_the_key_and_the_choices(overrides, message):
   with pytest.raises(ConfigError, match=message):
     tiny(**overrides)
@@ -65,8 +67,9 @@ def test_input_longer_than_learned_positions():
   with pytest.raises(ConfigError, match='max_len=8'):
     models.init_cache(model, 1, 16)  # a cache longer than the table is refused up front
   models.build_model(tiny(positional='rope', max_len=8)).apply(
-      {'params': models.init_params(models.build_model(tiny(positional='rope', max_len=8)), jax.random.key(0))},
-      jax.numpy.ones((1, 9), jax.numpy.int32))  # other schemes have no table to overrun
+    {'params': models.init_params(models.build_model(tiny(positional='rope', max_len=8)), jax.random.key(0))},
+    jax.numpy.ones((1, 9), jax.numpy.int32),
+  )  # other schemes have no table to overrun
 
 
 def expected_count(cfg: ModelConfig) -> int:
@@ -99,25 +102,36 @@ def test_paper_parameter_counts(variant, paper):
   assert abs(count - paper) / paper < 0.05, count
 
 
-@pytest.mark.parametrize('overrides', [
-    dict(d_k=32, d_v=96), dict(num_kv_heads=2), dict(num_encoder_layers=3, num_decoder_layers=1),
-    dict(d_ff=1000, activation='swiglu'), dict(tie_embeddings=False, positional='learned'),
-    dict(norm_position='pre', norm_type='rmsnorm'), dict(kind='decoder_only', tie_embeddings=False),
+@pytest.mark.parametrize(
+  'overrides',
+  [
+    dict(d_k=32, d_v=96),
+    dict(num_kv_heads=2),
+    dict(num_encoder_layers=3, num_decoder_layers=1),
+    dict(d_ff=1000, activation='swiglu'),
+    dict(tie_embeddings=False, positional='learned'),
+    dict(norm_position='pre', norm_type='rmsnorm'),
+    dict(kind='decoder_only', tie_embeddings=False),
     dict(scan_layers=True),
-])
+  ],
+)
 def test_every_override_is_reflected_in_the_count(overrides):
   cfg = dataclasses.replace(ModelConfig.from_config(translation.get_config('tiny').model), **overrides)
   assert abstract_count(cfg) == expected_count(cfg)
 
 
 def _launch(*args):
-  return subprocess.run([sys.executable, 'launch.py', *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120)
+  return subprocess.run([sys.executable, 'launch.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_dry_run_prints_the_table_and_the_total_last():
-  result = _launch('--config', 'experiments/translation.py:base', '--dry_run', '--config.model.d_k=32',
-                   '--config.model.num_decoder_layers=4')
+  result = _launch(
+    '--config',
+    'experiments/translation.py:base',
+    '--dry_run',
+    '--config.model.d_k=32',
+    '--config.model.num_decoder_layers=4',
+  )
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   cfg = ModelConfig.from_config(translation.get_config('base').model)
@@ -128,13 +142,14 @@ def test_dry_run_prints_the_table_and_the_total_last():
 
 
 def test_bad_config_on_the_command_line_is_one_clear_message():
-  result = _launch('--config', 'experiments/translation.py:tiny', '--dry_run',
-                   '--config.model.positional=xpos')
+  result = _launch('--config', 'experiments/translation.py:tiny', '--dry_run', '--config.model.positional=xpos')
   assert result.returncode != 0
   assert "config.model.positional='xpos' is not one of" in result.stderr
   assert 'Traceback' not in result.stderr
 
 
 def test_unknown_variant():
-  with pytest.raises(ConfigError, match='Unknown variant .huge. of experiments/translation.py: choose one of base, big, tiny'):
+  with pytest.raises(
+    ConfigError, match='Unknown variant .huge. of experiments/translation.py: choose one of base, big, tiny'
+  ):
     translation.get_config('huge')

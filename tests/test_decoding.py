@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny
 
 from transformer import decoding, models
 from transformer.config import ConfigError
-from conftest import tiny
 
 EOS, PAD = models.EOS_ID, models.PAD_ID
 KINDS = ['decoder_only', 'encoder_decoder']
@@ -72,15 +72,20 @@ def test_prompts_of_different_lengths_decode_as_if_alone():
   model, params, data = _setup('decoder_only')
   batched = _greedy('decoder_only')
   for row in (3, 5):  # prompt lengths 3 and 0 (BOS only), without any padding
-    alone = decoding.generate(model, params, prompts=data['prompts'][row:row + 1, :ROW_LENGTHS[row]],
-                              max_len=MAX_LEN)
+    alone = decoding.generate(
+      model, params, prompts=data['prompts'][row : row + 1, : ROW_LENGTHS[row]], max_len=MAX_LEN
+    )
     np.testing.assert_array_equal(alone[0], batched[row])
   # Beam search: each row as in a batch of copies of itself (the same shapes: no new compile).
   tokens, scores = _beam('decoder_only')
   for row in (0, 3, 5):
     alone_tokens, alone_scores = decoding.beam_search(
-        model, params, prompts=jnp.repeat(data['prompts'][row:row + 1], len(ROW_LENGTHS), axis=0),
-        max_len=BEAM_MAX_LEN, lengths=BEAM_LIMITS[[row] * len(ROW_LENGTHS)])
+      model,
+      params,
+      prompts=jnp.repeat(data['prompts'][row : row + 1], len(ROW_LENGTHS), axis=0),
+      max_len=BEAM_MAX_LEN,
+      lengths=BEAM_LIMITS[[row] * len(ROW_LENGTHS)],
+    )
     np.testing.assert_array_equal(alone_tokens[0], tokens[row])
     np.testing.assert_allclose(alone_scores[0], scores[row], rtol=1e-5)
 
@@ -111,8 +116,8 @@ def _sequence_log_probs(model, params, data, tokens):
   for b in range(batch):  # contiguous: BOS, the row's prompt, the hypothesis
     n = prompt_lengths[b]
     rows[b, :, 0] = models.BOS_ID
-    rows[b, :, 1:1 + n] = prefix[b, :n]
-    rows[b, :, 1 + n:1 + n + length] = tokens[b]
+    rows[b, :, 1 : 1 + n] = prefix[b, :n]
+    rows[b, :, 1 + n : 1 + n + length] = tokens[b]
   rows = rows.reshape(batch * beams, -1)
   args = (inputs, rows) if model.config.kind == 'encoder_decoder' else (rows,)
   log_probs = np.asarray(_log_probs(model, params, *args)).reshape(batch, beams, rows.shape[1], -1)
@@ -128,8 +133,9 @@ def _sequence_log_probs(model, params, data, tokens):
 @functools.lru_cache
 def _beam(kind):
   model, params, data = _setup(kind)
-  tokens, scores = decoding.beam_search(model, params, beam_size=4, alpha=ALPHA, max_len=BEAM_MAX_LEN,
-                                        lengths=BEAM_LIMITS, **data)
+  tokens, scores = decoding.beam_search(
+    model, params, beam_size=4, alpha=ALPHA, max_len=BEAM_MAX_LEN, lengths=BEAM_LIMITS, **data
+  )
   return np.asarray(tokens), np.asarray(scores)
 
 
@@ -199,13 +205,15 @@ def test_cross_attention_keys_values_are_cached():
   target = jax.random.randint(jax.random.key(4), (3, 5), 3, 37)
   segments = (source != PAD).astype(jnp.int32)
   encoded = model.apply({'params': params}, source, segment_ids=segments, method='encode')
-  step = jax.jit(lambda cache, tokens, encoded=None, segments=None: model.apply(
-      {'params': params, 'cache': cache}, encoded, segments, tokens, decode=True, method='decode',
-      mutable=['cache']))
+  step = jax.jit(
+    lambda cache, tokens, encoded=None, segments=None: model.apply(
+      {'params': params, 'cache': cache}, encoded, segments, tokens, decode=True, method='decode', mutable=['cache']
+    )
+  )
   logits, state = step(models.init_cache(model, 3, 5, source.shape[1]), target[:, :2], encoded, segments)
   outputs = [logits]
   for t in range(2, 5):
-    logits, state = step(state['cache'], target[:, t:t + 1])
+    logits, state = step(state['cache'], target[:, t : t + 1])
     outputs.append(logits)
   full = jnp.exp(_log_probs(model, params, source, target))
   np.testing.assert_allclose(jax.nn.softmax(jnp.concatenate(outputs, axis=1)), full, atol=1e-6)
@@ -220,13 +228,13 @@ def test_user_errors():
   model, params, data = _setup('decoder_only')
   enc_dec, enc_params, enc_data = _setup('encoder_decoder')
   cases = [
-      lambda: decoding.generate(model, params, max_len=4, method='sample', **data),  # no rng
-      lambda: decoding.generate(model, params, max_len=4, method='beam', **data),
-      lambda: decoding.generate(enc_dec, enc_params, max_len=4, prompts=data['prompts']),
-      lambda: decoding.generate(model, params, max_len=4, inputs=data['prompts']),
-      lambda: decoding.beam_search(model, params, max_len=4, lengths=[5] * 8, **data),
-      lambda: decoding.beam_search(model, params, max_len=4, alpha=-1.0, **data),
-      lambda: decoding.generate(models.build_model(tiny(positional='learned')), params, max_len=30, **data),
+    lambda: decoding.generate(model, params, max_len=4, method='sample', **data),  # no rng
+    lambda: decoding.generate(model, params, max_len=4, method='beam', **data),
+    lambda: decoding.generate(enc_dec, enc_params, max_len=4, prompts=data['prompts']),
+    lambda: decoding.generate(model, params, max_len=4, inputs=data['prompts']),
+    lambda: decoding.beam_search(model, params, max_len=4, lengths=[5] * 8, **data),
+    lambda: decoding.beam_search(model, params, max_len=4, alpha=-1.0, **data),
+    lambda: decoding.generate(models.build_model(tiny(positional='learned')), params, max_len=30, **data),
   ]
   for case in cases:
     with pytest.raises(ConfigError):
@@ -237,8 +245,9 @@ def test_beam_search_reorders_a_scanned_cache():
   """With `scan_layers` the cache has a leading layer axis: beams are still gathered on the batch axis."""
   model, params, data = _setup('decoder_only')
   scanned = models.build_model(dataclasses.replace(model.config, scan_layers=True))
-  tokens, scores = decoding.beam_search(scanned, models.stack_layers(params), beam_size=4, alpha=ALPHA,
-                                        max_len=BEAM_MAX_LEN, lengths=BEAM_LIMITS, **data)
+  tokens, scores = decoding.beam_search(
+    scanned, models.stack_layers(params), beam_size=4, alpha=ALPHA, max_len=BEAM_MAX_LEN, lengths=BEAM_LIMITS, **data
+  )
   np.testing.assert_array_equal(tokens, _beam('decoder_only')[0])
   np.testing.assert_allclose(scores, _beam('decoder_only')[1], rtol=1e-5)
 
@@ -248,22 +257,26 @@ def _reference_beam_search(model, params, data, beams, alpha, max_len, limits):
   prefix = np.zeros((len(limits), 0), np.int32) if 'inputs' in data else np.asarray(data['prompts'])
   prompt_lengths = (prefix != PAD).sum(1)
   alive = [[((), 0.0)] for _ in limits]  # per row: (tokens, log-prob)
-  finished = [[] for _ in limits]        # per row: (score, tokens)
+  finished = [[] for _ in limits]  # per row: (score, tokens)
   for t in range(max_len):
     rows = np.zeros((len(limits), beams, 1 + prefix.shape[1] + max_len), np.int32)
     for b, hyps in enumerate(alive):
       for k, (seq, _) in enumerate(hyps):
         n = prompt_lengths[b]
-        rows[b, k, :1 + n + len(seq)] = (models.BOS_ID,) + tuple(prefix[b, :n]) + seq
+        rows[b, k, : 1 + n + len(seq)] = (models.BOS_ID,) + tuple(prefix[b, :n]) + seq
     rows = rows.reshape(len(limits) * beams, -1)
     args = (jnp.repeat(data['inputs'], beams, axis=0), rows) if 'inputs' in data else (rows,)
     log_probs = np.asarray(_log_probs(model, params, *args)).reshape(len(limits), beams, rows.shape[1], -1)
     for b, limit in enumerate(limits):
       if t >= limit:
         continue
-      candidates = [(logp + log_probs[b, k, prompt_lengths[b] + t, v], seq + (v,))
-                    for k, (seq, logp) in enumerate(alive[b]) for v in range(log_probs.shape[-1]) if v != PAD]
-      candidates = sorted(candidates, key=lambda c: -c[0])[:2 * beams]
+      candidates = [
+        (logp + log_probs[b, k, prompt_lengths[b] + t, v], seq + (v,))
+        for k, (seq, logp) in enumerate(alive[b])
+        for v in range(log_probs.shape[-1])
+        if v != PAD
+      ]
+      candidates = sorted(candidates, key=lambda c: -c[0])[: 2 * beams]
       for rank, (logp, seq) in enumerate(candidates):
         if rank < beams and (seq[-1] == EOS or t + 1 == limit):
           finished[b].append((logp / ((5 + t + 1) / 6) ** alpha, seq))
@@ -272,7 +285,7 @@ def _reference_beam_search(model, params, data, beams, alpha, max_len, limits):
   scores = np.zeros((len(limits), beams))
   for b, hyps in enumerate(finished):
     for k, (score, seq) in enumerate(sorted(hyps, key=lambda h: -h[0])[:beams]):
-      tokens[b, k, :len(seq)], scores[b, k] = seq, score
+      tokens[b, k, : len(seq)], scores[b, k] = seq, score
   return tokens, scores
 
 
@@ -290,8 +303,9 @@ def test_beam_search_stops_early_with_the_same_result():
   model, params, data = _setup('encoder_decoder')
   rows = np.resize(np.flatnonzero(_eos_steps(_greedy('encoder_decoder')) >= 0), len(ROW_LENGTHS))
   data, limits = {'inputs': data['inputs'][rows]}, np.full(len(ROW_LENGTHS), BEAM_MAX_LEN)
-  tokens, scores, steps = decoding._beam_search(model, params, data['inputs'], None, jnp.asarray(limits),
-                                                jnp.float32(ALPHA), beam_size=4, max_len=BEAM_MAX_LEN)
+  tokens, scores, steps = decoding._beam_search(
+    model, params, data['inputs'], None, jnp.asarray(limits), jnp.float32(ALPHA), beam_size=4, max_len=BEAM_MAX_LEN
+  )
   assert steps < BEAM_MAX_LEN
   expected_tokens, expected_scores = _reference_beam_search(model, params, data, 4, ALPHA, BEAM_MAX_LEN, limits)
   np.testing.assert_array_equal(tokens, expected_tokens)

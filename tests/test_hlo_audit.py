@@ -75,8 +75,18 @@ def test_collectives_and_flops_count_each_loop_trip():
 
 
 # heads, kv heads, d_ff, vocabulary and the batch all divide by 8.
-MODEL = dict(kind='decoder_only', vocab_size=64, num_decoder_layers=1, d_model=64, d_ff=128, num_heads=8,
-             num_kv_heads=8, dropout_rate=0.1, max_len=16, norm_position='pre')
+MODEL = dict(
+  kind='decoder_only',
+  vocab_size=64,
+  num_decoder_layers=1,
+  d_model=64,
+  d_ff=128,
+  num_heads=8,
+  num_kv_heads=8,
+  dropout_rate=0.1,
+  max_len=16,
+  norm_position='pre',
+)
 MESHES = {'data': (8, 1, 1), 'fsdp': (1, 8, 1), 'tensor': (1, 1, 8)}
 
 
@@ -84,6 +94,7 @@ def _audit_all():
   """Subprocess body: the audit of every layout x accumulation, as JSON on stdout."""
   from experiments import bench as bench_configs
   from transformer import bench
+
   out, single = {}, None  # the one-device step's matmul FLOPs: the same with or without accumulation
   for layout, mesh in MESHES.items():
     for accum in (1, 4):
@@ -99,10 +110,13 @@ def _audit_all():
 
 def test_compiled_step_communicates_what_its_layout_needs():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=root, XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
-             ' --xla_force_host_platform_device_count=8')
-  proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True,
-                        timeout=600)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=root,
+    XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8',
+  )
+  proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]
   assert 'rematerializ' not in proc.stderr, proc.stderr[-5000:]  # no layout reshards by replicating
   audits = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -128,6 +142,7 @@ def test_compiled_step_communicates_what_its_layout_needs():
   for layout in MESHES:
     total = lambda accum: sum(row['bytes'] for row in audits[f'{layout}/{accum}']['collectives'].values())
     assert total(4) == pytest.approx(total(1), rel=0.01), layout
+
 
 if __name__ == '__main__':
   _audit_all()

@@ -18,8 +18,13 @@ CONFIG = 'experiments/synthetic.py:reverse'
 
 
 def launch(*args):
-  return subprocess.run([sys.executable, 'launch.py', '--config', CONFIG, *args, '--dry_run'], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, 'launch.py', '--config', CONFIG, *args, '--dry_run'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_unknown_override_is_one_message_naming_the_nearest_key():
@@ -33,7 +38,8 @@ def test_wrong_type_is_one_message_naming_the_type():
   result = launch('--config.model.num_heads=abc')
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      'Error: --config.model.num_heads=abc: config.model.num_heads must be an int (the config has 4).')
+    'Error: --config.model.num_heads=abc: config.model.num_heads must be an int (the config has 4).'
+  )
   assert 'Traceback' not in result.stderr + result.stdout
 
 
@@ -44,14 +50,17 @@ def test_valid_overrides_reach_the_config():
   assert 'target_embedding' in result.stdout  # untied: a separate target embedding exists
 
 
-@pytest.mark.parametrize('flag, message', [
-    ('--config.modle.d_ff=1', 'Did you mean config.model.d_ff?'),        # misspelt section, rest of the path kept
-    ('--config.num_heads=2', 'Did you mean config.model.num_heads?'),    # section left out
+@pytest.mark.parametrize(
+  'flag, message',
+  [
+    ('--config.modle.d_ff=1', 'Did you mean config.model.d_ff?'),  # misspelt section, rest of the path kept
+    ('--config.num_heads=2', 'Did you mean config.model.num_heads?'),  # section left out
     ('--config.train.sed=1', 'Did you mean config.train.seed?'),
     ('--config.model.dropout_rate=high', 'config.model.dropout_rate must be a float (the config has 0.0)'),
     ('--config.model.tie_embeddings=maybe', 'config.model.tie_embeddings must be a bool (true or false)'),
     ('--config.model.num_heads=2.5', 'config.model.num_heads must be an int'),
-])
+  ],
+)
 def test_check_argv_errors(flag, message):
   with pytest.raises(ConfigError) as error:
     overrides.check_argv(['launch.py', '--config', CONFIG, flag])
@@ -59,25 +68,44 @@ def test_check_argv_errors(flag, message):
 
 
 def test_check_argv_accepts_what_config_flags_accepts():
-  overrides.check_argv(['launch.py', f'--config={CONFIG}', '--config.train.learning_rate=1',  # int for a float
-                        '--config.model.tie_embeddings', '--noconfig.model.scan_layers', '--config.model.d_ff',
-                        '96', '--config.model.kind=decoder_only', '--config.model.tie_embeddings=false'])
+  overrides.check_argv(
+    [
+      'launch.py',
+      f'--config={CONFIG}',
+      '--config.train.learning_rate=1',  # int for a float
+      '--config.model.tie_embeddings',
+      '--noconfig.model.scan_layers',
+      '--config.model.d_ff',
+      '96',
+      '--config.model.kind=decoder_only',
+      '--config.model.tie_embeddings=false',
+    ]
+  )
 
 
 def test_render_round_trips_through_parse_text():
   config = synthetic.get_config('reverse')
-  for path, value in [('model.dropout_rate', 1e-05), ('model.tie_embeddings', False), ('model.d_model', 48),
-                      ('model.positional', 'rope'), ('train.learning_rate', 0.1)]:
+  for path, value in [
+    ('model.dropout_rate', 1e-05),
+    ('model.tie_embeddings', False),
+    ('model.d_model', 48),
+    ('model.positional', 'rope'),
+    ('train.learning_rate', 0.1),
+  ]:
     parsed = overrides.parse_text(path, overrides.lookup(config, path), overrides.render(value))
     assert parsed == value and type(parsed) is type(value)
 
 
 # --- the resume rule
 
+
 def test_incompatible_changes_follow_the_allow_list():
-  old = {'task': 'reverse', 'model': {'d_model': 32, 'vocab_size': 32, 'remat': 'none'},
-         'data': {'seq_len': 12, 'beam_size': 4}, 'train': {'num_steps': 10, 'eval_every': 5, 'seed': 0,
-                                                              'mesh': {'data': -1}}}
+  old = {
+    'task': 'reverse',
+    'model': {'d_model': 32, 'vocab_size': 32, 'remat': 'none'},
+    'data': {'seq_len': 12, 'beam_size': 4},
+    'train': {'num_steps': 10, 'eval_every': 5, 'seed': 0, 'mesh': {'data': -1}},
+  }
   new = json.loads(json.dumps(old))
   new['train'].update(num_steps=20, eval_every=10, mesh={'data': 2})
   new['model'].update(vocab_size=40, remat='full')
@@ -88,8 +116,12 @@ def test_incompatible_changes_follow_the_allow_list():
   new['data']['seq_len'] = 16
   new['train']['seed'] = 1
   assert workdir.incompatible_changes(old, new) == [
-      ('data.seq_len', 12, 16), ('extra', '<absent>', 1), ('model.d_model', 32, 64), ('task', 'reverse', 'copy'),
-      ('train.seed', 0, 1)]
+    ('data.seq_len', 12, 16),
+    ('extra', '<absent>', 1),
+    ('model.d_model', 32, 64),
+    ('task', 'reverse', 'copy'),
+    ('train.seed', 0, 1),
+  ]
 
 
 def test_without_checkpoints_config_json_is_replaced(tmp_path):
@@ -105,8 +137,9 @@ def small_config(num_steps):
   # vocab_size: the task sets the model's vocabulary (32) whatever the config says
   config.model.update(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, vocab_size=99)
   config.data.update(num_eval=16, max_len=8, seq_len=12)
-  config.train.update(num_steps=num_steps, batch_size=8, log_every=1, eval_every=100, checkpoint_every=100,
-                      warmup_steps=2)
+  config.train.update(
+    num_steps=num_steps, batch_size=8, log_every=1, eval_every=100, checkpoint_every=100, warmup_steps=2
+  )
   return config
 
 
@@ -136,5 +169,6 @@ def test_resume_refuses_model_and_task_changes_and_allows_more_steps(tmp_path):
 def test_a_sweep_file_outside_sweep_mode_is_refused():
   from experiments.ablations import norm
   from transformer import run
+
   with pytest.raises(ConfigError, match='This config is a sweep: run it with --mode sweep'):
     run.run(norm.get_config(), 'train', '/nonexistent')

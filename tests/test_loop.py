@@ -21,8 +21,9 @@ def small_config(num_steps, **train):
   config.model.num_encoder_layers = config.model.num_decoder_layers = 1
   config.model.dropout_rate = 0.1  # resume must reproduce the dropout masks too
   config.data.num_eval, config.data.max_len, config.data.seq_len = 16, 8, 12
-  config.train.update({**dict(num_steps=num_steps, batch_size=8, log_every=1, eval_every=10,
-                              checkpoint_every=5, warmup_steps=5), **train})
+  config.train.update(
+    {**dict(num_steps=num_steps, batch_size=8, log_every=1, eval_every=10, checkpoint_every=5, warmup_steps=5), **train}
+  )
   return config
 
 
@@ -39,15 +40,26 @@ def test_resumed_run_is_bitwise_identical(tmp_path):
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   loop.train_and_evaluate(small_config(20), straight)
   loop.train_and_evaluate(small_config(20), resumed, stop_at=10)  # stops at 10 as if preempted
-  loop.train_and_evaluate(small_config(20), resumed)   # resumes from it
+  loop.train_and_evaluate(small_config(20), resumed)  # resumes from it
   expected, got = losses(straight), losses(resumed)
   assert sorted(got) == list(range(1, 21))
   assert [got[s] for s in range(1, 21)] == [expected[s] for s in range(1, 21)]  # bitwise, not approx
   records = read_metrics(straight)
   tags = set().union(*records)
-  for tag in ('train/loss', 'train/accuracy', 'train/learning_rate', 'train/grad_norm', 'train/param_norm',
-              'train/tokens_per_sec', 'train/step_ms', 'train/mfu', 'train/compile_s', 'eval/loss',
-              'eval/perplexity', 'eval/accuracy'):
+  for tag in (
+    'train/loss',
+    'train/accuracy',
+    'train/learning_rate',
+    'train/grad_norm',
+    'train/param_norm',
+    'train/tokens_per_sec',
+    'train/step_ms',
+    'train/mfu',
+    'train/compile_s',
+    'eval/loss',
+    'eval/perplexity',
+    'eval/accuracy',
+  ):
     assert tag in tags, tag
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(straight))
   assert json.load(open(os.path.join(straight, 'config.json')))['train']['num_steps'] == 20
@@ -65,10 +77,22 @@ def test_diverging_run_stops_naming_the_step_and_keeps_checkpoints(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = str(tmp_path / 'preempted')
-  args = [sys.executable, 'launch.py', '--config', 'experiments/synthetic.py:reverse', '--workdir', workdir,
-          '--config.train.num_steps=100000', '--config.train.log_every=1', '--config.train.checkpoint_every=100000',
-          '--config.train.eval_every=100000', '--config.model.d_model=32', '--config.model.d_ff=64',
-          '--config.model.num_encoder_layers=1', '--config.model.num_decoder_layers=1']
+  args = [
+    sys.executable,
+    'launch.py',
+    '--config',
+    'experiments/synthetic.py:reverse',
+    '--workdir',
+    workdir,
+    '--config.train.num_steps=100000',
+    '--config.train.log_every=1',
+    '--config.train.checkpoint_every=100000',
+    '--config.train.eval_every=100000',
+    '--config.model.d_model=32',
+    '--config.model.d_ff=64',
+    '--config.model.num_encoder_layers=1',
+    '--config.model.num_decoder_layers=1',
+  ]
   process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics_file = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + 120

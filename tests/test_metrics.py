@@ -7,34 +7,33 @@ import pytest
 
 from transformer import metrics
 
-
 # device_kind strings as JAX reports them -> dense per-device FLOP/s of the data sheet.
 DEVICE_KINDS = {
-    'NVIDIA H100 80GB HBM3': 989.5e12,   # SXM
-    'NVIDIA H100 PCIe': 756.5e12,
-    'NVIDIA H100 NVL': 835.5e12,
-    'NVIDIA H200': 989.5e12,
-    'NVIDIA H200 NVL': 835.5e12,
-    'NVIDIA GH200 480GB': 989.5e12,
-    'NVIDIA B200': 2.25e15,
-    'NVIDIA GB200': 2.5e15,
-    'NVIDIA A100-SXM4-80GB': 312e12,
-    'NVIDIA A100-PCIE-40GB': 312e12,
-    'NVIDIA A10': 125e12,
-    'NVIDIA L4': 121e12,
-    'NVIDIA L40S': 362.05e12,
-    'Tesla V100-SXM2-16GB': 125e12,
-    'Tesla V100-PCIE-32GB': 112e12,
-    'Tesla T4': 65e12,
-    'AMD Instinct MI300X': 1307.4e12,
-    'AMD Instinct MI325X': 1307.4e12,
-    'AMD Instinct MI355X': 2516.6e12,
-    'TPU v3': 61.5e12,       # per core: JAX shows both cores of a chip
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,   # v5e
-    'TPU v5': 459e12,        # v5p
-    'TPU v6 lite': 918e12,   # v6e (Trillium)
-    'TPU7x': 1153.5e12,      # Ironwood: 2,307 per chip, two devices per chip
+  'NVIDIA H100 80GB HBM3': 989.5e12,  # SXM
+  'NVIDIA H100 PCIe': 756.5e12,
+  'NVIDIA H100 NVL': 835.5e12,
+  'NVIDIA H200': 989.5e12,
+  'NVIDIA H200 NVL': 835.5e12,
+  'NVIDIA GH200 480GB': 989.5e12,
+  'NVIDIA B200': 2.25e15,
+  'NVIDIA GB200': 2.5e15,
+  'NVIDIA A100-SXM4-80GB': 312e12,
+  'NVIDIA A100-PCIE-40GB': 312e12,
+  'NVIDIA A10': 125e12,
+  'NVIDIA L4': 121e12,
+  'NVIDIA L40S': 362.05e12,
+  'Tesla V100-SXM2-16GB': 125e12,
+  'Tesla V100-PCIE-32GB': 112e12,
+  'Tesla T4': 65e12,
+  'AMD Instinct MI300X': 1307.4e12,
+  'AMD Instinct MI325X': 1307.4e12,
+  'AMD Instinct MI355X': 2516.6e12,
+  'TPU v3': 61.5e12,  # per core: JAX shows both cores of a chip
+  'TPU v4': 275e12,
+  'TPU v5 lite': 197e12,  # v5e
+  'TPU v5': 459e12,  # v5p
+  'TPU v6 lite': 918e12,  # v6e (Trillium)
+  'TPU7x': 1153.5e12,  # Ironwood: 2,307 per chip, two devices per chip
 }
 
 
@@ -55,8 +54,18 @@ def test_most_specific_entry_wins():
   assert metrics.datasheet_peak('TPU v5 lite')[0] == 197e12  # not TPU v5 (v5p)
 
 
-@pytest.mark.parametrize('kind', ['NVIDIA A10G', 'NVIDIA A100X', 'TPU v4 lite', 'Tesla V100S-PCIE-32GB',
-                                  'NVIDIA GeForce RTX 4090', 'NVIDIA B300', 'cpu'])
+@pytest.mark.parametrize(
+  'kind',
+  [
+    'NVIDIA A10G',
+    'NVIDIA A100X',
+    'TPU v4 lite',
+    'Tesla V100S-PCIE-32GB',
+    'NVIDIA GeForce RTX 4090',
+    'NVIDIA B300',
+    'cpu',
+  ],
+)
 def test_near_misses_are_not_in_the_table(kind):
   # A10G is no A10, V100S no V100, v4i no v4: a wrong data-sheet figure is worse than a measured one.
   assert metrics.datasheet_peak(kind) is None
@@ -96,8 +105,9 @@ def test_cpu_measures_float32(monkeypatch, capsys):
   assert capsys.readouterr().err == ''  # no warning: the CPU has no data sheet to miss
 
 
-@pytest.mark.parametrize('kind,platform', [('NVIDIA H100 80GB HBM3', 'gpu'), ('Example Accelerator 9000', 'gpu'),
-                                           ('cpu', 'cpu')])
+@pytest.mark.parametrize(
+  'kind,platform', [('NVIDIA H100 80GB HBM3', 'gpu'), ('Example Accelerator 9000', 'gpu'), ('cpu', 'cpu')]
+)
 def test_configured_peak_wins(monkeypatch, capsys, kind, platform):
   calls = _fake(monkeypatch, kind, platform)
   assert metrics.peak_flops_basis(123e12) == (123e12, 'configured (config.train.peak_flops)')

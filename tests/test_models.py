@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny
 
 from transformer import models, optim
-from conftest import tiny
 
 VOCAB = 37
 
@@ -45,28 +45,32 @@ def _decode_incrementally(model, params, source, target, prefill):
     segments = (source != models.PAD_ID).astype(jnp.int32)
     encoded = _apply(model, {'params': params}, source, segment_ids=segments, method='encode')
     step = lambda cache, tokens: model.apply(
-        {'params': params, 'cache': cache}, encoded, segments, tokens, decode=True, method='decode',
-        mutable=['cache'])
+      {'params': params, 'cache': cache}, encoded, segments, tokens, decode=True, method='decode', mutable=['cache']
+    )
   else:
-    step = lambda cache, tokens: model.apply(
-        {'params': params, 'cache': cache}, tokens, decode=True, mutable=['cache'])
+    step = lambda cache, tokens: model.apply({'params': params, 'cache': cache}, tokens, decode=True, mutable=['cache'])
   logits, variables = step(cache, target[:, :prefill])
   outputs = [logits]
   for t in range(prefill, length):
-    logits, variables = step(variables['cache'], target[:, t:t + 1])
+    logits, variables = step(variables['cache'], target[:, t : t + 1])
     outputs.append(logits)
   return jnp.concatenate(outputs, axis=1)
 
 
-DECODE_CASES = [
-    dict(positional=p) for p in ('sinusoidal', 'learned', 'rope', 'alibi', 'none')
-] + [
-    dict(positional='rope', num_kv_heads=2),      # grouped-query
-    dict(positional='alibi', num_kv_heads=1),     # multi-query
-    dict(positional='rope', attention_window=3),  # sliding window
-    dict(positional='sinusoidal', d_k=6, d_v=10, norm_position='pre', norm_type='rmsnorm',
-         activation='swiglu', tie_embeddings=False),
-    dict(positional='learned', scan_layers=True, attention_impl='xla'),
+DECODE_CASES = [dict(positional=p) for p in ('sinusoidal', 'learned', 'rope', 'alibi', 'none')] + [
+  dict(positional='rope', num_kv_heads=2),  # grouped-query
+  dict(positional='alibi', num_kv_heads=1),  # multi-query
+  dict(positional='rope', attention_window=3),  # sliding window
+  dict(
+    positional='sinusoidal',
+    d_k=6,
+    d_v=10,
+    norm_position='pre',
+    norm_type='rmsnorm',
+    activation='swiglu',
+    tie_embeddings=False,
+  ),
+  dict(positional='learned', scan_layers=True, attention_impl='xla'),
 ]
 
 
@@ -88,8 +92,9 @@ def test_cache_is_really_used():
   target = _tokens((1, 6))
   full = _forward(model, params, None, target)
   cache = models.init_cache(model, 1, 6)
-  alone, _ = _apply(model, {'params': params, 'cache': cache}, target[:, 5:], positions=jnp.array([[5]]),
-                    decode=True, mutable=['cache'])
+  alone, _ = _apply(
+    model, {'params': params, 'cache': cache}, target[:, 5:], positions=jnp.array([[5]]), decode=True, mutable=['cache']
+  )
   assert not np.allclose(alone[:, 0], full[:, 5], atol=1e-3)
 
 
@@ -100,9 +105,8 @@ def test_causality(kind, positional):
   source, target = _tokens((2, 6), seed=1), _tokens((2, 8), seed=2)
   logits = _forward(model, params, source, target)
   for t in (0, 3, 6):
-    changed = target.at[:, t + 1:].set(_tokens((2, 8 - t - 1), seed=10 + t))
-    np.testing.assert_allclose(_forward(model, params, source, changed)[:, :t + 1], logits[:, :t + 1],
-                               atol=1e-6)
+    changed = target.at[:, t + 1 :].set(_tokens((2, 8 - t - 1), seed=10 + t))
+    np.testing.assert_allclose(_forward(model, params, source, changed)[:, : t + 1], logits[:, : t + 1], atol=1e-6)
   # Control: the change does show at later positions.
   assert not np.allclose(_forward(model, params, source, target.at[:, 4].set(3))[:, 4:], logits[:, 4:])
 
@@ -145,8 +149,16 @@ def test_packed_equals_unpacked(kind, positional):
   tgt, tgt_seg, tgt_pos = _pack(tgt_a, tgt_b, 12)
   if kind == 'encoder_decoder':
     src, src_seg, src_pos = _pack(src_a, src_b, 10)
-    packed = _apply(model, {'params': params}, src, tgt, inputs_positions=src_pos,
-                    inputs_segment_ids=src_seg, decoder_positions=tgt_pos, decoder_segment_ids=tgt_seg)
+    packed = _apply(
+      model,
+      {'params': params},
+      src,
+      tgt,
+      inputs_positions=src_pos,
+      inputs_segment_ids=src_seg,
+      decoder_positions=tgt_pos,
+      decoder_segment_ids=tgt_seg,
+    )
     alone_a = _forward(model, params, src_a, tgt_a)
     alone_b = _forward(model, params, src_b, tgt_b)
   else:
@@ -162,8 +174,9 @@ def test_attention_implementations_agree_in_the_model(kind):
   target = _tokens((2, 8), seed=2)
   outputs = []
   for impl in ('reference', 'xla', 'auto'):
-    model, params = _setup(tiny(kind=kind, attention_impl=impl, positional='alibi', num_kv_heads=2,
-                                attention_window=5, d_v=12))
+    model, params = _setup(
+      tiny(kind=kind, attention_impl=impl, positional='alibi', num_kv_heads=2, attention_window=5, d_v=12)
+    )
     outputs.append(_forward(model, params, source, target))
   np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
   np.testing.assert_allclose(outputs[2], outputs[0], atol=1e-5)
@@ -174,8 +187,7 @@ def test_kv_heads_equal_to_heads_is_plain_multi_head():
   b_model, b_params = _setup(tiny(num_kv_heads=4))
   target = _tokens((2, 8))
   assert jax.tree.map(jnp.shape, a_params) == jax.tree.map(jnp.shape, b_params)
-  np.testing.assert_array_equal(_forward(a_model, a_params, None, target),
-                                _forward(b_model, a_params, None, target))
+  np.testing.assert_array_equal(_forward(a_model, a_params, None, target), _forward(b_model, a_params, None, target))
 
 
 @pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
@@ -205,8 +217,11 @@ _SCAN_INPUTS = (_tokens((2, 6), seed=1), _tokens((2, 8), seed=2))
 
 
 @pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
-@pytest.mark.parametrize('layout', [dict(scan_layers=True), dict(remat='full'), dict(remat='dots'),
-                                    dict(scan_layers=True, remat='full')], ids=str)
+@pytest.mark.parametrize(
+  'layout',
+  [dict(scan_layers=True), dict(remat='full'), dict(remat='dots'), dict(scan_layers=True, remat='full')],
+  ids=str,
+)
 def test_scan_and_remat_change_no_number(kind, layout):
   params, (loss, grads) = _unrolled_loss_and_grads(kind)
   base_cfg = dict(kind=kind, norm_position='pre', positional='rope')
@@ -217,8 +232,7 @@ def test_scan_and_remat_change_no_number(kind, layout):
   assert jax.tree.map(jnp.shape, other_params) == jax.tree.map(lambda s: s.shape, expected)
   other_loss, other_grads = _loss_and_grads(other, other_params, *_SCAN_INPUTS)
   np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-               other_grads, convert(grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), other_grads, convert(grads))
 
 
 @pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
@@ -227,8 +241,12 @@ def test_scan_layers_keeps_the_seeds_weights(kind):
   unrolled_model, unrolled = _setup(cfg)
   scanned_model, scanned = _setup(dataclasses.replace(cfg, scan_layers=True))
   jax.tree.map(np.testing.assert_array_equal, scanned, models.stack_layers(unrolled))
-  np.testing.assert_allclose(_forward(scanned_model, scanned, *_SCAN_INPUTS),
-                             _forward(unrolled_model, unrolled, *_SCAN_INPUTS), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    _forward(scanned_model, scanned, *_SCAN_INPUTS),
+    _forward(unrolled_model, unrolled, *_SCAN_INPUTS),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 @pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
@@ -241,6 +259,7 @@ def test_dropout_is_the_same_scanned_and_unrolled(kind):
     def loss(p):
       logits = _forward(model, p, *_SCAN_INPUTS, deterministic=False, rngs={'dropout': jax.random.key(3)})
       return jnp.sum(logits * weights), logits
+
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return logits, grads
 
@@ -251,8 +270,11 @@ def test_dropout_is_the_same_scanned_and_unrolled(kind):
   np.testing.assert_allclose(scanned_logits, logits, rtol=1e-5, atol=1e-6)
   # A gradient sums hundreds of terms: its float32 error scales with the leaf's largest entry (a
   # different dropout mask moves gradients by about 10% of it).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
-               scanned_grads, models.stack_layers(grads))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
+    scanned_grads,
+    models.stack_layers(grads),
+  )
 
 
 @flax.struct.dataclass
@@ -265,12 +287,13 @@ class _State:  # TrainState-like: a struct dataclass holding params and an optax
 def test_convert_layers_between_layouts():
   cfg = tiny(kind='encoder_decoder')
   _, params = _setup(cfg)
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1,
-                                                                       mask=optim.decay_mask))
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1, mask=optim.decay_mask))
   grads = jax.tree.map(lambda p: jnp.cos(p) + 1.0, params)  # non-zero, different in every layer
+
   def state(params, grads):  # one real step, so that mu and nu hold per-layer values
     _, opt_state = optimizer.update(grads, optimizer.init(params), params)
     return _State(step=jnp.ones((), jnp.int32), params=params, opt_state=opt_state)
+
   unrolled = state(params, grads)
   scanned = state(models.stack_layers(params), models.stack_layers(grads))
   assert 'layers' in scanned.opt_state[1][0].mu['encoder']['stack']  # ScaleByAdamState, scanned
@@ -283,8 +306,7 @@ def test_convert_layers_between_layouts():
   jax.tree.map(np.testing.assert_array_equal, models.unstack_layers(models.stack_layers(params)), params)
   # Abstract trees (a checkpoint's restore target) convert under eval_shape.
   abstract = jax.eval_shape(lambda s: models.convert_layers(s, scanned=False), scanned)
-  assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), unrolled)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(lambda x: (x.shape, x.dtype), unrolled)
   # Layers in numeric order, not string order (layer_10 after layer_9).
   many = {f'layer_{i}': {'kernel': jnp.full((2,), i)} for i in range(12)}
   assert models.stack_layers(many)['layers']['kernel'][:, 0].tolist() == list(range(12))
@@ -292,11 +314,13 @@ def test_convert_layers_between_layouts():
 
 
 def test_dropout_is_active_only_in_training():
-  model, params = _setup(tiny(kind='encoder_decoder', dropout_rate=0.3, attention_dropout_rate=0.2,
-                              attention_impl='auto'))
+  model, params = _setup(
+    tiny(kind='encoder_decoder', dropout_rate=0.3, attention_dropout_rate=0.2, attention_impl='auto')
+  )
   source, target = _tokens((2, 6), seed=1), _tokens((2, 8), seed=2)
-  train = lambda seed: _apply(model, {'params': params}, source, target, deterministic=False,
-                              rngs={'dropout': jax.random.key(seed)})
+  train = lambda seed: _apply(
+    model, {'params': params}, source, target, deterministic=False, rngs={'dropout': jax.random.key(seed)}
+  )
   eval_logits = _forward(model, params, source, target)
   np.testing.assert_array_equal(_forward(model, params, source, target), eval_logits)
   np.testing.assert_array_equal(train(0), train(0))

@@ -3,7 +3,6 @@
 import struct
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -88,7 +87,7 @@ def _is_sequence(melody, reps):
   size = len(melody) // reps
   if size * reps != len(melody):
     return False
-  parts = [melody[r * size:(r + 1) * size] for r in range(reps)]
+  parts = [melody[r * size : (r + 1) * size] for r in range(reps)]
   moves = np.diff([part[0].pitch for part in parts])
   same_rhythm = all([n.duration for n in part] == [n.duration for n in parts[0]] for part in parts)
   return same_rhythm and (np.all(moves > 0) or np.all(moves < 0))
@@ -118,15 +117,29 @@ def test_windows_keep_every_note_and_start_like_pieces(chorales):
 def _read_midi(path):
   """Notes of a MIDI file as music21 reads them (notes across barlines are tied: merged back)."""
   import music21
+
   score = music21.converter.parse(str(path), quantizePost=False).stripTies()
-  return sorted(Note(round(float(n.offset) * 4), voice, p.midi, round(float(n.quarterLength) * 4))
-                for voice, part in enumerate(score.parts) for n in part.flatten().notes for p in n.pitches)
+  return sorted(
+    Note(round(float(n.offset) * 4), voice, p.midi, round(float(n.quarterLength) * 4))
+    for voice, part in enumerate(score.parts)
+    for n in part.flatten().notes
+    for p in n.pitches
+  )
 
 
 def test_midi_read_back_by_music21_equals_the_notes(tmp_path):
   import music21
-  notes = [Note(0, 0, 72, 4), Note(0, 1, 48, 8), Note(4, 0, 74, 2), Note(6, 0, 76, 2), Note(8, 1, 43, 8),
-           Note(8, 0, 77, 8), Note(12, 1, 41, 32), Note(20, 0, 79, 1)]  # the 32 crosses barlines
+
+  notes = [
+    Note(0, 0, 72, 4),
+    Note(0, 1, 48, 8),
+    Note(4, 0, 74, 2),
+    Note(6, 0, 76, 2),
+    Note(8, 1, 43, 8),
+    Note(8, 0, 77, 8),
+    Note(12, 1, 41, 32),
+    Note(20, 0, 79, 1),
+  ]  # the 32 crosses barlines
   path = tmp_path / 'x.mid'
   music.write_midi(notes, str(path), seconds_per_step=0.25)
   assert _read_midi(path) == sorted(notes)
@@ -190,6 +203,7 @@ def test_bach_holds_out_every_tenth_chorale(monkeypatch):
 
 class FakeGenerator:
   """Returns fixed rows, as `Predictor.generate` would: EOS included, 0 after it."""
+
   step = 7
 
   def __init__(self, rows):

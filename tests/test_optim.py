@@ -5,10 +5,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import tiny
 
 from transformer import models, optim
 from transformer.config import default_train_config
-from conftest import tiny
 
 
 def _leaf_name(path):
@@ -24,16 +24,19 @@ def _second_update(optimizer, params):
 
 def test_weight_decay_on_kernels_and_embeddings_only_in_both_layouts():
   # LayerNorm (scale and bias), ReLU FFN (biases), a learned position table, untied embeddings.
-  cfg = tiny(kind='encoder_decoder', positional='learned', tie_embeddings=False, norm_type='layernorm',
-             activation='relu')
-  train = default_train_config(optimizer='adamw', weight_decay=0.5, learning_rate=0.1, warmup_steps=1,
-                               num_steps=10, grad_clip=1.0)
+  cfg = tiny(
+    kind='encoder_decoder', positional='learned', tie_embeddings=False, norm_type='layernorm', activation='relu'
+  )
+  train = default_train_config(
+    optimizer='adamw', weight_decay=0.5, learning_rate=0.1, warmup_steps=1, num_steps=10, grad_clip=1.0
+  )
   optimizer = optim.make_optimizer(train, cfg.d_model)
   lr = float(optim.learning_rate_schedule(train, cfg.d_model)(1))
   params = models.init_params(models.build_model(cfg), jax.random.key(0))
   updates = _second_update(optimizer, params)
 
   names = set()
+
   def check(path, update, param):
     name = _leaf_name(path)
     names.add(name)
@@ -42,6 +45,7 @@ def test_weight_decay_on_kernels_and_embeddings_only_in_both_layouts():
       assert np.abs(update).max() > 0
     else:  # norm scales and biases never move
       np.testing.assert_array_equal(update, 0, err_msg=jax.tree_util.keystr(path))
+
   jax.tree_util.tree_map_with_path(check, updates, params)
   assert names == {'kernel', 'embedding', 'scale', 'bias'}
   assert 'position_embedding' in params['encoder']['embedder']

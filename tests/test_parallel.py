@@ -15,10 +15,10 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import tiny
 
 from transformer import models, optim, parallel, train
 from transformer.config import ConfigError, default_train_config
-from conftest import tiny
 
 STEPS = 3
 BATCH = 16
@@ -31,9 +31,17 @@ def _setup(kind, parallelism='jit', mesh=(-1, 1, 1), dropout=0.0, accum=1):
   """(train_config, model, optimizer, schedule): the arguments of `parallel.Runner`."""
   model = models.build_model(tiny(kind=kind, dropout_rate=dropout, attention_dropout_rate=dropout, **MODELS[kind]))
   # adamw (masked weight decay) chained after clipping: the optimizer state shardings must follow.
-  config = default_train_config(batch_size=BATCH, optimizer='adamw', learning_rate=3e-3, warmup_steps=1,
-                                weight_decay=0.1, grad_clip=1.0, grad_accum_steps=accum,
-                                parallelism=parallelism, mesh=dict(zip(('data', 'fsdp', 'tensor'), mesh)))
+  config = default_train_config(
+    batch_size=BATCH,
+    optimizer='adamw',
+    learning_rate=3e-3,
+    warmup_steps=1,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    grad_accum_steps=accum,
+    parallelism=parallelism,
+    mesh=dict(zip(('data', 'fsdp', 'tensor'), mesh)),
+  )
   d_model = model.config.d_model
   return config, model, optim.make_optimizer(config, d_model), optim.learning_rate_schedule(config, d_model)
 
@@ -67,8 +75,12 @@ def _reference(kind, dropout=0.0):
     losses.append(float(metrics['loss']))
     norms.append(float(metrics['param_norm']))
   sums = jax.jit(train.make_eval_step(model))(state.params, batch)
-  return dict(losses=losses, param_norms=norms, eval={k: float(v) for k, v in sums.items()},
-              params={k: np.asarray(v) for k, v in _leaves(state.params).items()})
+  return dict(
+    losses=losses,
+    param_norms=norms,
+    eval={k: float(v) for k, v in sums.items()},
+    params={k: np.asarray(v) for k, v in _leaves(state.params).items()},
+  )
 
 
 def _run(kind, parallelism, mesh, dropout=0.0, accum=1):
@@ -76,18 +88,27 @@ def _run(kind, parallelism, mesh, dropout=0.0, accum=1):
   runner = parallel.Runner(*_setup(kind, parallelism, mesh, dropout, accum))
   local = runner.local_batch_size()
   start = jax.process_index() * local
-  batch = {k: v[start:start + local] for k, v in _batch(kind).items()}
+  batch = {k: v[start : start + local] for k, v in _batch(kind).items()}
   state = runner.init_state(0)
   out = dict(local_batch_size=local, losses=[], param_norms=[])
   if runner.mesh is not None:  # where a few parameters and their Adam moments live
-    out['specs'] = {name: tuple(leaf.sharding.spec) for name, leaf in _leaves(state).items()
-                    if name.endswith(("['wi']['kernel']", "['key']['kernel']", "['embedding']['embedding']"))}
+    out['specs'] = {
+      name: tuple(leaf.sharding.spec)
+      for name, leaf in _leaves(state).items()
+      if name.endswith(("['wi']['kernel']", "['key']['kernel']", "['embedding']['embedding']"))
+    }
   for step in range(STEPS):
     if step == STEPS - 1:  # a round trip through the checkpoint layout must change nothing
       checkpoint = runner.to_checkpoint(state)
-      out['checkpoint_layout_ok'] = all(jax.tree.leaves(jax.tree.map(
-          lambda x, a: x.shape == a.shape and x.dtype == a.dtype and x.sharding.is_equivalent_to(
-              a.sharding, x.ndim), checkpoint, runner.abstract_state())))
+      out['checkpoint_layout_ok'] = all(
+        jax.tree.leaves(
+          jax.tree.map(
+            lambda x, a: x.shape == a.shape and x.dtype == a.dtype and x.sharding.is_equivalent_to(a.sharding, x.ndim),
+            checkpoint,
+            runner.abstract_state(),
+          )
+        )
+      )
       state = runner.from_checkpoint(checkpoint)
     state, metrics = runner.train_step(state, batch)
     out['losses'].append(float(metrics['loss']))
@@ -110,10 +131,14 @@ def _worker(job):
 
 def _launch(job, devices, tmp_path, name):
   job = dict(job, out=str(tmp_path / f'{name}.pkl'))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
-             f' --xla_force_host_platform_device_count={devices}')
-  return job['out'], subprocess.Popen([sys.executable, __file__, json.dumps(job)], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}',
+  )
+  return job['out'], subprocess.Popen(
+    [sys.executable, __file__, json.dumps(job)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+  )
 
 
 def _collect(launched, timeout=300):
@@ -156,8 +181,8 @@ def _assert_same(run, reference, params=True):
 # normalises by the whole batch's tokens.
 # (8,1,1), (1,1,8), pmap and 2 processes (jit and pmap) run end to end through launch.py in test_scale.py.
 LAYOUTS = [
-    ('decoder_only', 'jit', (2, 2, 2), 0.1, 2),
-    ('encoder_decoder', 'jit', (1, 2, 4), 0.1, 2),
+  ('decoder_only', 'jit', (2, 2, 2), 0.1, 2),
+  ('encoder_decoder', 'jit', (1, 2, 4), 0.1, 2),
 ]
 
 
@@ -166,8 +191,10 @@ def test_jit_meshes_on_8_devices_match_one_device(tmp_path):
   # This process has one device: its references are computed while the subprocess runs.
   assert jax.device_count() == 1
   try:
-    references = {(kind, dropout): _reference(kind, dropout)
-                  for kind, _, _, dropout, _ in LAYOUTS + [('decoder_only', '', (), 0.0, 1)]}
+    references = {
+      (kind, dropout): _reference(kind, dropout)
+      for kind, _, _, dropout, _ in LAYOUTS + [('decoder_only', '', (), 0.0, 1)]
+    }
   except BaseException:
     launched[1].kill()
     raise
@@ -196,12 +223,15 @@ def _mesh(data, fsdp=1, tensor=1):
   return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
 
 
-@pytest.mark.parametrize('mesh,message', [
+@pytest.mark.parametrize(
+  'mesh,message',
+  [
     (_mesh(2), r'config.train.mesh.data=2, .* has 2 devices, but the device count is 1'),
     (_mesh(-1, 2), r'config.train.mesh.fsdp=2.*the device count 1 is not a multiple of .* product 2'),
     (_mesh(-1, -1), r'at most one may be -1'),
     (_mesh(0), r'config.train.mesh.data=0.* positive'),
-])
+  ],
+)
 def test_bad_mesh_names_the_keys_and_the_device_count(mesh, message):
   with pytest.raises(ConfigError, match=message):
     parallel.make_mesh(mesh)
@@ -211,11 +241,14 @@ def test_mesh_fills_the_minus_one_axis():
   assert dict(parallel.make_mesh(_mesh(1, -1)).shape) == {'data': 1, 'fsdp': jax.device_count(), 'tensor': 1}
 
 
-@pytest.mark.parametrize('overrides,message', [
+@pytest.mark.parametrize(
+  'overrides,message',
+  [
     (dict(batch_size=3, grad_accum_steps=2), r'config.train.batch_size=3 must be divisible by .* = 2'),
     (dict(batch_size=3, grad_accum_steps=2, parallelism='pmap'), r'config.train.batch_size=3 .*pmap'),
     (dict(parallelism='tpu'), r"parallelism='tpu' is not one of: jit, pmap"),
-])
+  ],
+)
 def test_bad_runner_settings(overrides, message):
   config, model, optimizer, schedule = _setup('decoder_only')
   config.update(overrides)
@@ -226,8 +259,15 @@ def test_bad_runner_settings(overrides, message):
 def test_initialize_distributed_only_joins_a_detected_cluster(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda *args, **kwargs: calls.append((args, kwargs)))
-  for name in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_NPROCS', 'OMPI_COMM_WORLD_SIZE',
-               'TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS'):
+  for name in (
+    'SLURM_JOB_ID',
+    'SLURM_NTASKS',
+    'SLURM_NPROCS',
+    'OMPI_COMM_WORLD_SIZE',
+    'TPU_PROCESS_ADDRESSES',
+    'TPU_WORKER_HOSTNAMES',
+    'MEGASCALE_COORDINATOR_ADDRESS',
+  ):
     monkeypatch.delenv(name, raising=False)
   parallel.initialize_distributed()  # a single process: nothing to join
   monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'worker-0')

@@ -4,7 +4,8 @@ import collections
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from transformer.attention import make_attention_mask
 from transformer.data import pipeline
@@ -123,8 +124,9 @@ def test_bad_rows_are_refused():
 
 def test_eval_batches_cover_everything_once_with_equal_counts():
   examples = _examples(23, pairs=False)
-  shares = [list(pipeline.eval_batches(examples, seq_len=16, batch_size=4, process_index=i, process_count=2))
-            for i in range(2)]
+  shares = [
+    list(pipeline.eval_batches(examples, seq_len=16, batch_size=4, process_index=i, process_count=2)) for i in range(2)
+  ]
   assert len(shares[0]) == len(shares[1]) == 3  # ceil(ceil(23 / 2) / 4)
   rows = [row for share in shares for batch in share for row in batch['targets'] if row.any()]
   assert sorted(int(r[0]) // 1000 for r in rows) == list(range(1, 24))

@@ -12,16 +12,17 @@ import os
 import random
 import shutil
 
+import launching
 import numpy as np
 import pytest
-
-import launching
 
 TEXT = 'experiments/text.py:tiny'
 TRANSLATION = 'experiments/translation.py:tiny'
 STEPS = 6
-_WORDS = ('the of and to in that he shall unto for his a lord they be is him not them it with all thou was '
-          'which my me said but ye their have will thee from as are when this out were by upon man king').split()
+_WORDS = (
+  'the of and to in that he shall unto for his a lord they be is him not them it with all thou was '
+  'which my me said but ye their have will thee from as are when this out were by upon man king'
+).split()
 
 
 def _sentence(rng):
@@ -43,32 +44,49 @@ def corpus(tmp_path_factory):
 
 def _text(corpus, *extra):
   """The tiny text LM, shrunk to compile in seconds; `extra` overrides come last and win."""
-  return (f'--config.data.corpus=files', f'--config.data.train_files={corpus}/train.txt',
-          f'--config.data.eval_files={corpus}/eval.txt', '--config.data.vocab_size=128', '--config.data.seq_len=32',
-          '--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_heads=4',
-          '--config.model.num_decoder_layers=2', '--config.model.dropout_rate=0.1',
-          '--config.model.attention_dropout_rate=0.1', '--config.train.batch_size=16',
-          f'--config.train.num_steps={STEPS}', '--config.train.log_every=1', f'--config.train.eval_every={STEPS}',
-          '--config.train.checkpoint_every=3', '--config.train.num_samples=0', '--config.train.warmup_steps=1',
-          '--config.train.log_batch_digests=True', *extra)
+  return (
+    '--config.data.corpus=files',
+    f'--config.data.train_files={corpus}/train.txt',
+    f'--config.data.eval_files={corpus}/eval.txt',
+    '--config.data.vocab_size=128',
+    '--config.data.seq_len=32',
+    '--config.model.d_model=32',
+    '--config.model.d_ff=64',
+    '--config.model.num_heads=4',
+    '--config.model.num_decoder_layers=2',
+    '--config.model.dropout_rate=0.1',
+    '--config.model.attention_dropout_rate=0.1',
+    '--config.train.batch_size=16',
+    f'--config.train.num_steps={STEPS}',
+    '--config.train.log_every=1',
+    f'--config.train.eval_every={STEPS}',
+    '--config.train.checkpoint_every=3',
+    '--config.train.num_samples=0',
+    '--config.train.warmup_steps=1',
+    '--config.train.log_batch_digests=True',
+    *extra,
+  )
 
 
 SCALED = ('--config.model.scan_layers=True', '--config.model.remat=full', '--config.train.grad_accum_steps=2')
 
 
 def _mesh(data, fsdp, tensor):
-  return (f'--config.train.mesh.data={data}', f'--config.train.mesh.fsdp={fsdp}',
-          f'--config.train.mesh.tensor={tensor}')
+  return (
+    f'--config.train.mesh.data={data}',
+    f'--config.train.mesh.fsdp={fsdp}',
+    f'--config.train.mesh.tensor={tensor}',
+  )
 
 
 # name -> (overrides, devices per process, processes). The reference: 1 device, unrolled, no accumulation.
 LAYOUTS = {
-    'data8': (SCALED + _mesh(8, 1, 1), 8, 1),
-    'mesh222': (SCALED + _mesh(2, 2, 2), 8, 1),
-    'mesh124': (SCALED + _mesh(1, 2, 4), 8, 1),
-    'tensor8': (SCALED + _mesh(1, 1, 8), 8, 1),
-    'pmap8': (SCALED + ('--config.train.parallelism=pmap',), 8, 1),
-    'pmap_hosts2x4': (SCALED + ('--config.train.parallelism=pmap',), 4, 2),
+  'data8': (SCALED + _mesh(8, 1, 1), 8, 1),
+  'mesh222': (SCALED + _mesh(2, 2, 2), 8, 1),
+  'mesh124': (SCALED + _mesh(1, 2, 4), 8, 1),
+  'tensor8': (SCALED + _mesh(1, 1, 8), 8, 1),
+  'pmap8': (SCALED + ('--config.train.parallelism=pmap',), 8, 1),
+  'pmap_hosts2x4': (SCALED + ('--config.train.parallelism=pmap',), 4, 2),
 }
 HOSTS = (SCALED + _mesh(2, 2, 2), 4, 2)  # 2 processes: see the fault test
 
@@ -83,7 +101,7 @@ def _unrolled(params: dict) -> dict:
       continue
     at = parts.index('layers')
     for i, layer in enumerate(value):
-      out['/'.join(parts[:at] + [f'layer_{i}'] + parts[at + 1:])] = layer
+      out['/'.join(parts[:at] + [f'layer_{i}'] + parts[at + 1 :])] = layer
   return out
 
 
@@ -145,8 +163,9 @@ def test_two_hosts_match_one_device_resume_exactly_when_killed_and_restore_elsew
   _assert_each_process_fed_half(uninterrupted)
 
   workdir = tmp_path / 'killed'
-  killed = launching.start(TEXT, workdir, *args, devices=devices, processes=processes,
-                           env={'TRANSFORMER_TEST_KILL_AT': '5:1'})
+  killed = launching.start(
+    TEXT, workdir, *args, devices=devices, processes=processes, env={'TRANSFORMER_TEST_KILL_AT': '5:1'}
+  )
   killed[1].wait(timeout=600)
   assert killed[1].returncode == -9, launching.log_tail(workdir, 1)
   launching.kill(killed)  # process 0 waits in a collective for its dead peer
@@ -154,28 +173,48 @@ def test_two_hosts_match_one_device_resume_exactly_when_killed_and_restore_elsew
   assert launching.losses(workdir) == launching.losses(uninterrupted)  # bitwise
   assert launching.batch_digests(workdir) == launching.batch_digests(uninterrupted)
 
-  for name, extra, devices in (('fsdp8', _mesh(1, 8, 1), 8),
-                               ('one_device_unrolled', _mesh(1, 1, 1) + ('--config.model.scan_layers=False',
-                                                                         '--config.train.grad_accum_steps=1'), 1)):
+  for name, extra, devices in (
+    ('fsdp8', _mesh(1, 8, 1), 8),
+    (
+      'one_device_unrolled',
+      _mesh(1, 1, 1) + ('--config.model.scan_layers=False', '--config.train.grad_accum_steps=1'),
+      1,
+    ),
+  ):
     moved = tmp_path / name
     shutil.copytree(uninterrupted / 'checkpoints' / '2', moved / 'checkpoints' / '2')
     shutil.copy(uninterrupted / 'config.json', moved / 'config.json')
-    launching.run(TEXT, moved, *_text(corpus, *overrides, *extra, '--config.train.checkpoint_every=2'),
-                  devices=devices)
+    launching.run(TEXT, moved, *_text(corpus, *overrides, *extra, '--config.train.checkpoint_every=2'), devices=devices)
     assert min(launching.losses(moved)) == 3  # resumed after step 2
     _assert_same_run(moved, reference, steps=range(3, STEPS + 1))
 
 
 def _translation(corpus, *extra):
-  return ('--config.data.corpus=files', f'--config.data.train_files={corpus}/train.tsv',
-          f'--config.data.eval_files={corpus}/eval.tsv', '--config.data.vocab_size=128',
-          '--config.data.seq_len=32', '--config.data.bleu_examples=16', '--config.data.beam_size=2',
-          '--config.data.extra_decode_len=8', '--config.data.decode_batch_size=8', '--config.model.d_model=32',
-          '--config.model.d_ff=64', '--config.model.num_heads=4', '--config.model.num_encoder_layers=1',
-          '--config.model.num_decoder_layers=1', '--config.train.batch_size=8', '--config.train.num_steps=4',
-          '--config.train.warmup_steps=1', '--config.train.learning_rate=1e-2', '--config.train.log_every=1',
-          '--config.train.eval_every=2', '--config.train.checkpoint_every=2', '--config.train.num_samples=4',
-          *extra)
+  return (
+    '--config.data.corpus=files',
+    f'--config.data.train_files={corpus}/train.tsv',
+    f'--config.data.eval_files={corpus}/eval.tsv',
+    '--config.data.vocab_size=128',
+    '--config.data.seq_len=32',
+    '--config.data.bleu_examples=16',
+    '--config.data.beam_size=2',
+    '--config.data.extra_decode_len=8',
+    '--config.data.decode_batch_size=8',
+    '--config.model.d_model=32',
+    '--config.model.d_ff=64',
+    '--config.model.num_heads=4',
+    '--config.model.num_encoder_layers=1',
+    '--config.model.num_decoder_layers=1',
+    '--config.train.batch_size=8',
+    '--config.train.num_steps=4',
+    '--config.train.warmup_steps=1',
+    '--config.train.learning_rate=1e-2',
+    '--config.train.log_every=1',
+    '--config.train.eval_every=2',
+    '--config.train.checkpoint_every=2',
+    '--config.train.num_samples=4',
+    *extra,
+  )
 
 
 def test_two_hosts_train_evaluate_decode_and_checkpoint_like_one(corpus, tmp_path):
@@ -202,4 +241,5 @@ def test_two_hosts_train_evaluate_decode_and_checkpoint_like_one(corpus, tmp_pat
   decoded = [json.loads(line) for line in (workdir / 'decode' / 'step_4.jsonl').read_text().splitlines()]
   assert len(decoded) == 32
   assert [json.dumps(d, ensure_ascii=False) for d in decoded[:4]] == [
-      json.dumps({k: v for k, v in json.loads(line).items() if k != 'step'}, ensure_ascii=False) for line in again[4:]]
+    json.dumps({k: v for k, v in json.loads(line).items() if k != 'step'}, ensure_ascii=False) for line in again[4:]
+  ]

@@ -23,16 +23,19 @@ BASE = 'experiments/synthetic.py:reverse'
 
 def test_product_zip_variant_and_group_name_and_expand():
   assert sweep.product(norm_position=['post', 'pre'], dropout_rate=[0.0, 0.1]) == [
-      {'name': 'norm_position=post,dropout_rate=0.0', 'overrides': {'norm_position': 'post', 'dropout_rate': 0.0}},
-      {'name': 'norm_position=post,dropout_rate=0.1', 'overrides': {'norm_position': 'post', 'dropout_rate': 0.1}},
-      {'name': 'norm_position=pre,dropout_rate=0.0', 'overrides': {'norm_position': 'pre', 'dropout_rate': 0.0}},
-      {'name': 'norm_position=pre,dropout_rate=0.1', 'overrides': {'norm_position': 'pre', 'dropout_rate': 0.1}}]
+    {'name': 'norm_position=post,dropout_rate=0.0', 'overrides': {'norm_position': 'post', 'dropout_rate': 0.0}},
+    {'name': 'norm_position=post,dropout_rate=0.1', 'overrides': {'norm_position': 'post', 'dropout_rate': 0.1}},
+    {'name': 'norm_position=pre,dropout_rate=0.0', 'overrides': {'norm_position': 'pre', 'dropout_rate': 0.0}},
+    {'name': 'norm_position=pre,dropout_rate=0.1', 'overrides': {'norm_position': 'pre', 'dropout_rate': 0.1}},
+  ]
   assert sweep.zip_(num_heads=[1, 4], **{'model.d_k': [128, 32]}) == [
-      {'name': 'num_heads=1,d_k=128', 'overrides': {'num_heads': 1, 'model.d_k': 128}},
-      {'name': 'num_heads=4,d_k=32', 'overrides': {'num_heads': 4, 'model.d_k': 32}}]
+    {'name': 'num_heads=1,d_k=128', 'overrides': {'num_heads': 1, 'model.d_k': 128}},
+    {'name': 'num_heads=4,d_k=32', 'overrides': {'num_heads': 4, 'model.d_k': 32}},
+  ]
   assert sweep.group('E', sweep.variant(tie_embeddings=False) + sweep.variant('mine', d_model=8)) == [
-      {'name': 'E:tie_embeddings=false', 'overrides': {'tie_embeddings': False}},
-      {'name': 'E:mine', 'overrides': {'d_model': 8}}]
+    {'name': 'E:tie_embeddings=false', 'overrides': {'tie_embeddings': False}},
+    {'name': 'E:mine', 'overrides': {'d_model': 8}},
+  ]
   with pytest.raises(ConfigError, match='equally long'):
     sweep.zip_(num_heads=[1, 2], d_k=[1])
 
@@ -45,24 +48,27 @@ def test_sweep_config_resolves_short_keys_and_checks_values():
   assert config.sweep.seeds == (3, 4) and config.sweep.higher_is_better is False
   assert sweep.sweep_config(BASE, sweep.variant('a'), metric='eval/accuracy').sweep.higher_is_better is True
   for variants, message in [
-      (sweep.product(d_modle=[8]), "No config key is named 'd_modle'. Did you mean 'd_model' (config.model.d_model)?"),
-      (sweep.product(vocab_size=[8]), "'vocab_size' is ambiguous: it could be config.data.vocab_size or "
-                                      "config.model.vocab_size"),
-      (sweep.product(**{'model.d_modle': [8]}), 'Did you mean config.model.d_model?'),
-      (sweep.product(num_heads=['4']), "config.model.num_heads='4' must be an int"),
-      (sweep.variant('a') + sweep.variant('a'), 'Two variants share a name: a')]:
+    (sweep.product(d_modle=[8]), "No config key is named 'd_modle'. Did you mean 'd_model' (config.model.d_model)?"),
+    (
+      sweep.product(vocab_size=[8]),
+      "'vocab_size' is ambiguous: it could be config.data.vocab_size or config.model.vocab_size",
+    ),
+    (sweep.product(**{'model.d_modle': [8]}), 'Did you mean config.model.d_model?'),
+    (sweep.product(num_heads=['4']), "config.model.num_heads='4' must be an int"),
+    (sweep.variant('a') + sweep.variant('a'), 'Two variants share a name: a'),
+  ]:
     with pytest.raises(ConfigError) as error:
       sweep.sweep_config(BASE, variants)
     assert message in str(error.value)
 
 
-ABLATIONS = sorted(p for p in glob.glob(os.path.join(ROOT, 'experiments', 'ablations', '*.py'))
-                   if not p.endswith('__init__.py'))
+ABLATIONS = sorted(
+  p for p in glob.glob(os.path.join(ROOT, 'experiments', 'ablations', '*.py')) if not p.endswith('__init__.py')
+)
 
 
 def test_there_are_ablation_files():
-  assert [os.path.basename(p) for p in ABLATIONS] == ['attention.py', 'norm.py', 'positional.py',
-                                                      'vaswani_table3.py']
+  assert [os.path.basename(p) for p in ABLATIONS] == ['attention.py', 'norm.py', 'positional.py', 'vaswani_table3.py']
 
 
 @pytest.mark.parametrize('path', ABLATIONS, ids=os.path.basename)
@@ -97,12 +103,21 @@ def test_command_line_may_not_set_what_the_sweep_varies(tmp_path):
     sweep.plan(config, str(tmp_path), ('--config.model.d_model=16',))
   runs = sweep.plan(config, str(tmp_path), ('--config.sweep.parallel=4', '--config.train.num_steps=5'))
   base = os.path.join(ROOT, 'experiments', 'synthetic.py') + ':reverse'
-  assert runs[1].command == [sys.executable, sweep.LAUNCH, '--config', base, '--config.model.d_model=64',
-                             '--config.train.num_steps=5', '--config.train.seed=0',
-                             '--workdir', str(tmp_path / 'd_model=64' / 'seed0')]
+  assert runs[1].command == [
+    sys.executable,
+    sweep.LAUNCH,
+    '--config',
+    base,
+    '--config.model.d_model=64',
+    '--config.train.num_steps=5',
+    '--config.train.seed=0',
+    '--workdir',
+    str(tmp_path / 'd_model=64' / 'seed0'),
+  ]
 
 
 # --- the process runner, with stand-in children (fast, no JAX)
+
 
 def fake_run(tmp_path, name, script, num_steps=5):
   directory = str(tmp_path / name / 'seed0')
@@ -129,7 +144,7 @@ def test_runner_records_done_failed_and_stopped_runs(tmp_path):
   assert open(os.path.join(runs[2].directory, 'log.txt')).read().count('\n=== ') == 2  # appended, per attempt
 
 
-WAITS_FOR_SIGNAL = '''
+WAITS_FOR_SIGNAL = """
 import os, signal, sys, time
 def stop(signum, frame):
   open(os.path.join(sys.argv[1], "got_" + signal.Signals(signum).name), "w").close()
@@ -137,7 +152,7 @@ def stop(signum, frame):
 signal.signal(signal.SIGTERM, stop)
 open(os.path.join(sys.argv[1], "ready"), "w").close()
 time.sleep(60)
-'''
+"""
 
 
 def test_sigterm_to_the_sweep_is_forwarded_and_stops_new_launches(tmp_path):
@@ -163,16 +178,19 @@ def test_sigterm_to_the_sweep_is_forwarded_and_stops_new_launches(tmp_path):
 
 def test_log_tail_finds_the_error_after_usage_text_and_log_lines(tmp_path):
   path = tmp_path / 'log.txt'
-  path.write_text('\n=== old attempt\nValueError: old\n\n=== 2024 launch.py\nRun an experiment.\n\nflags:\n  --x: y\n\n'
-                  'Cannot resume runs/a with this config:\n  config.model.d_model: 32 -> 64\nUse a new --workdir.\n'
-                  'I1122 04:48:06.882807 1405 checkpoint.py:459] Closing\n\n')
-  assert results.log_tail(str(path)) == ('Cannot resume runs/a with this config:\n  config.model.d_model: 32 -> 64\n'
-                                         'Use a new --workdir.')
+  path.write_text(
+    '\n=== old attempt\nValueError: old\n\n=== 2024 launch.py\nRun an experiment.\n\nflags:\n  --x: y\n\n'
+    'Cannot resume runs/a with this config:\n  config.model.d_model: 32 -> 64\nUse a new --workdir.\n'
+    'I1122 04:48:06.882807 1405 checkpoint.py:459] Closing\n\n'
+  )
+  assert results.log_tail(str(path)) == (
+    'Cannot resume runs/a with this config:\n  config.model.d_model: 32 -> 64\nUse a new --workdir.'
+  )
 
 
 # --- a real sweep, end to end
 
-SWEEP_FILE = '''
+SWEEP_FILE = """
 from transformer import sweep
 
 def get_config(arg=None):
@@ -183,13 +201,28 @@ def get_config(arg=None):
       overrides=dict(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
                      eval_every=10, log_every=5, checkpoint_every=10, batch_size=8, num_eval=16,
                      seq_len=12, num_samples=0, **{'data.max_len': 8}))
-'''
+"""
 
 
 def launch_sweep(sweep_file, workdir):
   # num_steps from the command line: it applies to every variant
-  return subprocess.run([sys.executable, 'launch.py', '--config', sweep_file, '--mode', 'sweep', '--workdir', workdir,
-                         '--config.train.num_steps=20'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [
+      sys.executable,
+      'launch.py',
+      '--config',
+      sweep_file,
+      '--mode',
+      'sweep',
+      '--workdir',
+      workdir,
+      '--config.train.num_steps=20',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def final_losses(directory):
@@ -213,17 +246,24 @@ def test_sweep_end_to_end_with_a_failure_a_resume_and_re_aggregation(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   rows = list(csv.DictReader(open(os.path.join(workdir, 'results.csv'))))
   assert [(r['variant'], r['seed'], r['status']) for r in rows] == [
-      ('min_len=4', '0', 'done'), ('min_len=4', '1', 'done'), ('min_len=6', '0', 'done'), ('min_len=6', '1', 'failed'),
-      ('min_len=4', 'mean', '2/2 done'), ('min_len=4', 'std', '2/2 done'),
-      ('min_len=6', 'mean', '1/2 done'), ('min_len=6', 'std', '1/2 done')]
+    ('min_len=4', '0', 'done'),
+    ('min_len=4', '1', 'done'),
+    ('min_len=6', '0', 'done'),
+    ('min_len=6', '1', 'failed'),
+    ('min_len=4', 'mean', '2/2 done'),
+    ('min_len=4', 'std', '2/2 done'),
+    ('min_len=6', 'mean', '1/2 done'),
+    ('min_len=6', 'std', '1/2 done'),
+  ]
   assert rows[3]['error'].startswith(f'Cannot resume {broken} with this config')
   assert ' / config.model.d_model: 64 -> 32 / Use a new --workdir' in rows[3]['error'].replace('  ', '')
   per_seed = [final_losses(os.path.join(workdir, 'min_len=4', f'seed{s}'))[-1] for s in (0, 1)]
   assert [float(r['final eval/loss']) for r in rows[:2]] == per_seed
   assert float(rows[4]['final eval/loss']) == pytest.approx(np.mean(per_seed), rel=1e-12)
   assert float(rows[5]['final eval/loss']) == pytest.approx(np.std(per_seed, ddof=1), rel=1e-12)
-  assert float(rows[4]['best eval/loss']) == pytest.approx(np.mean([min(final_losses(os.path.join(
-      workdir, 'min_len=4', f'seed{s}'))) for s in (0, 1)]), rel=1e-12)
+  assert float(rows[4]['best eval/loss']) == pytest.approx(
+    np.mean([min(final_losses(os.path.join(workdir, 'min_len=4', f'seed{s}'))) for s in (0, 1)]), rel=1e-12
+  )
   assert rows[0]['steps'] == '20.0' and float(rows[0]['params']) > 0 and float(rows[0]['tokens/s']) > 0
   assert float(rows[0]['wall s']) > 0
   assert os.path.getsize(os.path.join(workdir, 'results.png')) > 10_000
@@ -231,8 +271,9 @@ def test_sweep_end_to_end_with_a_failure_a_resume_and_re_aggregation(tmp_path):
 
   # Re-run after removing the stale workdir: only the failed run runs again.
   finished = [os.path.join(workdir, v, f'seed{s}') for v, s in [('min_len=4', 0), ('min_len=4', 1), ('min_len=6', 0)]]
-  stamps = {d: [os.path.getmtime(os.path.join(d, f)) for f in ('metrics.jsonl', 'status.json', 'log.txt')]
-            for d in finished}
+  stamps = {
+    d: [os.path.getmtime(os.path.join(d, f)) for f in ('metrics.jsonl', 'status.json', 'log.txt')] for d in finished
+  }
   for name in ('checkpoints', 'config.json', 'status.json', 'log.txt'):
     path = os.path.join(broken, name)
     os.rmdir(os.path.join(path, '10')) if name == 'checkpoints' else os.remove(path)
@@ -240,8 +281,9 @@ def test_sweep_end_to_end_with_a_failure_a_resume_and_re_aggregation(tmp_path):
   assert second.returncode == 0, second.stderr[-3000:]
   assert '4 runs, 3 finished, 1 to run' in second.stdout
   assert second.stdout.count('[sweep] started') == 1 and '[sweep] started min_len=6/seed1' in second.stdout
-  assert {d: [os.path.getmtime(os.path.join(d, f)) for f in ('metrics.jsonl', 'status.json', 'log.txt')]
-          for d in finished} == stamps
+  assert {
+    d: [os.path.getmtime(os.path.join(d, f)) for f in ('metrics.jsonl', 'status.json', 'log.txt')] for d in finished
+  } == stamps
   rows = list(csv.DictReader(open(os.path.join(workdir, 'results.csv'))))
   assert [r['status'] for r in rows[:4]] == ['done'] * 4 and rows[6]['status'] == '2/2 done'
 

@@ -27,8 +27,16 @@ def _pairs(count, seed):
 
 def _tiny(config, workdir):
   config.model.update(num_encoder_layers=1, num_decoder_layers=1, d_model=32, d_ff=64, num_heads=2)
-  config.train.update(num_steps=12, batch_size=8, log_every=6, eval_every=6, checkpoint_every=6,
-                      warmup_steps=2, num_samples=2, decode_examples=3)
+  config.train.update(
+    num_steps=12,
+    batch_size=8,
+    log_every=6,
+    eval_every=6,
+    checkpoint_every=6,
+    warmup_steps=2,
+    num_samples=2,
+    decode_examples=3,
+  )
   os.environ['TRANSFORMER_CACHE'] = str(workdir / 'cache')  # tokenizers of the test's own corpora
   return config
 
@@ -39,9 +47,15 @@ def translation_config(tmp_path):
     with open(tmp_path / f'{name}.tsv', 'w') as f:
       f.writelines(f'{s}\t{t}\n' for s, t in _pairs(count, seed))
   config = _tiny(translation_experiment.get_config('tiny'), tmp_path)
-  config.data.update(corpus='files', train_files=str(tmp_path / 'train.tsv'),
-                     eval_files=str(tmp_path / 'dev.tsv'), vocab_size=40, seq_len=16, bleu_examples=8,
-                     decode_batch_size=8)
+  config.data.update(
+    corpus='files',
+    train_files=str(tmp_path / 'train.tsv'),
+    eval_files=str(tmp_path / 'dev.tsv'),
+    vocab_size=40,
+    seq_len=16,
+    bleu_examples=8,
+    decode_batch_size=8,
+  )
   return config
 
 
@@ -76,16 +90,21 @@ def test_text_task_bits_per_byte_and_samples(tmp_path):
   (tmp_path / 'train.txt').write_text('\n'.join(docs[:50]) + '\n')
   (tmp_path / 'dev.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs[50:]))
   config = _tiny(text_experiment.get_config('tiny'), tmp_path)
-  config.data.update(corpus='files', train_files=str(tmp_path / 'train.txt'),
-                     eval_files=str(tmp_path / 'dev.jsonl'), vocab_size=40, seq_len=32, sample_len=8)
+  config.data.update(
+    corpus='files',
+    train_files=str(tmp_path / 'train.txt'),
+    eval_files=str(tmp_path / 'dev.jsonl'),
+    vocab_size=40,
+    seq_len=32,
+    sample_len=8,
+  )
   task = tasks.get_task(config)
   assert task.eval_bytes == sum(len(d.encode()) for d in docs[50:])
   losses = {'eval/loss': 1.5, 'eval/tokens': 1000.0}
-  assert task.eval_metrics(None, losses)['eval/bits_per_byte'] == pytest.approx(
-      1500 / math.log(2) / task.eval_bytes)
+  assert task.eval_metrics(None, losses)['eval/bits_per_byte'] == pytest.approx(1500 / math.log(2) / task.eval_bytes)
   # A document longer than seq_len is cut into windows: every token (and its EOS) is kept.
   ids = task.tokenizer.encode(docs[0])
-  assert sum(len(ex['targets']) for ex in task.train_examples[:math.ceil((len(ids) + 1) / 32)]) == len(ids) + 1
+  assert sum(len(ex['targets']) for ex in task.train_examples[: math.ceil((len(ids) + 1) / 32)]) == len(ids) + 1
 
   workdir = tmp_path / 'run'
   loop.train_and_evaluate(config, str(workdir))
@@ -108,13 +127,16 @@ def test_the_bible_corpora_load_through_the_tasks(tmp_path):
   assert batch['inputs'].shape == (4, 128) and batch['targets_segment_ids'].max() > 1  # packed
 
 
-@pytest.mark.parametrize('override, message', [
+@pytest.mark.parametrize(
+  'override, message',
+  [
     (dict(corpus='wiki'), "config.data.corpus='wiki' is not one of"),
     (dict(corpus='files'), 'needs config.data.train_files'),
     (dict(corpus='files', train_files='/nonexistent/train.tsv', eval_files='x'), '/nonexistent/train.tsv'),
     (dict(tokenizer='wordpiece'), "config.data.tokenizer='wordpiece'"),
     (dict(eval_split='valid'), "config.data.eval_split='valid' is not one of dev, test"),
-])
+  ],
+)
 def test_bad_data_settings_fail_clearly(override, message, tmp_path):
   config = translation_experiment.get_config('tiny')
   config.data.update(override)

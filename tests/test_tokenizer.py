@@ -7,7 +7,8 @@ import pytest
 import sentencepiece as spm
 
 from transformer.config import ConfigError
-from transformer.data import corpora, tokenizer as tok
+from transformer.data import corpora
+from transformer.data import tokenizer as tok
 from transformer.models import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -46,7 +47,7 @@ def test_round_trip_on_held_out_verses(texts, cache, model_type):
 
 
 def test_decode_stops_at_eos_and_skips_pad_and_bos(bpe):
-  text = "Jésus lui dit: Je suis le chemin, la vérité, et la vie."
+  text = 'Jésus lui dit: Je suis le chemin, la vérité, et la vie.'
   ids = bpe.encode(text)
   assert bpe.decode([BOS_ID] + ids + [EOS_ID] + ids + [PAD_ID, PAD_ID]) == text
   assert bpe.decode([PAD_ID] + ids[:3] + [PAD_ID] + ids[3:]) == text
@@ -60,6 +61,7 @@ def test_cache_hit_loads_without_training(texts, cache, bpe, monkeypatch):
 
   def no_training(*args, **kwargs):
     raise AssertionError('trained again instead of loading the cache')
+
   monkeypatch.setattr(spm.SentencePieceTrainer, 'train', no_training)
   again = tok.train_tokenizer(iter(texts), 400, cache_dir=cache, name='k-l')  # an iterator works too
   assert again.path == bpe.path and os.stat(again.path).st_mtime_ns == mtime
@@ -71,9 +73,9 @@ def test_cache_hit_loads_without_training(texts, cache, bpe, monkeypatch):
 
 def test_other_settings_or_corpus_give_other_files(texts, cache, bpe):
   variants = [
-      tok.train_tokenizer(texts, 300, cache_dir=cache, name='k-l'),
-      tok.train_tokenizer(texts, 400, cache_dir=cache, name='k-l', character_coverage=0.9995),
-      tok.train_tokenizer(texts[:-1], 400, cache_dir=cache, name='k-l'),
+    tok.train_tokenizer(texts, 300, cache_dir=cache, name='k-l'),
+    tok.train_tokenizer(texts, 400, cache_dir=cache, name='k-l', character_coverage=0.9995),
+    tok.train_tokenizer(texts[:-1], 400, cache_dir=cache, name='k-l'),
   ]
   paths = {bpe.path} | {variant.path for variant in variants}
   assert len(paths) == 4 and all(os.path.isfile(p) for p in paths)
@@ -108,9 +110,13 @@ def test_load_tokenizer(bpe, tmp_path):
   with pytest.raises(ConfigError, match=r'junk\.model is not a SentencePiece model'):
     tok.load_tokenizer(str(tmp_path / 'junk.model'))
   # A model trained with SentencePiece's own default ids (unk 0, no pad) would shift every token.
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(['some text here', 'and more text'] * 5),
-                                 model_prefix=str(tmp_path / 'default'), vocab_size=20,
-                                 hard_vocab_limit=False, minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(['some text here', 'and more text'] * 5),
+    model_prefix=str(tmp_path / 'default'),
+    vocab_size=20,
+    hard_vocab_limit=False,
+    minloglevel=2,
+  )
   with pytest.raises(ConfigError, match=r'default\.model has pad/bos/eos/unk ids \(-1, 1, 2, 0\)'):
     tok.load_tokenizer(str(tmp_path / 'default.model'))
 

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from transformer import metrics, models, optim, summary, train
-from transformer.config import default_train_config
 from conftest import tiny
+
+from transformer import metrics, models, optim, train
+from transformer.config import default_train_config
 
 
 def test_smoothed_loss_minimum_is_zero():
@@ -17,8 +17,10 @@ def test_smoothed_loss_minimum_is_zero():
   loss, count = train.cross_entropy(jnp.log(smoothed), targets, jnp.ones((1, 3)), label_smoothing=eps)
   assert count == 3 and abs(float(loss)) < 1e-5
   # Any other prediction costs more, an over-confident one included.
-  for logits in (jnp.log(smoothed) + 0.3 * jax.random.normal(jax.random.key(0), smoothed.shape),
-                 50.0 * jax.nn.one_hot(targets, vocab)):
+  for logits in (
+    jnp.log(smoothed) + 0.3 * jax.random.normal(jax.random.key(0), smoothed.shape),
+    50.0 * jax.nn.one_hot(targets, vocab),
+  ):
     assert float(train.cross_entropy(logits, targets, jnp.ones((1, 3)), label_smoothing=eps)[0]) > 1e-3
   # Without smoothing a confident correct prediction costs ~0, and the loss is the plain NLL.
   logits = jax.random.normal(jax.random.key(1), (1, 3, vocab))
@@ -37,8 +39,9 @@ def test_z_loss_adds_log_z_squared():
 def _setup(kind='decoder_only', **train_overrides):
   cfg = tiny(kind=kind)
   model = models.build_model(cfg)
-  train_cfg = default_train_config(optimizer='adamw', learning_rate=1e-2, warmup_steps=2, num_steps=50,
-                                   **train_overrides)
+  train_cfg = default_train_config(
+    optimizer='adamw', learning_rate=1e-2, warmup_steps=2, num_steps=50, **train_overrides
+  )
   optimizer = optim.make_optimizer(train_cfg, cfg.d_model)
   schedule = optim.learning_rate_schedule(train_cfg, cfg.d_model)
   return model, optimizer, schedule, train_cfg
@@ -62,8 +65,7 @@ def test_grad_accumulation_equals_the_large_batch(kind):
   for accum in (1, 4):
     model, optimizer, schedule, train_cfg = _setup(kind, grad_accum_steps=accum)
     state = train.init_state(model, optimizer, seed=0)
-    state, step_metrics = jax.jit(train.make_train_step(model, optimizer, schedule, train_cfg))(
-        state, _batch(kind))
+    state, step_metrics = jax.jit(train.make_train_step(model, optimizer, schedule, train_cfg))(state, _batch(kind))
     results.append((state.params, step_metrics))
   (params_1, metrics_1), (params_4, metrics_4) = results
   np.testing.assert_allclose(metrics_4['loss'], metrics_1['loss'], rtol=1e-6)
@@ -99,7 +101,7 @@ def test_paper_schedule_and_weight_decay_mask():
   cfg = default_train_config(optimizer='adam', warmup_steps=4000, learning_rate=1.0)
   schedule = optim.learning_rate_schedule(cfg, 512)
   for step in (1, 100, 4000, 10000):  # optax counts from 0: count = step - 1
-    expected = 512 ** -0.5 * min(step ** -0.5, step * 4000 ** -1.5)
+    expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
     np.testing.assert_allclose(schedule(step - 1), expected, rtol=1e-6)
   params = {'dense': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)}, 'norm': {'scale': jnp.ones(3)}}
   assert optim.decay_mask(params) == {'dense': {'kernel': True, 'bias': False}, 'norm': {'scale': False}}
@@ -121,5 +123,4 @@ def test_flops_per_token_counts_every_matmul():
   # One token attends to one key (itself); 6 = (forward 2 + backward 4) per weight.
   assert metrics.flops_per_token(cfg, 1) == pytest.approx(6 * matmul_weights + 3 * attention_per_key)
   # Causal: on average (T + 1) / 2 keys; a window caps them.
-  assert metrics.flops_per_token(cfg, 9) - metrics.flops_per_token(cfg, 1) == pytest.approx(
-      3 * attention_per_key * 4)
+  assert metrics.flops_per_token(cfg, 9) - metrics.flops_per_token(cfg, 1) == pytest.approx(3 * attention_per_key * 4)

@@ -7,9 +7,9 @@ D per-head size. Masks are boolean `[B, 1, T, S]`, True where a query may attend
 import functools
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from transformer import layers
 from transformer.config import ConfigError, ModelConfig
@@ -19,8 +19,7 @@ from transformer.config import ConfigError, ModelConfig
 _MASKED = -1e9
 
 
-def make_attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, *,
-                        causal: bool, window: int = 0):
+def make_attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, causal: bool, window: int = 0):
   """The one mask builder: padding, packed segments, causal and sliding-window, combined.
 
   Segment id 0 marks padding. A query attends to a key only in its own segment, so real tokens never
@@ -52,11 +51,15 @@ def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
   impl = config.attention_impl
   on_gpu = jax.default_backend() == 'gpu'
   if impl == 'cudnn' and not on_gpu:
-    raise ConfigError(f'attention_impl=cudnn needs a GPU (backend here: {jax.default_backend()}): '
-                      'set config.model.attention_impl=auto or xla.')
+    raise ConfigError(
+      f'attention_impl=cudnn needs a GPU (backend here: {jax.default_backend()}): '
+      'set config.model.attention_impl=auto or xla.'
+    )
   if impl in ('xla', 'cudnn') and dropout:
-    raise ConfigError(f'attention_impl={impl} (jax.nn.dot_product_attention) has no attention dropout: '
-                      'set config.model.attention_dropout_rate=0, or attention_impl=auto or reference.')
+    raise ConfigError(
+      f'attention_impl={impl} (jax.nn.dot_product_attention) has no attention dropout: '
+      'set config.model.attention_dropout_rate=0, or attention_impl=auto or reference.'
+    )
   if impl != 'auto':
     return impl
   if dropout:
@@ -71,12 +74,12 @@ def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
 def _cudnn_supports(config: ModelConfig) -> bool:
   # cuDNN's fused kernel: half precision, equal query/key and value head sizes, multiples of 8 up to 128.
   d = config.head_dim_qk
-  return (config.compute_dtype in (jnp.bfloat16, jnp.float16) and d == config.head_dim_v and d % 8 == 0
-          and d <= 128)
+  return config.compute_dtype in (jnp.bfloat16, jnp.float16) and d == config.head_dim_v and d % 8 == 0 and d <= 128
 
 
-def dot_product_attention(query, key, value, mask, bias=None, *, impl: str = 'reference',
-                          dropout_rate: float = 0.0, dropout_rng=None):
+def dot_product_attention(
+  query, key, value, mask, bias=None, *, impl: str = 'reference', dropout_rate: float = 0.0, dropout_rng=None
+):
   """softmax(q k^T / sqrt(d_k) + bias, masked) v, with grouped heads when K < N.
 
   Args:
@@ -97,6 +100,7 @@ def dot_product_attention(query, key, value, mask, bias=None, *, impl: str = 're
 class LocalMask:
   """A sliding-window self-attention mask kept in the form it is made from (positions, segment ids),
   so that `local_attention` builds it block by block: O(T * window) instead of a `[T, T]` matrix."""
+
   q_positions: jax.Array
   kv_positions: jax.Array
   q_segment_ids: jax.Array
@@ -105,12 +109,19 @@ class LocalMask:
   causal: bool = flax.struct.field(pytree_node=False)
 
   def dense(self):
-    return make_attention_mask(self.q_positions, self.kv_positions, self.q_segment_ids, self.kv_segment_ids,
-                               causal=self.causal, window=self.window)
+    return make_attention_mask(
+      self.q_positions,
+      self.kv_positions,
+      self.q_segment_ids,
+      self.kv_segment_ids,
+      causal=self.causal,
+      window=self.window,
+    )
 
 
-def local_attention(query, key, value, mask: LocalMask, *, impl: str = 'reference', dropout_rate: float = 0.0,
-                    dropout_rng=None):
+def local_attention(
+  query, key, value, mask: LocalMask, *, impl: str = 'reference', dropout_rate: float = 0.0, dropout_rng=None
+):
   """`dot_product_attention` under `mask.dense()`, in time and memory linear in the length.
 
   Queries go in blocks of `window`; a key a query may see lies in its own block or the one before
@@ -130,7 +141,7 @@ def local_attention(query, key, value, mask: LocalMask, *, impl: str = 'referenc
 
   def neighbours(x, fill=0):  # [B, count, size, ...] -> [B * count, len(offsets) * size, ...]
     x = jnp.pad(x, [(0, 0), (1, 1)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    x = jnp.concatenate([x[:, 1 + o:1 + o + count] for o in offsets], axis=2)
+    x = jnp.concatenate([x[:, 1 + o : 1 + o + count] for o in offsets], axis=2)
     return x.reshape((batch * count,) + x.shape[2:])
 
   flat = lambda x: x.reshape((batch * count,) + x.shape[2:])
@@ -138,11 +149,22 @@ def local_attention(query, key, value, mask: LocalMask, *, impl: str = 'referenc
   # queries: neither matches a real segment, padding (0) included, so every real query keeps exactly
   # the keys the dense mask gives it.
   block_mask = make_attention_mask(
-      flat(blocks(mask.q_positions)), neighbours(blocks(mask.kv_positions)),
-      flat(blocks(mask.q_segment_ids, -2)), neighbours(blocks(mask.kv_segment_ids, -1), -1),
-      causal=mask.causal, window=size)
-  out = dot_product_attention(flat(blocks(query)), neighbours(blocks(key)), neighbours(blocks(value)),
-                              block_mask, impl=impl, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    flat(blocks(mask.q_positions)),
+    neighbours(blocks(mask.kv_positions)),
+    flat(blocks(mask.q_segment_ids, -2)),
+    neighbours(blocks(mask.kv_segment_ids, -1), -1),
+    causal=mask.causal,
+    window=size,
+  )
+  out = dot_product_attention(
+    flat(blocks(query)),
+    neighbours(blocks(key)),
+    neighbours(blocks(value)),
+    block_mask,
+    impl=impl,
+    dropout_rate=dropout_rate,
+    dropout_rng=dropout_rng,
+  )
   return out.reshape((batch, count * size) + out.shape[2:])[:, :length]
 
 
@@ -174,8 +196,9 @@ def _fused_attention(query, key, value, mask, bias, scale, impl):
     # cuDNN casts the bias to the compute dtype: bfloat16 rounds ALiBi penalties at distances >= 256.
     # XLA's kernel adds the float32 bias to float32 logits, like the reference.
     impl = 'xla'
-  out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value), bias=bias, mask=mask,
-                                     scale=scale, implementation=impl)
+  out = jax.nn.dot_product_attention(
+    pad(query), pad(key), pad(value), bias=bias, mask=mask, scale=scale, implementation=impl
+  )
   return out[..., :d_v]
 
 
@@ -188,32 +211,41 @@ class MultiHeadAttention(nn.Module):
   projected encoder keys/values whenever `inputs_kv` is given (the first decoding call) and reuses
   them when it is None, so later steps skip the two projections of the whole source.
   """
+
   config: ModelConfig
   decode: bool = False
   deterministic: bool = True
   cross: bool = False
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, mask, bias=None, rope_positions=None, cache_index=None,
-               dropout_rng=None):
+  def __call__(self, inputs_q, inputs_kv, mask, bias=None, rope_positions=None, cache_index=None, dropout_rng=None):
     """`dropout_rng`: the attention-dropout key (default: `make_rng('dropout')`); the layers pass
     explicit keys so that dropout does not depend on the module path (`scan_layers`)."""
     cfg = self.config
     heads, kv_heads = cfg.num_heads, cfg.kv_heads
     proj = functools.partial(
-        nn.DenseGeneral, axis=-1, use_bias=False, dtype=cfg.compute_dtype,
-        param_dtype=cfg.storage_dtype)
+      nn.DenseGeneral, axis=-1, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype
+    )
     # DenseGeneral initialises the kernel flattened to [fan_in, fan_out]: plain Glorot is right.
     init_in = init_out = nn.initializers.xavier_uniform()
-    query = proj((heads, cfg.head_dim_qk), name='query',
-                 kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'heads', 'kv')))(inputs_q)
+    query = proj(
+      (heads, cfg.head_dim_qk),
+      name='query',
+      kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'heads', 'kv')),
+    )(inputs_q)
     if inputs_kv is None and self.decode and self.cross:
       key, value = self._cached_cross_kv()
     else:
-      key = proj((kv_heads, cfg.head_dim_qk), name='key',
-                 kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')))(inputs_kv)
-      value = proj((kv_heads, cfg.head_dim_v), name='value',
-                   kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')))(inputs_kv)
+      key = proj(
+        (kv_heads, cfg.head_dim_qk),
+        name='key',
+        kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')),
+      )(inputs_kv)
+      value = proj(
+        (kv_heads, cfg.head_dim_v),
+        name='value',
+        kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')),
+      )(inputs_kv)
     if rope_positions is not None:
       query = layers.apply_rope(query, rope_positions, cfg.rope_base)
       key = layers.apply_rope(key, rope_positions, cfg.rope_base)
@@ -227,19 +259,35 @@ class MultiHeadAttention(nn.Module):
     if dropout and dropout_rng is None:
       dropout_rng = self.make_rng('dropout')
     impl = resolve_impl(cfg, dropout=dropout)
-    attend = functools.partial(local_attention, mask=mask) if isinstance(mask, LocalMask) else functools.partial(
-        dot_product_attention, mask=mask, bias=bias)
-    out = attend(query, key, value, impl=impl, dropout_rate=cfg.attention_dropout_rate if dropout else 0.0,
-                 dropout_rng=dropout_rng if dropout else None)
+    attend = (
+      functools.partial(local_attention, mask=mask)
+      if isinstance(mask, LocalMask)
+      else functools.partial(dot_product_attention, mask=mask, bias=bias)
+    )
+    out = attend(
+      query,
+      key,
+      value,
+      impl=impl,
+      dropout_rate=cfg.attention_dropout_rate if dropout else 0.0,
+      dropout_rng=dropout_rng if dropout else None,
+    )
     return nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-        param_dtype=cfg.storage_dtype, name='out',
-        kernel_init=nn.with_logical_partitioning(init_out, ('heads', 'kv', 'embed')))(out)
+      cfg.d_model,
+      axis=(-2, -1),
+      use_bias=False,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.storage_dtype,
+      name='out',
+      kernel_init=nn.with_logical_partitioning(init_out, ('heads', 'kv', 'embed')),
+    )(out)
 
   def _cached_cross_kv(self):
     if not self.has_variable('cache', 'cached_key'):
-      raise ConfigError('Cross-attention has no cached keys/values: pass `encoded` to the first decode call '
-                        '(the cache comes from models.init_cache with the right source_length).')
+      raise ConfigError(
+        'Cross-attention has no cached keys/values: pass `encoded` to the first decode call '
+        '(the cache comes from models.init_cache with the right source_length).'
+      )
     return self.get_variable('cache', 'cached_key'), self.get_variable('cache', 'cached_value')
 
   def _update_cache(self, key, value, cache_index):
@@ -251,6 +299,5 @@ class MultiHeadAttention(nn.Module):
       return key, value
     start = (0, cache_index, 0, 0)
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
-    cached_value.value = jax.lax.dynamic_update_slice(
-        cached_value.value, value.astype(cached_value.value.dtype), start)
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), start)
     return cached_key.value, cached_value.value

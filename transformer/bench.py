@@ -22,16 +22,16 @@ from transformer.config import ConfigError, ModelConfig
 
 # `config.bench` (all optional): how long to measure and what else to measure.
 DEFAULTS = dict(
-    steps=5,            # timed train steps (median reported)
-    warmup=2,           # untimed steps after the compiling one
-    data_batches=20,    # input-pipeline batches timed when the config has a task (0: skip)
-    decode=False,       # also time `decoding.generate` (cached) vs the uncached loop
-    decode_batch=1,
-    prompt_len=32,
-    decode_len=256,
-    decode_repeats=3,
-    uncached=True,      # time the uncached loop too (slow: it recomputes the prefix every step)
-    audit=False,        # also count the compiled step's collectives against the layout's analytic traffic
+  steps=5,  # timed train steps (median reported)
+  warmup=2,  # untimed steps after the compiling one
+  data_batches=20,  # input-pipeline batches timed when the config has a task (0: skip)
+  decode=False,  # also time `decoding.generate` (cached) vs the uncached loop
+  decode_batch=1,
+  prompt_len=32,
+  decode_len=256,
+  decode_repeats=3,
+  uncached=True,  # time the uncached loop too (slow: it recomputes the prefix every step)
+  audit=False,  # also count the compiled step's collectives against the layout's analytic traffic
 )
 
 
@@ -41,9 +41,12 @@ def settings(config) -> dict:
   for key in given:
     if key not in DEFAULTS:
       from transformer.config import nearest
+
       near = nearest(key, DEFAULTS)
-      raise ConfigError(f'Unknown key config.bench.{key}.{f" Did you mean config.bench.{near}?" if near else ""} '
-                        f'Valid keys: {", ".join(DEFAULTS)}.')
+      raise ConfigError(
+        f'Unknown key config.bench.{key}.{f" Did you mean config.bench.{near}?" if near else ""} '
+        f'Valid keys: {", ".join(DEFAULTS)}.'
+      )
   return {**DEFAULTS, **given}
 
 
@@ -79,8 +82,9 @@ class TrainBench:
     schedule = optim.learning_rate_schedule(config.train, self.model_config.d_model)
     self.runner = parallel.Runner(config.train, self.model, optimizer, schedule)
     self.seq_len = seq_len_of(config)
-    self.batch = synthetic_batch(self.model_config, self.runner.local_batch_size(), self.seq_len,
-                                 int(config.train.seed))
+    self.batch = synthetic_batch(
+      self.model_config, self.runner.local_batch_size(), self.seq_len, int(config.train.seed)
+    )
     self.state = self.runner.init_state(int(config.train.seed))
     jax.block_until_ready(self.state)
     self.params = summary.count_params(self.state.params)
@@ -111,6 +115,7 @@ def time_input_pipeline(config, batch_size: int, count: int) -> float | None:
   if count <= 0 or 'task' not in config:
     return None
   from transformer import tasks
+
   try:
     task = tasks.get_task(config)
   except (ConfigError, ImportError, OSError, ValueError):
@@ -132,17 +137,22 @@ def compile_train_step(model_config: ModelConfig, train_config, batch_size: int,
   schedule = optim.learning_rate_schedule(train_config, model_config.d_model)
   step = train.make_train_step(model, optimizer, schedule, train_config)
   abstract_state = jax.eval_shape(lambda: train.init_state(model, optimizer, 0))
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                       synthetic_batch(model_config, batch_size, seq_len))
+  batch = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), synthetic_batch(model_config, batch_size, seq_len)
+  )
   start = time.perf_counter()
   lowered = jax.jit(step, donate_argnums=0).lower(abstract_state, batch)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   compiled_at = time.perf_counter()
   stats = compiled.memory_analysis()
-  return {'lower_s': lowered_at - start, 'compile_s': compiled_at - lowered_at,
-          'temp_bytes': int(stats.temp_size_in_bytes), 'argument_bytes': int(stats.argument_size_in_bytes),
-          'peak_bytes': int(getattr(stats, 'peak_memory_in_bytes', 0) or 0)}
+  return {
+    'lower_s': lowered_at - start,
+    'compile_s': compiled_at - lowered_at,
+    'temp_bytes': int(stats.temp_size_in_bytes),
+    'argument_bytes': int(stats.argument_size_in_bytes),
+    'peak_bytes': int(getattr(stats, 'peak_memory_in_bytes', 0) or 0),
+  }
 
 
 def _layout(mesh) -> str:
@@ -172,8 +182,7 @@ def expected_collectives(runner, model_config: ModelConfig, batch_size: int, seq
   per_layer = 3 + 1 + (2 if cfg.kv_heads % tensor == 0 else 0)
   reductions = per_layer * cfg.num_decoder_layers + (2 if cfg.vocab_size % tensor == 0 else 0)
   activation = batch_size // accum * seq_len * cfg.d_model * jnp.dtype(cfg.compute_dtype).itemsize
-  return hlo_audit.expected('tensor', param_bytes, activation_bytes=activation, reductions=reductions,
-                            accum=accum)
+  return hlo_audit.expected('tensor', param_bytes, activation_bytes=activation, reductions=reductions, accum=accum)
 
 
 def audit_train_step(config, single_dot_flops: int | None = None) -> dict:
@@ -193,15 +202,19 @@ def audit_train_step(config, single_dot_flops: int | None = None) -> dict:
   found = hlo_audit.collectives(text)
   if single_dot_flops is None:
     single = jax.jit(train.make_train_step(model, optimizer, schedule, config.train)).lower(
-        jax.eval_shape(lambda: train.init_state(model, optimizer, 0)), batch)
+      jax.eval_shape(lambda: train.init_state(model, optimizer, 0)), batch
+    )
     single_dot_flops = hlo_audit.dot_flops(single.compile().as_text())
   accum = int(config.train.grad_accum_steps)
-  return {'layout': _layout(runner.mesh), 'mesh': dict(runner.mesh.shape),
-          'collectives': hlo_audit.summary(found),
-          'expected': expected_collectives(runner, model_config, batch_size, seq_len, accum),
-          'dot_flops_ratio': hlo_audit.dot_flops(text) / (single_dot_flops / jax.device_count()),
-          'single_dot_flops': single_dot_flops,
-          'all_gathers': [(c.bytes, c.runs, c.op_name) for c in found if c.kind == 'all-gather']}
+  return {
+    'layout': _layout(runner.mesh),
+    'mesh': dict(runner.mesh.shape),
+    'collectives': hlo_audit.summary(found),
+    'expected': expected_collectives(runner, model_config, batch_size, seq_len, accum),
+    'dot_flops_ratio': hlo_audit.dot_flops(text) / (single_dot_flops / jax.device_count()),
+    'single_dot_flops': single_dot_flops,
+    'all_gathers': [(c.bytes, c.runs, c.op_name) for c in found if c.kind == 'all-gather'],
+  }
 
 
 def measure_train(config, bench_settings: dict | None = None) -> dict:
@@ -217,13 +230,21 @@ def measure_train(config, bench_settings: dict | None = None) -> dict:
   flops_per_token = metrics.flops_per_token(bench.model_config, bench.seq_len)
   tokens_per_sec = bench.tokens_per_step / step_s
   result = {
-      'tokens_per_sec': tokens_per_sec, 'step_ms': 1000 * step_s, 'step_ms_min': 1000 * min(times),
-      'mfu': tokens_per_sec * flops_per_token / peak, 'mfu_basis': mfu_basis,
-      'compile_s': max(bench.compile_s - step_s, 0.0),
-      'params': bench.params, 'model_tflops_per_step': flops_per_token * bench.tokens_per_step / 1e12,
-      'peak_gflops': peak / 1e9, 'batch_size': int(config.train.batch_size), 'seq_len': bench.seq_len,
-      'steps': len(times), 'devices': jax.device_count(), 'backend': jax.default_backend(),
-      'loss': bench.last_loss,
+    'tokens_per_sec': tokens_per_sec,
+    'step_ms': 1000 * step_s,
+    'step_ms_min': 1000 * min(times),
+    'mfu': tokens_per_sec * flops_per_token / peak,
+    'mfu_basis': mfu_basis,
+    'compile_s': max(bench.compile_s - step_s, 0.0),
+    'params': bench.params,
+    'model_tflops_per_step': flops_per_token * bench.tokens_per_step / 1e12,
+    'peak_gflops': peak / 1e9,
+    'batch_size': int(config.train.batch_size),
+    'seq_len': bench.seq_len,
+    'steps': len(times),
+    'devices': jax.device_count(),
+    'backend': jax.default_backend(),
+    'loss': bench.last_loss,
   }
   data_s = time_input_pipeline(config, bench.runner.local_batch_size(), int(s['data_batches']))
   if data_s is not None:
@@ -253,11 +274,17 @@ def run_bench(config) -> dict:
   return result
 
 
-_UNITS = {'tokens_per_sec': ('train tokens/s', '{:,.0f}'), 'step_ms': ('step (median)', '{:.1f} ms'),
-          'step_ms_min': ('step (fastest)', '{:.1f} ms'), 'mfu': ('MFU', '{:.1%}'),
-          'compile_s': ('compile', '{:.2f} s'), 'params': ('parameters', '{:,}'),
-          'peak_gflops': ('peak (per run)', '{:,.1f} GFLOP/s'), 'data_ms': ('input batch', '{:.2f} ms'),
-          'data_wait_frac': ('input / step', '{:.2%}')}
+_UNITS = {
+  'tokens_per_sec': ('train tokens/s', '{:,.0f}'),
+  'step_ms': ('step (median)', '{:.1f} ms'),
+  'step_ms_min': ('step (fastest)', '{:.1f} ms'),
+  'mfu': ('MFU', '{:.1%}'),
+  'compile_s': ('compile', '{:.2f} s'),
+  'params': ('parameters', '{:,}'),
+  'peak_gflops': ('peak (per run)', '{:,.1f} GFLOP/s'),
+  'data_ms': ('input batch', '{:.2f} ms'),
+  'data_wait_frac': ('input / step', '{:.2%}'),
+}
 
 
 def format_table(result: dict) -> str:
@@ -276,14 +303,15 @@ def format_table(result: dict) -> str:
   return '\n'.join(f'{label:<{width}}  {text}' for label, text in rows)
 
 
-
 def never_eos(params, vocab_size: int):
   """`params` with the EOS row of every embedding table zeroed: EOS then scores exactly 0, far below the
   best of thousands of random logits, so every decode of random weights runs to its full length and
   the methods compared do the same number of steps."""
+
   def fix(path, leaf):
     named = str(getattr(path[-1], 'key', '')) == 'embedding'
     return leaf.at[models.EOS_ID].set(0) if named and leaf.ndim == 2 and leaf.shape[0] == vocab_size else leaf
+
   return jax.tree_util.tree_map_with_path(fix, params)
 
 
@@ -301,8 +329,16 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def decode_times(model_config: ModelConfig, *, batch: int, prompt_len: int, decode_len: int, rounds: int,
-                 methods=('cached', 'uncached'), beam_size: int = 4) -> dict:
+def decode_times(
+  model_config: ModelConfig,
+  *,
+  batch: int,
+  prompt_len: int,
+  decode_len: int,
+  rounds: int,
+  methods=('cached', 'uncached'),
+  beam_size: int = 4,
+) -> dict:
   """Median seconds to decode `decode_len` tokens per method, alternating methods round by round.
 
   cached: `decoding.generate` (one jitted loop, KV cache); uncached: `decoding.greedy_uncached`
@@ -311,9 +347,9 @@ def decode_times(model_config: ModelConfig, *, batch: int, prompt_len: int, deco
   """
   model, params, source = _decode_setup(model_config, batch, prompt_len)
   calls = {
-      'cached': lambda: decoding.generate(model, params, max_len=decode_len, **source),
-      'uncached': lambda: decoding.greedy_uncached(model, params, max_len=decode_len, **source),
-      'beam': lambda: decoding.beam_search(model, params, beam_size=beam_size, max_len=decode_len, **source),
+    'cached': lambda: decoding.generate(model, params, max_len=decode_len, **source),
+    'uncached': lambda: decoding.greedy_uncached(model, params, max_len=decode_len, **source),
+    'beam': lambda: decoding.beam_search(model, params, beam_size=beam_size, max_len=decode_len, **source),
   }
   for name in methods:
     calls[name]()
@@ -331,10 +367,18 @@ def measure_decode(config, bench_settings: dict) -> dict:
   model_config = ModelConfig.from_config(config.model)
   methods = ('cached', 'uncached') if s['uncached'] else ('cached',)
   batch, length = int(s['decode_batch']), int(s['decode_len'])
-  times = decode_times(model_config, batch=batch, prompt_len=int(s['prompt_len']), decode_len=length,
-                       rounds=int(s['decode_repeats']), methods=methods)
-  result = {'decode_tokens_per_sec': batch * length / times['cached'],
-            'decode_ms_per_step': 1000 * times['cached'] / length}
+  times = decode_times(
+    model_config,
+    batch=batch,
+    prompt_len=int(s['prompt_len']),
+    decode_len=length,
+    rounds=int(s['decode_repeats']),
+    methods=methods,
+  )
+  result = {
+    'decode_tokens_per_sec': batch * length / times['cached'],
+    'decode_ms_per_step': 1000 * times['cached'] / length,
+  }
   if 'uncached' in times:
     result['uncached_tokens_per_sec'] = batch * length / times['uncached']
     result['decode_speedup'] = times['uncached'] / times['cached']

@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from transformer import models
 
@@ -48,8 +49,12 @@ class ProcessStateHandler(ocp.CheckpointHandler):
     others = sorted(glob.glob(os.fspath(directory / 'process_0-of-*.json')))
     if not others:
       raise FileNotFoundError(f'No data-iterator state in {directory}.')
-    logging.warning('%s was saved by another process count: resuming the data position from %s (exact: '
-                    'every process holds the same global order).', directory, os.path.basename(others[0]))
+    logging.warning(
+      '%s was saved by another process count: resuming the data position from %s (exact: '
+      'every process holds the same global order).',
+      directory,
+      os.path.basename(others[0]),
+    )
     return json.loads(epath.Path(others[0]).read_text())
 
   def metadata(self, directory):
@@ -88,11 +93,15 @@ class Checkpoints:
     # orbax wants absolute paths; leave remote URLs (gs://...) alone.
     self.directory = directory if '://' in str(directory) else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True)  # leftovers of a killed save are deleted on start
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+    )  # leftovers of a killed save are deleted on start
     # Handlers up front: a fresh manager can then read metadata before anything was saved or restored.
-    handlers = {'state': ocp.StandardCheckpointHandler(), 'data_pos': ProcessStateHandler(),
-                'data': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
+    handlers = {
+      'state': ocp.StandardCheckpointHandler(),
+      'data_pos': ProcessStateHandler(),
+      'data': ocp.JsonCheckpointHandler(),
+      'config': ocp.JsonCheckpointHandler(),
+    }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -101,8 +110,9 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state, data_state: dict | None = None, config: dict | None = None,
-           force: bool = False) -> bool:
+  def save(
+    self, step: int, state, data_state: dict | None = None, config: dict | None = None, force: bool = False
+  ) -> bool:
     """Starts saving `step` and returns once the arrays are copied off the devices (the state may then be
     donated to the next step); the write itself finishes in the background. False if nothing was saved."""
     step = int(step)
@@ -153,8 +163,12 @@ class Checkpoints:
     leaves = [converted[path] for path in target]
     state = jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
     state = jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), state, abstract_state)
-    logging.warning('Restored step %d, saved with %s layers, into %s layers.', step,
-                    'scanned' if not target_scanned else 'unrolled', 'scanned' if target_scanned else 'unrolled')
+    logging.warning(
+      'Restored step %d, saved with %s layers, into %s layers.',
+      step,
+      'scanned' if not target_scanned else 'unrolled',
+      'scanned' if target_scanned else 'unrolled',
+    )
     return state, self._data_state(restored)
 
   def restore_config(self, step: int | None = None) -> dict | None:
@@ -183,8 +197,9 @@ class Checkpoints:
     steps = self.all_steps()
     if step is None:
       if not steps:
-        raise FileNotFoundError(f'No checkpoint in {self.directory}: train first, or pass the workdir '
-                                'that holds checkpoints/.')
+        raise FileNotFoundError(
+          f'No checkpoint in {self.directory}: train first, or pass the workdir that holds checkpoints/.'
+        )
       return steps[-1]
     if int(step) not in steps:
       raise FileNotFoundError(f'No checkpoint for step {step} in {self.directory}; saved steps: {steps}.')
@@ -196,15 +211,19 @@ class Checkpoints:
   def _check_shapes(self, target, saved, step):
     """One readable error instead of orbax's deep traceback when the model no longer matches."""
     where = f'the checkpoint at step {step} in {self.directory}'
-    hint = ('The model/config changed since it was saved: restore with the config it was trained with '
-            '(see restore_config / config.json) or start a fresh workdir.')
+    hint = (
+      'The model/config changed since it was saved: restore with the config it was trained with '
+      '(see restore_config / config.json) or start a fresh workdir.'
+    )
     for path in sorted(target, key=lambda path: path[0] != 'params'):  # name a parameter before its Adam moment
       leaf = target[path]
       if path not in saved:
         raise ValueError(f'{_name(path)} is not in {where}. {hint}')
       if tuple(saved[path].shape) != tuple(leaf.shape):
-        raise ValueError(f'{_name(path)} has shape {tuple(saved[path].shape)} in {where} but '
-                         f'{tuple(leaf.shape)} in the model being restored. {hint}')
+        raise ValueError(
+          f'{_name(path)} has shape {tuple(saved[path].shape)} in {where} but '
+          f'{tuple(leaf.shape)} in the model being restored. {hint}'
+        )
     extra = [path for path in saved if path not in target]
     if extra:
       raise ValueError(f'{_name(extra[0])} is in {where} but not in the model being restored. {hint}')

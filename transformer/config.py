@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hyperparameters; names follow Vaswani et al. (2017) where the paper has one."""
+
   kind: str = 'encoder_decoder'
   vocab_size: int = 37000
   num_encoder_layers: int = 6
@@ -36,9 +37,9 @@ class ModelConfig:
   d_model: int = 512
   d_ff: int = 2048
   num_heads: int = 8
-  d_k: int = 0            # 0: d_model // num_heads
-  d_v: int = 0            # 0: d_model // num_heads
-  num_kv_heads: int = 0   # 0: num_heads; fewer gives grouped-query, 1 multi-query attention
+  d_k: int = 0  # 0: d_model // num_heads
+  d_v: int = 0  # 0: d_model // num_heads
+  num_kv_heads: int = 0  # 0: num_heads; fewer gives grouped-query, 1 multi-query attention
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
   positional: str = 'sinusoidal'
@@ -51,7 +52,7 @@ class ModelConfig:
   attention_impl: str = 'auto'
   rope_base: float = 10000.0
   max_len: int = 512
-  dtype: str = 'auto'           # compute; auto: bfloat16 on GPU/TPU, float32 on CPU
+  dtype: str = 'auto'  # compute; auto: bfloat16 on GPU/TPU, float32 on CPU
   param_dtype: str = 'float32'  # storage
   remat: str = 'none'
   scan_layers: bool = False
@@ -78,12 +79,14 @@ class ModelConfig:
         raise ConfigError(f'config.model.{key}={getattr(self, key)} must be in [0, 1).')
     if (not self.d_k or not self.d_v) and self.d_model % self.num_heads:
       raise ConfigError(
-          f'config.model.d_model={self.d_model} is not divisible by config.model.num_heads='
-          f'{self.num_heads}: change one of them, or set config.model.d_k and config.model.d_v.')
+        f'config.model.d_model={self.d_model} is not divisible by config.model.num_heads='
+        f'{self.num_heads}: change one of them, or set config.model.d_k and config.model.d_v.'
+      )
     if self.num_heads % self.kv_heads:
       raise ConfigError(
-          f'config.model.num_heads={self.num_heads} is not divisible by config.model.num_kv_heads='
-          f'{self.num_kv_heads}: pick num_kv_heads among {_divisors(self.num_heads)}.')
+        f'config.model.num_heads={self.num_heads} is not divisible by config.model.num_kv_heads='
+        f'{self.num_kv_heads}: pick num_kv_heads among {_divisors(self.num_heads)}.'
+      )
     if self.positional == 'rope' and self.head_dim_qk % 2:
       raise ConfigError(f'positional=rope rotates pairs of features: config.model.d_k={self.head_dim_qk} must be even.')
 
@@ -150,29 +153,31 @@ def _divisors(n):
 
 def default_train_config(**overrides) -> ml_collections.ConfigDict:
   """`config.train`: the training engine's settings, defaults first, then `overrides`."""
-  train = ml_collections.ConfigDict(dict(
+  train = ml_collections.ConfigDict(
+    dict(
       num_steps=1000,
-      batch_size=32,              # global, in sequences
-      optimizer='adam',           # 'adam': the paper's rsqrt warmup; 'adamw': warmup + cosine
-      learning_rate=1.0,          # adam: multiplies the paper's schedule; adamw: the peak rate
+      batch_size=32,  # global, in sequences
+      optimizer='adam',  # 'adam': the paper's rsqrt warmup; 'adamw': warmup + cosine
+      learning_rate=1.0,  # adam: multiplies the paper's schedule; adamw: the peak rate
       warmup_steps=4000,
-      weight_decay=0.0,           # adamw only; never on norms and biases
+      weight_decay=0.0,  # adamw only; never on norms and biases
       label_smoothing=0.1,
-      z_loss=0.0,                 # coefficient of log(Z)^2 (PaLM); 0 disables
-      grad_clip=0.0,              # global-norm clipping; 0 disables
-      grad_accum_steps=1,         # micro-batches per step, accumulated inside the jitted step
+      z_loss=0.0,  # coefficient of log(Z)^2 (PaLM); 0 disables
+      grad_clip=0.0,  # global-norm clipping; 0 disables
+      grad_accum_steps=1,  # micro-batches per step, accumulated inside the jitted step
       seed=0,
-      parallelism='jit',          # 'jit': sharded over the mesh; 'pmap': classic data parallelism
+      parallelism='jit',  # 'jit': sharded over the mesh; 'pmap': classic data parallelism
       mesh=dict(data=-1, fsdp=1, tensor=1),  # -1: all remaining devices
       log_every=50,
       eval_every=500,
       checkpoint_every=500,
       keep_checkpoints=3,
-      num_samples=3,              # eval examples decoded and logged at every eval (0: none)
-      decode_examples=32,         # --mode decode: eval examples decoded into the workdir
-      peak_flops=0.0,             # per device, for MFU; 0: the platform's table, measured on CPU
-      log_batch_digests=False,    # each process logs a hash of every row it feeds (workdir/batches/)
-  ))
+      num_samples=3,  # eval examples decoded and logged at every eval (0: none)
+      decode_examples=32,  # --mode decode: eval examples decoded into the workdir
+      peak_flops=0.0,  # per device, for MFU; 0: the platform's table, measured on CPU
+      log_batch_digests=False,  # each process logs a hash of every row it feeds (workdir/batches/)
+    )
+  )
   train.update(overrides)
   return train
 

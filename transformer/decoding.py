@@ -7,8 +7,8 @@ row's positions start at 0 on BOS and continue from its own prompt length, so ro
 different lengths decode exactly as if each were alone. An encoder-decoder has no prompt: it prefills
 BOS with the encoded source, and the cache keeps the source's cross-attention keys/values.
 
-Outputs hold the generated tokens only: EOS included, PAD (0) after it (PAD itself is never generated). `lengths` limits each row's
-number of generated tokens (a row that reaches it without EOS simply stops).
+Outputs hold the generated tokens only: EOS included, PAD (0) after it (PAD itself is never generated).
+`lengths` limits each row's number of generated tokens (a row that reaches it without EOS simply stops).
 
 Compiled loops are cached by jit on (model, static options, shapes): the model is a hashable module.
 """
@@ -26,8 +26,20 @@ from transformer.models import BOS_ID, EOS_ID, PAD_ID
 METHODS = ('greedy', 'sample')
 
 
-def generate(model, params, *, inputs=None, prompts=None, max_len: int, method: str = 'greedy', rng=None,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, lengths=None):
+def generate(
+  model,
+  params,
+  *,
+  inputs=None,
+  prompts=None,
+  max_len: int,
+  method: str = 'greedy',
+  rng=None,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  lengths=None,
+):
   """Greedy or sampled continuations, int32 `[B, max_len]` (EOS included, PAD after it).
 
   `inputs` `[B, S]`: source tokens (encoder-decoder). `prompts` `[B, P]`: optional decoder-only prefix
@@ -40,17 +52,31 @@ def generate(model, params, *, inputs=None, prompts=None, max_len: int, method: 
   if method == 'sample' and rng is None:
     raise ConfigError("method='sample' needs an `rng` key (e.g. jax.random.key(seed)).")
   if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise ConfigError(f'Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1 '
-                      f'(got temperature={temperature}, top_k={top_k}, top_p={top_p}).')
+    raise ConfigError(
+      f'Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1 '
+      f'(got temperature={temperature}, top_k={top_k}, top_p={top_p}).'
+    )
   inputs, prompts, lengths = _check(model, inputs, prompts, max_len, lengths)
   if method == 'greedy':  # one compiled loop whatever the (unused) sampling options
     rng, temperature, top_k, top_p = jax.random.key(0), 1.0, 0, 1.0
-  return _generate(model, params, inputs, prompts, lengths, rng, jnp.float32(temperature), max_len=max_len,
-                   sample=method == 'sample', top_k=int(top_k), top_p=float(top_p))
+  return _generate(
+    model,
+    params,
+    inputs,
+    prompts,
+    lengths,
+    rng,
+    jnp.float32(temperature),
+    max_len=max_len,
+    sample=method == 'sample',
+    top_k=int(top_k),
+    top_p=float(top_p),
+  )
 
 
-def beam_search(model, params, *, inputs=None, prompts=None, beam_size: int = 4, alpha: float = 0.6,
-                max_len: int, lengths=None):
+def beam_search(
+  model, params, *, inputs=None, prompts=None, beam_size: int = 4, alpha: float = 0.6, max_len: int, lengths=None
+):
   """The `beam_size` best hypotheses per row, best first: (tokens `[B, beam, max_len]`, scores `[B, beam]`).
 
   A score is the sum of token log-probabilities (EOS included) divided by the GNMT length penalty
@@ -63,11 +89,14 @@ def beam_search(model, params, *, inputs=None, prompts=None, beam_size: int = 4,
   if beam_size < 1:
     raise ConfigError(f'beam_size={beam_size} must be >= 1.')
   if alpha < 0:
-    raise ConfigError(f'alpha={alpha} must be >= 0 (a negative length penalty rewards short outputs '
-                      'without bound, and early stopping would be wrong).')
+    raise ConfigError(
+      f'alpha={alpha} must be >= 0 (a negative length penalty rewards short outputs '
+      'without bound, and early stopping would be wrong).'
+    )
   inputs, prompts, lengths = _check(model, inputs, prompts, max_len, lengths)
-  tokens, scores, _ = _beam_search(model, params, inputs, prompts, lengths, jnp.float32(alpha),
-                                   beam_size=int(beam_size), max_len=max_len)
+  tokens, scores, _ = _beam_search(
+    model, params, inputs, prompts, lengths, jnp.float32(alpha), beam_size=int(beam_size), max_len=max_len
+  )
   return tokens, scores
 
 
@@ -88,7 +117,7 @@ def greedy_uncached(model, params, *, inputs=None, prompts=None, max_len: int):
   prompt_lengths = jnp.zeros((batch,), jnp.int32) if prompts is None else _prompt_lengths(prompts)
   buffer = jnp.zeros((batch, 1 + width + max_len), jnp.int32).at[:, 0].set(BOS_ID)
   if prompts is not None:
-    buffer = buffer.at[:, 1:1 + width].set(prompts)
+    buffer = buffer.at[:, 1 : 1 + width].set(prompts)
   done = jnp.zeros((batch,), bool)
   for i in range(max_len):
     buffer, done = _uncached_step(model, params, inputs, buffer, done, prompt_lengths + i)
@@ -122,8 +151,9 @@ def _check(model, inputs, prompts, max_len, lengths):
   cfg = model.config
   if cfg.kind == 'encoder_decoder':
     if inputs is None or prompts is not None:
-      raise ConfigError('An encoder-decoder model decodes from `inputs` (source tokens [batch, length]) and '
-                        'takes no `prompts`.')
+      raise ConfigError(
+        'An encoder-decoder model decodes from `inputs` (source tokens [batch, length]) and takes no `prompts`.'
+      )
     inputs = jnp.asarray(inputs, jnp.int32)
     batch, width = inputs.shape[0], 0
   else:
@@ -137,9 +167,11 @@ def _check(model, inputs, prompts, max_len, lengths):
   if max_len < 1:
     raise ConfigError(f'max_len={max_len} must be >= 1.')
   if cfg.positional == 'learned' and width + max_len > cfg.max_len:  # BOS is position 0
-    raise ConfigError(f'Decoding {max_len} tokens after a prompt of {width} reaches position {width + max_len - 1}, '
-                      f'beyond the learned position table (config.model.max_len={cfg.max_len}): decode fewer '
-                      'tokens or raise max_len.')
+    raise ConfigError(
+      f'Decoding {max_len} tokens after a prompt of {width} reaches position {width + max_len - 1}, '
+      f'beyond the learned position table (config.model.max_len={cfg.max_len}): decode fewer '
+      'tokens or raise max_len.'
+    )
   if lengths is None:
     lengths = jnp.full((batch,), max_len, jnp.int32)
   else:
@@ -181,13 +213,26 @@ def _prefill(model, params, inputs, prompts, batch, max_len):
     source_segments = (inputs != PAD_ID).astype(jnp.int32)
     encoded = model.apply({'params': params}, inputs, segment_ids=source_segments, method='encode')
     call = lambda cache, tokens, positions, segments, encoded=None, source_segments=None: model.apply(
-        {'params': params, 'cache': cache}, encoded, source_segments, tokens, positions, segments,
-        decode=True, method='decode', mutable=['cache'])
+      {'params': params, 'cache': cache},
+      encoded,
+      source_segments,
+      tokens,
+      positions,
+      segments,
+      decode=True,
+      method='decode',
+      mutable=['cache'],
+    )
     logits, state = call(cache, tokens, positions, segments, encoded, source_segments)
   else:
     call = lambda cache, tokens, positions, segments: model.apply(
-        {'params': params, 'cache': cache}, tokens, positions=positions, segment_ids=segments, decode=True,
-        mutable=['cache'])
+      {'params': params, 'cache': cache},
+      tokens,
+      positions=positions,
+      segment_ids=segments,
+      decode=True,
+      mutable=['cache'],
+    )
     logits, state = call(cache, tokens, positions, segments)
   first = jnp.take_along_axis(logits, prompt_lengths[:, None, None], axis=1)[:, 0]
 
@@ -247,8 +292,7 @@ def _sample(rng, logits, temperature, top_k, top_p):
 def _batch_axes(model, cache):
   """Each cache leaf's batch axis (None for the scalar index), found by comparing two batch sizes."""
   shapes = [jax.eval_shape(lambda b=b: models.init_cache(model, b, 2, 2)) for b in (2, 3)]
-  axes = jax.tree.map(lambda a, b: next((k for k, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), None),
-                      *shapes)
+  axes = jax.tree.map(lambda a, b: next((k for k, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), None), *shapes)
   return jax.tree.structure(cache).flatten_up_to(axes)
 
 

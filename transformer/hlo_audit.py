@@ -13,8 +13,23 @@ import re
 
 KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4,
-          'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
+_BYTES = {
+  'pred': 1,
+  's8': 1,
+  'u8': 1,
+  's16': 2,
+  'u16': 2,
+  'f16': 2,
+  'bf16': 2,
+  's32': 4,
+  'u32': 4,
+  'f32': 4,
+  's64': 8,
+  'u64': 8,
+  'f64': 8,
+  'c64': 8,
+  'c128': 16,
+}
 _ARRAY = re.compile(r'\b([a-z]\w*)\[([\d,]*)\]')
 _HEADER = re.compile(r'^(ENTRY )?%?([\w.\-]+) .*\{\s*$')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$')
@@ -23,17 +38,20 @@ _CALLS = re.compile(r'\b(body|condition|calls|to_apply|branch_computations)=(\{[
 
 @dataclasses.dataclass
 class Collective:
-  kind: str        # one of KINDS
-  bytes: int       # per run and device: the larger of operands and result (the whole buffer reduced / gathered)
-  runs: int        # times it runs per step
+  kind: str  # one of KINDS
+  bytes: int  # per run and device: the larger of operands and result (the whole buffer reduced / gathered)
+  runs: int  # times it runs per step
   name: str
-  op_name: str     # the JAX operation it came from (HLO metadata)
+  op_name: str  # the JAX operation it came from (HLO metadata)
 
 
 def array_bytes(type_text: str) -> int:
   """Bytes of every array in an HLO type (`f32[8,64]{1,0}` or a tuple of them)."""
-  return sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
-             for dtype, dims in _ARRAY.findall(type_text) if dtype in _BYTES or dtype.startswith('f8'))
+  return sum(
+    _BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
+    for dtype, dims in _ARRAY.findall(type_text)
+    if dtype in _BYTES or dtype.startswith('f8')
+  )
 
 
 def _split(text: str):
@@ -140,8 +158,9 @@ def summary(found: list[Collective]) -> dict:
   return table
 
 
-def expected(layout: str, param_bytes: int, gathered_bytes: int = 0, activation_bytes: int = 0,
-             reductions: int = 0, accum: int = 1) -> dict:
+def expected(
+  layout: str, param_bytes: int, gathered_bytes: int = 0, activation_bytes: int = 0, reductions: int = 0, accum: int = 1
+) -> dict:
   """Analytic bytes per step and device, by collective kind (buffer sizes, as `collectives` counts).
 
   data:   one all-reduce of the gradients (all `param_bytes`), after the last micro-batch.

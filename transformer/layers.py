@@ -2,25 +2,29 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from transformer.config import ModelConfig
 
 
 class Embed(nn.Module):
   """Token embedding scaled by sqrt(d_model) (paper, 3.4); `attend` reuses it as the pre-softmax layer."""
+
   config: ModelConfig
   vocab_size: int
 
   def setup(self):
     cfg = self.config
     # std d_model^-0.5: scaled inputs have unit variance, and tied output logits start near unit scale.
-    init = nn.initializers.normal(stddev=cfg.d_model ** -0.5)
+    init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
     self.embedding = self.param(
-        'embedding', nn.with_logical_partitioning(init, ('vocab', 'embed')),
-        (self.vocab_size, cfg.d_model), cfg.storage_dtype)
+      'embedding',
+      nn.with_logical_partitioning(init, ('vocab', 'embed')),
+      (self.vocab_size, cfg.d_model),
+      cfg.storage_dtype,
+    )
 
   def __call__(self, tokens):
     table = jnp.asarray(self.embedding, self.config.compute_dtype)
@@ -42,14 +46,18 @@ def sinusoidal(positions, d_model: int, dtype=jnp.float32):
 
 class LearnedPositions(nn.Module):
   """A learned table of `max_len` position embeddings."""
+
   config: ModelConfig
 
   @nn.compact
   def __call__(self, positions):
     cfg = self.config
-    table = self.param('embedding', nn.with_logical_partitioning(
-        nn.initializers.normal(stddev=0.02), (None, 'embed')), (cfg.max_len, cfg.d_model),
-        cfg.storage_dtype)
+    table = self.param(
+      'embedding',
+      nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), (None, 'embed')),
+      (cfg.max_len, cfg.d_model),
+      cfg.storage_dtype,
+    )
     return jnp.take(jnp.asarray(table, cfg.compute_dtype), positions, axis=0)
 
 
@@ -66,9 +74,11 @@ def apply_rope(x, positions, base: float = 10000.0):
 
 def alibi_slopes(num_heads: int):
   """Per-head slopes of ALiBi (Press et al., 2022): a geometric sequence, interleaved for non-powers of 2."""
+
   def powers(n):
     start = 2.0 ** (-8.0 / n)
     return [start ** (i + 1) for i in range(n)]
+
   closest = 2 ** math.floor(math.log2(num_heads))
   slopes = powers(closest)
   if closest < num_heads:
@@ -87,22 +97,31 @@ def norm(config: ModelConfig, name: str):
   kwargs = dict(scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)))
   if config.norm_type == 'layernorm':
     kwargs['bias_init'] = nn.with_logical_partitioning(nn.initializers.zeros, ('embed',))
-  return kind(epsilon=config.norm_epsilon, dtype=config.compute_dtype,
-              param_dtype=config.storage_dtype, name=name, **kwargs)
+  return kind(
+    epsilon=config.norm_epsilon, dtype=config.compute_dtype, param_dtype=config.storage_dtype, name=name, **kwargs
+  )
 
 
 class FeedForward(nn.Module):
   """FFN(x) = W2 act(W1 x + b1) + b2 (paper, 3.3); `swiglu` gates it: W2 (silu(W1 x) * W3 x)."""
+
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
+
     def dense(features, axes, name, use_bias=True):
       return nn.Dense(
-          features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
-          name=name, kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+        features,
+        use_bias=use_bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.storage_dtype,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+      )
+
     if cfg.activation == 'swiglu':
       hidden = nn.silu(dense(cfg.d_ff, ('embed', 'mlp'), 'gate', False)(x))
       hidden *= dense(cfg.d_ff, ('embed', 'mlp'), 'up', False)(x)

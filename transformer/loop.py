@@ -37,13 +37,18 @@ def evaluate(runner, task, state, batch_size):
   totals = jax.device_get(totals)
   tokens = max(float(totals['tokens']), 1.0)
   loss = float(totals['loss']) / tokens
-  return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 50.0)),
-          'eval/accuracy': float(totals['correct']) / tokens, 'eval/tokens': tokens}
+  return {
+    'eval/loss': loss,
+    'eval/perplexity': math.exp(min(loss, 50.0)),
+    'eval/accuracy': float(totals['correct']) / tokens,
+    'eval/tokens': tokens,
+  }
 
 
 def predictor(runner, model, state, step, seed):
   """The model with this state's parameters (one copy, not per device), for decoding."""
   from transformer.predictor import Predictor  # decoding compiles only when a task decodes
+
   return Predictor(model, runner.to_checkpoint(state).params, step=step, seed=seed)
 
 
@@ -94,8 +99,10 @@ def _restore(ckpts, runner):
 def _check_finite(step, values):
   loss = float(values['loss'])
   if not math.isfinite(loss):
-    raise NonFiniteLoss(f'The training loss became {loss} at step {step}: lower config.train.learning_rate, '
-                        'set config.train.grad_clip, or check the data. Checkpoints before this step are kept.')
+    raise NonFiniteLoss(
+      f'The training loss became {loss} at step {step}: lower config.train.learning_rate, '
+      'set config.train.grad_clip, or check the data. Checkpoints before this step are kept.'
+    )
 
 
 def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
@@ -111,6 +118,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   train_iter = task.train_iter(int(train.batch_size), rows)
   digests = BatchDigests(workdir, rows) if train.log_batch_digests else None
   from transformer import workdir as workdir_lib  # before restoring: refuses a config the checkpoints do not fit
+
   workdir_lib.save_config(config, workdir, model.config, write=primary)
   if ckpts.latest_step() is not None:
     state, data_state, start_step = _restore(ckpts, runner)
@@ -131,10 +139,10 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
     ckpts.save(step, runner.to_checkpoint(state), train_iter.get_state(), config.to_dict())
 
   eval_metrics = {}
-  pending = None          # (step, device metrics) of the last dispatched step, fetched one step later
-  window = []             # host metrics since the last log
+  pending = None  # (step, device metrics) of the last dispatched step, fetched one step later
+  window = []  # host metrics since the last log
   window_start = time.perf_counter()
-  data_wait = 0.0         # seconds the loop waited for input batches in this window
+  data_wait = 0.0  # seconds the loop waited for input batches in this window
   compile_s = None
   try:
     with checkpoint.PreemptionGuard() as guard:
@@ -164,11 +172,18 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
           elapsed = time.perf_counter() - window_start
           tokens = sum(float(m['tokens']) for m in window)
           step_time = elapsed / len(window)
-          scalars = {f'train/{k}': float(np.mean([float(m[k]) for m in window]))
-                     for k in ('loss', 'accuracy', 'grad_norm', 'param_norm', 'learning_rate')}
-          scalars.update({'train/tokens_per_sec': tokens / elapsed, 'train/step_ms': 1000 * step_time,
-                          'train/mfu': tokens / elapsed * model_flops / peak,
-                          'train/data_wait_frac': data_wait / elapsed})
+          scalars = {
+            f'train/{k}': float(np.mean([float(m[k]) for m in window]))
+            for k in ('loss', 'accuracy', 'grad_norm', 'param_norm', 'learning_rate')
+          }
+          scalars.update(
+            {
+              'train/tokens_per_sec': tokens / elapsed,
+              'train/step_ms': 1000 * step_time,
+              'train/mfu': tokens / elapsed * model_flops / peak,
+              'train/data_wait_frac': data_wait / elapsed,
+            }
+          )
           writer.write(step, scalars)
           progress.update(step, scalars['train/loss'], scalars['train/tokens_per_sec'], step_time)
           window, window_start, data_wait = [], time.perf_counter(), 0.0
@@ -216,8 +231,12 @@ class BatchDigests:
 
   def write(self, step: int, batch: dict):
     count = len(next(iter(batch.values())))
-    row_hashes = [hashlib.blake2b(b''.join(np.ascontiguousarray(batch[k][i]).tobytes() for k in sorted(batch)),
-                                  digest_size=6).hexdigest() for i in range(count)]
+    row_hashes = [
+      hashlib.blake2b(
+        b''.join(np.ascontiguousarray(batch[k][i]).tobytes() for k in sorted(batch)), digest_size=6
+      ).hexdigest()
+      for i in range(count)
+    ]
     self._file.write(json.dumps({'step': step, 'rows': self.rows, 'digests': row_hashes}) + '\n')
     self._file.flush()
 

@@ -24,6 +24,7 @@ class MetricsWriter:
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     try:  # TensorBoard is optional: the JSONL file carries every figure anyway
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(workdir)
     except ImportError:
       self._tb = None
@@ -57,8 +58,10 @@ class Progress:
     if not self.enabled:
       return
     eta = max(self.total - step, 0) * seconds_per_step
-    line = (f'step {step}/{self.total}  loss {loss:.4f}  {tokens_per_sec:,.0f} tok/s  '
-            f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
+    line = (
+      f'step {step}/{self.total}  loss {loss:.4f}  {tokens_per_sec:,.0f} tok/s  '
+      f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}'
+    )
     print(('\r' + line) if self.tty else line, end='' if self.tty else '\n', flush=True)
 
   def close(self):
@@ -99,44 +102,44 @@ def flops_per_token(config: ModelConfig, target_len: int, source_len: int = 0) -
 # Keys are lower-case pieces of `jax.devices()[0].device_kind` ('NVIDIA H100 80GB HBM3', 'TPU v5 lite',
 # 'AMD Instinct MI300X'); see `datasheet_peak`. None: no public figure, and a shorter key would be wrong.
 _PEAK_FLOPS = {
-    # NVIDIA product data sheets (TFLOPS).
-    'h100': (989.5e12, 'NVIDIA H100 SXM bf16'),         # H100 SXM 1,979*
-    'h100 pcie': (756.5e12, 'NVIDIA H100 PCIe bf16'),   # H100 PCIe 1,513*
-    'h100 nvl': (835.5e12, 'NVIDIA H100 NVL bf16'),     # H100 NVL 1,671*
-    'h200': (989.5e12, 'NVIDIA H200 SXM bf16'),         # H200 SXM 1,979*
-    'h200 nvl': (835.5e12, 'NVIDIA H200 NVL bf16'),     # H200 NVL 1,671*
-    'gh200': (989.5e12, 'NVIDIA GH200 bf16'),           # GH200 1,979*
-    'b200': (2.25e15, 'NVIDIA B200 bf16'),              # HGX B200, per GPU 4.5 PFLOPS*
-    'gb200': (2.5e15, 'NVIDIA GB200 bf16'),             # GB200 NVL72, per GPU 5 PFLOPS*
-    'a100': (312e12, 'NVIDIA A100 bf16'),               # A100 SXM and PCIe 312 | 624*
-    'a30': (165e12, 'NVIDIA A30 bf16'),                 # A30 165 | 330*
-    'a40': (149.7e12, 'NVIDIA A40 bf16'),               # A40 149.7 | 299.4*
-    'a10': (125e12, 'NVIDIA A10 bf16'),                 # A10 125 | 250* (A10G has no data sheet)
-    'l4': (121e12, 'NVIDIA L4 bf16'),                   # L4 242*
-    'l40': (181.05e12, 'NVIDIA L40 bf16'),              # L40 181.05 | 362.1*
-    'l40s': (362.05e12, 'NVIDIA L40S bf16'),            # L40S 362.05 | 733*
-    'v100': (125e12, 'NVIDIA V100 SXM2 fp16'),          # V100 SXM2 tensor 125 (no bf16)
-    'v100-pcie': (112e12, 'NVIDIA V100 PCIe fp16'),     # V100 PCIe tensor 112 (no bf16)
-    't4': (65e12, 'NVIDIA T4 fp16'),                    # T4 mixed precision 65 (no bf16)
-    # AMD Instinct data sheets, dense bf16 (TFLOPS); one device per GPU (SPX partition mode).
-    'mi300x': (1307.4e12, 'AMD Instinct MI300X bf16'),
-    'mi300a': (980.6e12, 'AMD Instinct MI300A bf16'),
-    'mi325x': (1307.4e12, 'AMD Instinct MI325X bf16'),
-    'mi350x': (2306.9e12, 'AMD Instinct MI350X bf16'),
-    'mi355x': (2516.6e12, 'AMD Instinct MI355X bf16'),
-    # Google Cloud TPU system-architecture pages, per chip (TFLOPS). v2, v3 and TPU7x show JAX one
-    # device per TensorCore, two per chip: halved. v4, v5p: one megacore device per chip.
-    'tpu v2': (22.5e12, 'TPU v2 core bf16'),            # 45 per chip
-    'tpu v3': (61.5e12, 'TPU v3 core bf16'),            # 123 per chip
-    'tpu v4': (275e12, 'TPU v4 chip bf16'),
-    'tpu v4 lite': None,                                # v4i
-    'tpu v5 lite': (197e12, 'TPU v5e chip bf16'),
-    'tpu v5e': (197e12, 'TPU v5e chip bf16'),
-    'tpu v5': (459e12, 'TPU v5p chip bf16'),            # JAX names v5p 'TPU v5'
-    'tpu v5p': (459e12, 'TPU v5p chip bf16'),
-    'tpu v6 lite': (918e12, 'TPU v6e (Trillium) chip bf16'),
-    'tpu v6e': (918e12, 'TPU v6e (Trillium) chip bf16'),
-    'tpu7x': (1153.5e12, 'TPU7x (Ironwood) core bf16'),  # 2,307 per chip
+  # NVIDIA product data sheets (TFLOPS).
+  'h100': (989.5e12, 'NVIDIA H100 SXM bf16'),  # H100 SXM 1,979*
+  'h100 pcie': (756.5e12, 'NVIDIA H100 PCIe bf16'),  # H100 PCIe 1,513*
+  'h100 nvl': (835.5e12, 'NVIDIA H100 NVL bf16'),  # H100 NVL 1,671*
+  'h200': (989.5e12, 'NVIDIA H200 SXM bf16'),  # H200 SXM 1,979*
+  'h200 nvl': (835.5e12, 'NVIDIA H200 NVL bf16'),  # H200 NVL 1,671*
+  'gh200': (989.5e12, 'NVIDIA GH200 bf16'),  # GH200 1,979*
+  'b200': (2.25e15, 'NVIDIA B200 bf16'),  # HGX B200, per GPU 4.5 PFLOPS*
+  'gb200': (2.5e15, 'NVIDIA GB200 bf16'),  # GB200 NVL72, per GPU 5 PFLOPS*
+  'a100': (312e12, 'NVIDIA A100 bf16'),  # A100 SXM and PCIe 312 | 624*
+  'a30': (165e12, 'NVIDIA A30 bf16'),  # A30 165 | 330*
+  'a40': (149.7e12, 'NVIDIA A40 bf16'),  # A40 149.7 | 299.4*
+  'a10': (125e12, 'NVIDIA A10 bf16'),  # A10 125 | 250* (A10G has no data sheet)
+  'l4': (121e12, 'NVIDIA L4 bf16'),  # L4 242*
+  'l40': (181.05e12, 'NVIDIA L40 bf16'),  # L40 181.05 | 362.1*
+  'l40s': (362.05e12, 'NVIDIA L40S bf16'),  # L40S 362.05 | 733*
+  'v100': (125e12, 'NVIDIA V100 SXM2 fp16'),  # V100 SXM2 tensor 125 (no bf16)
+  'v100-pcie': (112e12, 'NVIDIA V100 PCIe fp16'),  # V100 PCIe tensor 112 (no bf16)
+  't4': (65e12, 'NVIDIA T4 fp16'),  # T4 mixed precision 65 (no bf16)
+  # AMD Instinct data sheets, dense bf16 (TFLOPS); one device per GPU (SPX partition mode).
+  'mi300x': (1307.4e12, 'AMD Instinct MI300X bf16'),
+  'mi300a': (980.6e12, 'AMD Instinct MI300A bf16'),
+  'mi325x': (1307.4e12, 'AMD Instinct MI325X bf16'),
+  'mi350x': (2306.9e12, 'AMD Instinct MI350X bf16'),
+  'mi355x': (2516.6e12, 'AMD Instinct MI355X bf16'),
+  # Google Cloud TPU system-architecture pages, per chip (TFLOPS). v2, v3 and TPU7x show JAX one
+  # device per TensorCore, two per chip: halved. v4, v5p: one megacore device per chip.
+  'tpu v2': (22.5e12, 'TPU v2 core bf16'),  # 45 per chip
+  'tpu v3': (61.5e12, 'TPU v3 core bf16'),  # 123 per chip
+  'tpu v4': (275e12, 'TPU v4 chip bf16'),
+  'tpu v4 lite': None,  # v4i
+  'tpu v5 lite': (197e12, 'TPU v5e chip bf16'),
+  'tpu v5e': (197e12, 'TPU v5e chip bf16'),
+  'tpu v5': (459e12, 'TPU v5p chip bf16'),  # JAX names v5p 'TPU v5'
+  'tpu v5p': (459e12, 'TPU v5p chip bf16'),
+  'tpu v6 lite': (918e12, 'TPU v6e (Trillium) chip bf16'),
+  'tpu v6e': (918e12, 'TPU v6e (Trillium) chip bf16'),
+  'tpu7x': (1153.5e12, 'TPU7x (Ironwood) core bf16'),  # 2,307 per chip
 }
 
 
@@ -166,12 +169,17 @@ def peak_flops_basis(configured: float = 0.0) -> tuple[float, str]:
   if entry is not None:
     return entry[0], f'data sheet: {entry[1]}'
   if jax.process_index() == 0:
-    print(f'Warning: no data-sheet peak for {device.device_kind!r}; MFU is against a measured bfloat16 matmul '
-          'rate, which overstates it. Set config.train.peak_flops to the dense bf16 peak FLOP/s per device.',
-          file=sys.stderr, flush=True)
+    print(
+      f'Warning: no data-sheet peak for {device.device_kind!r}; MFU is against a measured bfloat16 matmul '
+      'rate, which overstates it. Set config.train.peak_flops to the dense bf16 peak FLOP/s per device.',
+      file=sys.stderr,
+      flush=True,
+    )
   # A large matmul: a small one on a big accelerator measures launch overhead, not the MXU/tensor cores.
-  return (measure_matmul_flops(size=8192, dtype=jnp.bfloat16),
-          f'measured bf16 matmul (unknown accelerator: {device.device_kind})')
+  return (
+    measure_matmul_flops(size=8192, dtype=jnp.bfloat16),
+    f'measured bf16 matmul (unknown accelerator: {device.device_kind})',
+  )
 
 
 def peak_flops_per_device(configured: float = 0.0) -> float:
@@ -190,4 +198,4 @@ def measure_matmul_flops(size: int = 1024, repeats: int = 5, dtype=jnp.float32) 
     start = time.perf_counter()
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+  return 2 * size**3 / best

@@ -13,9 +13,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from transformer import layers
 from transformer.attention import LocalMask, MultiHeadAttention, make_attention_mask
@@ -26,8 +26,8 @@ BOS_ID = 1
 EOS_ID = 2  # every tokenizer and vocabulary in the codebase uses these three ids
 
 _REMAT_POLICIES = {
-    'full': None,  # save nothing: recompute the whole block in the backward pass
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'full': None,  # save nothing: recompute the whole block in the backward pass
+  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -61,6 +61,7 @@ class Block(nn.Module):
   `ctx` holds what every layer shares (masks, ALiBi bias, RoPE positions, cache index, encoder
   output), built once by the stack's owner so that all layers (and `nn.scan`) see the same values.
   """
+
   config: ModelConfig
   cross: bool = False
   decode: bool = False
@@ -81,18 +82,30 @@ class Block(nn.Module):
       return layers.norm(cfg, f'{name}_norm')(x + dropout(fn(x), rng=key))
 
     attention = functools.partial(MultiHeadAttention, cfg, deterministic=self.deterministic)
-    x = sublayer(x, lambda h: attention(decode=self.decode, name='self_attention')(
-        h, h, ctx['self_mask'], ctx['self_bias'], ctx['rope_positions'], ctx['cache_index'],
-        dropout_rng=site(1)), 'self_attention', site(0))
+    x = sublayer(
+      x,
+      lambda h: attention(decode=self.decode, name='self_attention')(
+        h, h, ctx['self_mask'], ctx['self_bias'], ctx['rope_positions'], ctx['cache_index'], dropout_rng=site(1)
+      ),
+      'self_attention',
+      site(0),
+    )
     if self.cross:
-      x = sublayer(x, lambda h: attention(decode=self.decode, cross=True, name='cross_attention')(
-          h, ctx['encoded'], ctx['cross_mask'], dropout_rng=site(3)), 'cross_attention', site(2))
+      x = sublayer(
+        x,
+        lambda h: attention(decode=self.decode, cross=True, name='cross_attention')(
+          h, ctx['encoded'], ctx['cross_mask'], dropout_rng=site(3)
+        ),
+        'cross_attention',
+        site(2),
+      )
     x = sublayer(x, layers.FeedForward(cfg, name='ffn'), 'ffn', site(4))
     return _constrain(x, 'activation_batch', 'activation_length', 'activation_embed'), None
 
 
 class Stack(nn.Module):
   """`num_layers` blocks, unrolled or as one scanned layer (`scan_layers`), optionally rematerialised."""
+
   config: ModelConfig
   num_layers: int
   cross: bool = False
@@ -115,8 +128,13 @@ class Stack(nn.Module):
       keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(self.num_layers))
     if cfg.scan_layers:
       scanned = nn.scan(
-          block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
-          in_axes=(nn.broadcast, 0), length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+        block,
+        variable_axes={'params': 0, 'cache': 0},
+        split_rngs={'params': True},
+        in_axes=(nn.broadcast, 0),
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+      )
       x, _ = scanned(cfg, **kwargs, name='layers')(x, ctx, keys)
     else:
       for i in range(self.num_layers):
@@ -128,6 +146,7 @@ class Stack(nn.Module):
 
 class _Embedder(nn.Module):
   """Token embedding + positional encoding (added ones only) + dropout."""
+
   config: ModelConfig
   embed: nn.Module
 
@@ -136,8 +155,9 @@ class _Embedder(nn.Module):
     cfg = self.config
     if cfg.positional == 'learned' and tokens.shape[1] > cfg.max_len:
       raise ConfigError(
-          f'Input length {tokens.shape[1]} exceeds config.model.max_len={cfg.max_len}, the size of the '
-          'learned position table: raise max_len, shorten the inputs, or use positional=sinusoidal/rope/alibi.')
+        f'Input length {tokens.shape[1]} exceeds config.model.max_len={cfg.max_len}, the size of the '
+        'learned position table: raise max_len, shorten the inputs, or use positional=sinusoidal/rope/alibi.'
+      )
     x = self.embed(tokens)
     if cfg.positional == 'sinusoidal':
       x += layers.sinusoidal(positions, cfg.d_model, x.dtype)
@@ -159,18 +179,24 @@ def _self_attention_ctx(cfg, q_positions, kv_positions, q_segments, kv_segments,
   window, length = cfg.attention_window, q_positions.shape[1]
   # A window much shorter than the sequence: blocked local attention, linear in the length (no cache,
   # no ALiBi bias, which would be a [T, T] matrix again).
-  if window and 2 * window < length and cache_index is None and kv_positions.shape[1] == length and (
-      cfg.positional != 'alibi'):
+  if (
+    window
+    and 2 * window < length
+    and cache_index is None
+    and kv_positions.shape[1] == length
+    and (cfg.positional != 'alibi')
+  ):
     self_mask = LocalMask(q_positions, kv_positions, q_segments, kv_segments, window=window, causal=causal)
   else:
-    self_mask = make_attention_mask(q_positions, kv_positions, q_segments, kv_segments, causal=causal,
-                                    window=window)
+    self_mask = make_attention_mask(q_positions, kv_positions, q_segments, kv_segments, causal=causal, window=window)
   return dict(
-      self_mask=self_mask,
-      self_bias=(layers.alibi_bias(q_positions, kv_positions, cfg.num_heads)
-                 if cfg.positional == 'alibi' else None),
-      rope_positions=q_positions if cfg.positional == 'rope' else None,
-      cache_index=cache_index, encoded=None, cross_mask=None)
+    self_mask=self_mask,
+    self_bias=(layers.alibi_bias(q_positions, kv_positions, cfg.num_heads) if cfg.positional == 'alibi' else None),
+    rope_positions=q_positions if cfg.positional == 'rope' else None,
+    cache_index=cache_index,
+    encoded=None,
+    cross_mask=None,
+  )
 
 
 class Encoder(nn.Module):
@@ -193,13 +219,22 @@ class Decoder(nn.Module):
   for new tokens is built here exactly as in a full forward pass. Unwritten slots have segment 0 and
   are never attended to by real tokens.
   """
+
   config: ModelConfig
   embed: nn.Module
   cross: bool = False
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, encoded=None, encoder_segment_ids=None,
-               deterministic=True, decode=False):
+  def __call__(
+    self,
+    tokens,
+    positions=None,
+    segment_ids=None,
+    encoded=None,
+    encoder_segment_ids=None,
+    deterministic=True,
+    decode=False,
+  ):
     cfg = self.config
     kv_positions = kv_segments = cache_index = None
     if decode:
@@ -220,21 +255,22 @@ class Decoder(nn.Module):
       kv_positions, kv_segments = positions, segment_ids
 
     x = _Embedder(cfg, self.embed, name='embedder')(tokens, positions, deterministic)
-    ctx = _self_attention_ctx(cfg, positions, kv_positions, segment_ids, kv_segments, causal=True,
-                              cache_index=cache_index)
+    ctx = _self_attention_ctx(
+      cfg, positions, kv_positions, segment_ids, kv_segments, causal=True, cache_index=cache_index
+    )
     if self.cross:
       if decode:
         encoder_segment_ids = self._cached_encoder_segments(encoded, encoder_segment_ids)
       ctx['encoded'] = encoded
       ctx['cross_mask'] = make_attention_mask(None, None, segment_ids, encoder_segment_ids, causal=False)
-    x = Stack(cfg, cfg.num_decoder_layers, cross=self.cross, decode=decode,
-              deterministic=deterministic, name='stack')(x, ctx)
+    x = Stack(cfg, cfg.num_decoder_layers, cross=self.cross, decode=decode, deterministic=deterministic, name='stack')(
+      x, ctx
+    )
     if cfg.tie_embeddings:
       logits = self.embed.attend(x)
     else:
       logits = layers.Embed(cfg, cfg.vocab_size, name='output_embedding').attend(x)
     return _constrain(logits, 'activation_batch', 'activation_length', 'activation_vocab')
-
 
   def _cached_encoder_segments(self, encoded, encoder_segment_ids):
     # Decoding caches what cross-attention needs from the source at the call that passes `encoded`
@@ -249,6 +285,7 @@ class Decoder(nn.Module):
 
 class EncoderDecoder(nn.Module):
   """The paper's model: `encode` the source once, `decode` targets (optionally one step at a time)."""
+
   config: ModelConfig
 
   def setup(self):
@@ -264,25 +301,44 @@ class EncoderDecoder(nn.Module):
   def encode(self, inputs, positions=None, segment_ids=None, deterministic=True):
     return self.encoder(inputs, positions, segment_ids, deterministic)
 
-  def decode(self, encoded, encoder_segment_ids, decoder_inputs, positions=None, segment_ids=None,
-             deterministic=True, decode=False):
+  def decode(
+    self,
+    encoded,
+    encoder_segment_ids,
+    decoder_inputs,
+    positions=None,
+    segment_ids=None,
+    deterministic=True,
+    decode=False,
+  ):
     """Logits for `decoder_inputs`. With `decode=True`, `encoded` and `encoder_segment_ids` may be None
     after the first call: cross-attention then reuses the keys/values that call cached."""
-    return self.decoder(decoder_inputs, positions, segment_ids, encoded, encoder_segment_ids,
-                        deterministic, decode)
+    return self.decoder(decoder_inputs, positions, segment_ids, encoded, encoder_segment_ids, deterministic, decode)
 
-  def __call__(self, inputs, decoder_inputs, *, inputs_positions=None, inputs_segment_ids=None,
-               decoder_positions=None, decoder_segment_ids=None, deterministic=True, decode=False):
+  def __call__(
+    self,
+    inputs,
+    decoder_inputs,
+    *,
+    inputs_positions=None,
+    inputs_segment_ids=None,
+    decoder_positions=None,
+    decoder_segment_ids=None,
+    deterministic=True,
+    decode=False,
+  ):
     """Logits `[B, T, vocab]` (float32) for `decoder_inputs` (targets shifted right) given `inputs`."""
     if inputs_segment_ids is None:
       inputs_segment_ids = (inputs != PAD_ID).astype(jnp.int32)
     encoded = self.encode(inputs, inputs_positions, inputs_segment_ids, deterministic)
-    return self.decode(encoded, inputs_segment_ids, decoder_inputs, decoder_positions,
-                       decoder_segment_ids, deterministic, decode)
+    return self.decode(
+      encoded, inputs_segment_ids, decoder_inputs, decoder_positions, decoder_segment_ids, deterministic, decode
+    )
 
 
 class DecoderOnly(nn.Module):
   """A causal language model; with `tie_embeddings` the input embedding is the pre-softmax layer."""
+
   config: ModelConfig
 
   def setup(self):

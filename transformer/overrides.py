@@ -70,7 +70,7 @@ def _unknown(config, path, walked, key, node):
     return f'Unknown key config.{path}: {where} is a value, not a section.'
   near = nearest(key, node.keys())
   if near:  # the rest of the path under the near key, if it exists there: config.modle.d_ff -> model.d_ff
-    rest = path.split('.')[len(walked) + 1:]
+    rest = path.split('.')[len(walked) + 1 :]
     suggestion = '.'.join(walked + [near])
     section = node[near]
     if rest and isinstance(section, ml_collections.ConfigDict) and '.'.join(rest) in leaves(section):
@@ -104,8 +104,9 @@ def parse_text(path: str, current, text: str):
       return float(text)
     return text
   except ValueError:
-    raise ConfigError(f'--config.{path}={text}: config.{path} must be {_type_name(current)} '
-                      f'(the config has {current!r}).') from None
+    raise ConfigError(
+      f'--config.{path}={text}: config.{path} must be {_type_name(current)} (the config has {current!r}).'
+    ) from None
 
 
 def check_value(path: str, current, value):

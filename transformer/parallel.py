@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from transformer import models, train
 from transformer.config import ConfigError
@@ -30,21 +31,21 @@ PMAP_AXIS = 'batch'
 # Parameters: FSDP splits their `embed` dimension. Activations have names of their own: their d_model
 # stays whole (giving it the parameters' `embed` rule would re-shard every activation between layers).
 LOGICAL_RULES = (
-    ('batch', BATCH_AXES),
-    ('embed', 'fsdp'),
-    ('vocab', 'tensor'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('kv', None),
-    ('layers', None),
-    ('activation_batch', BATCH_AXES),
-    ('activation_length', None),
-    ('activation_embed', None),
-    ('activation_heads', 'tensor'),
-    ('activation_kv_heads', 'tensor'),
-    ('activation_mlp', 'tensor'),
-    ('activation_vocab', 'tensor'),
+  ('batch', BATCH_AXES),
+  ('embed', 'fsdp'),
+  ('vocab', 'tensor'),
+  ('mlp', 'tensor'),
+  ('heads', 'tensor'),
+  ('kv_heads', 'tensor'),
+  ('kv', None),
+  ('layers', None),
+  ('activation_batch', BATCH_AXES),
+  ('activation_length', None),
+  ('activation_embed', None),
+  ('activation_heads', 'tensor'),
+  ('activation_kv_heads', 'tensor'),
+  ('activation_mlp', 'tensor'),
+  ('activation_vocab', 'tensor'),
 )
 
 
@@ -61,15 +62,17 @@ def _multi_process_environment() -> bool:
   return len([h for h in hosts.split(',') if h.strip()]) > 1 or 'MEGASCALE_COORDINATOR_ADDRESS' in env
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+  coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
   """Joins a multi-process job: from explicit values, else a detected SLURM / Open MPI / TPU-pod cluster;
   a no-op for a single process and when already initialized. Call it before anything else uses JAX."""
   if jax.distributed.is_initialized():
     return
   if (coordinator_address, num_processes, process_id) != (None, None, None):
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   elif _multi_process_environment():
     jax.distributed.initialize()
 
@@ -81,19 +84,23 @@ def make_mesh(mesh_config) -> Mesh:
   given = ', '.join(f'config.train.mesh.{axis}={size}' for axis, size in sizes.items())
   fill = [axis for axis, size in sizes.items() if size == -1]
   if len(fill) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
-    raise ConfigError(f'{given}: each mesh axis must be a positive size, and at most one may be -1 '
-                      '(all remaining devices).')
+    raise ConfigError(
+      f'{given}: each mesh axis must be a positive size, and at most one may be -1 (all remaining devices).'
+    )
   known = math.prod(size for size in sizes.values() if size != -1)
   if fill and count % known == 0:
     sizes[fill[0]] = count // known
   if math.prod(sizes.values()) != count:
-    problem = (f'the device count {count} is not a multiple of the other axes\' product {known}' if fill
-               else f'the mesh has {known} devices, but the device count is {count}')
-    raise ConfigError(f'{given}: {problem}. Make data x fsdp x tensor equal {count}, or set one axis to -1 '
-                      '(all remaining devices).')
+    problem = (
+      f"the device count {count} is not a multiple of the other axes' product {known}"
+      if fill
+      else f'the mesh has {known} devices, but the device count is {count}'
+    )
+    raise ConfigError(
+      f'{given}: {problem}. Make data x fsdp x tensor equal {count}, or set one axis to -1 (all remaining devices).'
+    )
   # Auto axes: the model code has no sharding annotations, so XLA propagates shardings itself.
-  return jax.make_mesh(tuple(sizes.values()), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
@@ -104,37 +111,47 @@ def logical_to_sharding(logical_spec, shape, mesh: Mesh) -> NamedSharding:
   """`LOGICAL_RULES` applied to one array; a dimension its mesh axes do not divide is replicated
   (e.g. kv_heads=1 with tensor=2) instead of failing."""
   mesh_axes = nn.logical_to_mesh_axes(logical_spec, LOGICAL_RULES)
-  dims = [axes if axes is None or size % _axis_size(mesh, axes) == 0 else None
-          for axes, size in zip(mesh_axes, shape)]
+  dims = [axes if axes is None or size % _axis_size(mesh, axes) == 0 else None for axes, size in zip(mesh_axes, shape)]
   return NamedSharding(mesh, P(*dims))
 
 
 def activation_rules(model_config, mesh: Mesh):
   """`LOGICAL_RULES` for the activations of this model on `mesh`: a dimension the mesh axis does not
   divide (e.g. vocabulary 37 on tensor=2) stays whole rather than padded."""
-  sizes = {'activation_heads': model_config.num_heads, 'activation_kv_heads': model_config.kv_heads,
-           'activation_mlp': model_config.d_ff, 'activation_vocab': model_config.vocab_size}
-  return tuple((name, None if axes is not None and sizes.get(name, 0) % _axis_size(mesh, axes) else axes)
-               for name, axes in LOGICAL_RULES)
+  sizes = {
+    'activation_heads': model_config.num_heads,
+    'activation_kv_heads': model_config.kv_heads,
+    'activation_mlp': model_config.d_ff,
+    'activation_vocab': model_config.vocab_size,
+  }
+  return tuple(
+    (name, None if axes is not None and sizes.get(name, 0) % _axis_size(mesh, axes) else axes)
+    for name, axes in LOGICAL_RULES
+  )
 
 
 def _gathered(sharding: NamedSharding) -> NamedSharding:
   """A parameter's sharding as the model uses it: FSDP's shards all-gathered (ZeRO-3), tensor splits kept."""
-  drop = lambda axes: (tuple(a for a in axes if a != 'fsdp') or None) if isinstance(axes, tuple) else (
-      None if axes == 'fsdp' else axes)
+  drop = lambda axes: (
+    (tuple(a for a in axes if a != 'fsdp') or None) if isinstance(axes, tuple) else (None if axes == 'fsdp' else axes)
+  )
   return NamedSharding(sharding.mesh, P(*(drop(axes) for axes in sharding.spec)))
 
 
 def state_shardings(model, optimizer, abstract_state, mesh: Mesh):
   """NamedShardings of a `TrainState`: params by their logical axes, optimizer state like its params
   (optax keeps flax's boxes when initialised from boxed params), anything else replicated."""
-  boxed_params = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), *models.dummy_inputs(model.config))['params'])
+  boxed_params = jax.eval_shape(lambda: model.init(jax.random.key(0), *models.dummy_inputs(model.config))['params'])
   boxed_opt_state = jax.eval_shape(optimizer.init, boxed_params)
   specs = jax.tree.map(lambda _: P(), abstract_state).replace(
-      params=nn.get_partition_spec(boxed_params), opt_state=nn.get_partition_spec(boxed_opt_state))
-  return jax.tree.map(lambda spec, leaf: logical_to_sharding(spec, leaf.shape, mesh),
-                      specs, abstract_state, is_leaf=lambda x: isinstance(x, P))
+    params=nn.get_partition_spec(boxed_params), opt_state=nn.get_partition_spec(boxed_opt_state)
+  )
+  return jax.tree.map(
+    lambda spec, leaf: logical_to_sharding(spec, leaf.shape, mesh),
+    specs,
+    abstract_state,
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 class Runner:
@@ -147,8 +164,7 @@ class Runner:
   def __init__(self, train_config, model, optimizer, schedule):
     self.parallelism = train_config.parallelism
     if self.parallelism not in PARALLELISM:
-      raise ConfigError(f'config.train.parallelism={self.parallelism!r} is not one of: '
-                        f'{", ".join(PARALLELISM)}.')
+      raise ConfigError(f'config.train.parallelism={self.parallelism!r} is not one of: {", ".join(PARALLELISM)}.')
     # Dropout masks must not depend on how the batch is sharded (the default since JAX 0.5).
     if not jax.config.jax_threefry_partitionable:
       jax.config.update('jax_threefry_partitionable', True)
@@ -166,13 +182,18 @@ class Runner:
     self._shards = shards
     if self.batch_size % (shards * accum):
       raise ConfigError(
-          f'config.train.batch_size={self.batch_size} must be divisible by {shards_text} x '
-          f'config.train.grad_accum_steps={accum} = {shards * accum}: change one of them.')
+        f'config.train.batch_size={self.batch_size} must be divisible by {shards_text} x '
+        f'config.train.grad_accum_steps={accum} = {shards * accum}: change one of them.'
+      )
 
     if self.mesh is not None:
       self._state_shardings = state_shardings(model, optimizer, abstract, self.mesh)
-      layout = train.MeshLayout(self.mesh, BATCH_AXES, activation_rules(model.config, self.mesh),
-                                jax.tree.map(_gathered, self._state_shardings.params))
+      layout = train.MeshLayout(
+        self.mesh,
+        BATCH_AXES,
+        activation_rules(model.config, self.mesh),
+        jax.tree.map(_gathered, self._state_shardings.params),
+      )
       train_step = train.make_train_step(model, optimizer, schedule, train_config, layout=layout)
       eval_step = train.make_eval_step(model, layout=layout)
     else:
@@ -181,17 +202,23 @@ class Runner:
     if self.mesh is not None:
       self._batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
       # Distinct row blocks on this process (devices along 'tensor' hold the same rows).
-      self._local_shards = len({index[0].indices(shards) for index in
-                                self._batch_sharding.addressable_devices_indices_map((shards,)).values()})
+      self._local_shards = len(
+        {index[0].indices(shards) for index in self._batch_sharding.addressable_devices_indices_map((shards,)).values()}
+      )
       replicated = NamedSharding(self.mesh, P())
       # Created already sharded: the full state never has to fit on one device.
-      self._init = jax.jit(functools.partial(train.init_state, model, optimizer),
-                           out_shardings=self._state_shardings)
-      self._train = jax.jit(train_step, in_shardings=(self._state_shardings, self._batch_sharding),
-                            out_shardings=(self._state_shardings, replicated), donate_argnums=0)
-      self._eval = jax.jit(lambda state, batch: eval_step(state.params, batch),
-                           in_shardings=(self._state_shardings, self._batch_sharding),
-                           out_shardings=replicated)
+      self._init = jax.jit(functools.partial(train.init_state, model, optimizer), out_shardings=self._state_shardings)
+      self._train = jax.jit(
+        train_step,
+        in_shardings=(self._state_shardings, self._batch_sharding),
+        out_shardings=(self._state_shardings, replicated),
+        donate_argnums=0,
+      )
+      self._eval = jax.jit(
+        lambda state, batch: eval_step(state.params, batch),
+        in_shardings=(self._state_shardings, self._batch_sharding),
+        out_shardings=replicated,
+      )
       checkpoint_shardings = self._state_shardings
     else:
       devices = jax.local_devices()
@@ -205,15 +232,16 @@ class Runner:
       broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices),) + x.shape), tree)
       first = lambda tree: jax.tree.map(lambda x: x[0], tree)
       self._replicate = jax.jit(broadcast, out_shardings=replicas)
-      self._init = jax.jit(lambda seed: broadcast(train.init_state(model, optimizer, seed)),
-                           out_shardings=replicas)
+      self._init = jax.jit(lambda seed: broadcast(train.init_state(model, optimizer, seed)), out_shardings=replicas)
       self._first = jax.jit(first)
       self._first_everywhere = jax.jit(first, out_shardings=NamedSharding(local_mesh, P()))
       self._train = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0)
       self._eval = jax.pmap(lambda state, batch: eval_step(state.params, batch), axis_name=PMAP_AXIS)
     self._abstract = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        abstract, checkpoint_shardings)
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      abstract,
+      checkpoint_shardings,
+    )
 
   def local_batch_size(self) -> int:
     """This process's rows of the global `batch_size`."""
@@ -225,12 +253,16 @@ class Runner:
     if self.mesh is None:  # pmap numbers devices process by process
       start = jax.process_index() * local
       return start, start + local
-    blocks = {index[0].indices(self.batch_size)[:2] for index in
-              self._batch_sharding.addressable_devices_indices_map((self.batch_size,)).values()}
+    blocks = {
+      index[0].indices(self.batch_size)[:2]
+      for index in self._batch_sharding.addressable_devices_indices_map((self.batch_size,)).values()
+    }
     start, stop = min(b[0] for b in blocks), max(b[1] for b in blocks)
     if stop - start != local:
-      raise ConfigError(f'This process\'s devices hold rows that are not one block of the batch ({sorted(blocks)}): '
-                        'order config.train.mesh so that each process\'s devices are neighbours on data x fsdp.')
+      raise ConfigError(
+        f"This process's devices hold rows that are not one block of the batch ({sorted(blocks)}): "
+        "order config.train.mesh so that each process's devices are neighbours on data x fsdp."
+      )
     return start, stop
 
   def init_state(self, seed: int) -> train.TrainState:
@@ -244,8 +276,12 @@ class Runner:
     if self.mesh is not None:
       return state
     local = self._first_everywhere(state)  # one copy on each local device, assembled into a global array
-    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
-        x.shape, self._checkpoint_sharding, [shard.data for shard in x.addressable_shards]), local)
+    return jax.tree.map(
+      lambda x: jax.make_array_from_single_device_arrays(
+        x.shape, self._checkpoint_sharding, [shard.data for shard in x.addressable_shards]
+      ),
+      local,
+    )
 
   def from_checkpoint(self, state):
     if self.mesh is not None:
@@ -258,23 +294,30 @@ class Runner:
     local = {shape[0] for shape in shapes.values()}
     shards = self._local_shards
     if len(local) != 1 or (rows is not None and local != {rows}) or min(local) % shards:
-      expected = f'{rows} rows (this process\'s share of config.train.batch_size)' if rows else (
-          f'a multiple of {shards} rows')
+      expected = (
+        f"{rows} rows (this process's share of config.train.batch_size)" if rows else (f'a multiple of {shards} rows')
+      )
       raise ValueError(f'Each batch field must have {expected}; got shapes {shapes}.')
     if self.mesh is None:
       return {k: np.reshape(x, (shards, -1) + np.shape(x)[1:]) for k, x in batch.items()}
     scale = self._shards // self._local_shards  # global rows per local row
-    return {k: jax.make_array_from_process_local_data(
-        self._batch_sharding, np.asarray(x), (scale * np.shape(x)[0],) + np.shape(x)[1:])
-        for k, x in batch.items()}
+    return {
+      k: jax.make_array_from_process_local_data(
+        self._batch_sharding, np.asarray(x), (scale * np.shape(x)[0],) + np.shape(x)[1:]
+      )
+      for k, x in batch.items()
+    }
 
   def lower_train_step(self, batch):
     """The jitted train step lowered for abstract inputs (jit only): `batch` holds global-shape arrays
     or ShapeDtypeStructs; nothing is allocated. `.compile().as_text()` is what `hlo_audit` reads."""
     if self.mesh is None:
       raise ValueError('lower_train_step needs parallelism=jit (a pmap step has no global program).')
-    state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                         self._abstract, self._state_shardings)
+    state = jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      self._abstract,
+      self._state_shardings,
+    )
     batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding) for k, x in batch.items()}
     return self._train.lower(state, batch)
 

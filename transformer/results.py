@@ -45,17 +45,19 @@ def log_tail(path: str, max_lines: int = 12) -> str:
     paragraph.insert(0, line)
   if any(line.startswith('Traceback') for line in paragraph):
     frames = [i for i, line in enumerate(paragraph) if line.startswith(' ')]
-    paragraph = paragraph[frames[-1] + 1:] if frames else paragraph
+    paragraph = paragraph[frames[-1] + 1 :] if frames else paragraph
   if len(paragraph) > max_lines:  # a long message: its start says what, its end what to do
-    paragraph = paragraph[:max_lines - 2] + ['...', paragraph[-1]]
+    paragraph = paragraph[: max_lines - 2] + ['...', paragraph[-1]]
   return '\n'.join(paragraph)
 
 
 @functools.lru_cache(maxsize=None)
 def _count_params(model_json: str) -> int:
   import jax  # noqa: PLC0415 -- only when a table is made
+
   from transformer import models, summary  # noqa: PLC0415
   from transformer.config import ModelConfig  # noqa: PLC0415
+
   model = models.build_model(ModelConfig.from_config(json.loads(model_json)))
   return summary.count_params(jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
 
@@ -81,13 +83,17 @@ def run_row(run, metric: str, higher_is_better: bool) -> dict:
   records = read_metrics(run.directory)
   series = [values[metric] for values in records.values() if metric in values]
   speeds = [values['train/tokens_per_sec'] for values in records.values() if 'train/tokens_per_sec' in values]
-  row = {'variant': run.variant, 'seed': run.seed, 'status': status.get('status', 'pending'),
-         'steps': float(max(records)) if records else math.nan,
-         'final': series[-1] if series else math.nan,
-         'best': (max(series) if higher_is_better else min(series)) if series else math.nan,
-         'params': count_params(run.directory),
-         'tokens/s': float(np.mean(speeds)) if speeds else math.nan,
-         'wall s': float(status.get('wall_s', math.nan))}
+  row = {
+    'variant': run.variant,
+    'seed': run.seed,
+    'status': status.get('status', 'pending'),
+    'steps': float(max(records)) if records else math.nan,
+    'final': series[-1] if series else math.nan,
+    'best': (max(series) if higher_is_better else min(series)) if series else math.nan,
+    'params': count_params(run.directory),
+    'tokens/s': float(np.mean(speeds)) if speeds else math.nan,
+    'wall s': float(status.get('wall_s', math.nan)),
+  }
   finals = {}
   for values in records.values():
     finals.update({tag: value for tag, value in values.items() if tag.startswith('eval/') and tag != metric})
@@ -143,8 +149,13 @@ def _write_csv(path, rows, summaries, metric):
     for summary in summaries:
       for stat in ('mean', 'std'):
         values = summary[stat]
-        line = {**values, 'variant': summary['variant'], 'seed': stat,
-                'status': f'{summary["done"]}/{summary["runs"]} done', 'error': ''}
+        line = {
+          **values,
+          'variant': summary['variant'],
+          'seed': stat,
+          'status': f'{summary["done"]}/{summary["runs"]} done',
+          'error': '',
+        }
         writer.writerow([_csv_value(line.get(key, '')) for key in keys])
 
 
@@ -170,9 +181,14 @@ def _markdown(rows, summaries, metric, higher_is_better) -> str:
   best = (max if higher_is_better else min)(finals) if finals else None
   summary_keys = ['final', 'best', 'params', 'tokens/s', 'wall s']
   header = ['variant', 'runs done', f'final {metric}', f'best {metric}', 'params', 'tokens/s', 'wall s']
-  lines = [f'# Sweep results: {metric} ({goal} is better)', '',
-           'Mean ± std over seeds (finished runs only).', '',
-           '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines = [
+    f'# Sweep results: {metric} ({goal} is better)',
+    '',
+    'Mean ± std over seeds (finished runs only).',
+    '',
+    '| ' + ' | '.join(header) + ' |',
+    '|' + '---|' * len(header),
+  ]
   for s in summaries:
     cells = [_cell(s['variant']), f'{s["done"]}/{s["runs"]}']
     for key in summary_keys:
@@ -186,8 +202,11 @@ def _markdown(rows, summaries, metric, higher_is_better) -> str:
   keys, names = _columns(rows, metric)
   lines += ['', '## Runs', '', '| ' + ' | '.join(names) + ' |', '|' + '---|' * len(names)]
   for row in rows:
-    lines.append('| ' + ' | '.join(_cell(_fmt(k, row[k]) if isinstance(row.get(k), float) else row.get(k, ''))
-                                   for k in keys) + ' |')
+    lines.append(
+      '| '
+      + ' | '.join(_cell(_fmt(k, row[k]) if isinstance(row.get(k), float) else row.get(k, '')) for k in keys)
+      + ' |'
+    )
   lines += ['', '![results](results.png)', '']
   return '\n'.join(lines)
 
@@ -201,13 +220,17 @@ def plot(path: str, runs, rows, summaries, metric: str) -> None:
   variant with ± std error bars. Matplotlib's Agg canvas, so no display or global backend is touched."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 -- only when plotting
   from matplotlib.figure import Figure  # noqa: PLC0415
+
   figure = Figure(figsize=(12, max(4, 0.35 * len(summaries) + 1.5)))
   FigureCanvasAgg(figure)
   curves, bars = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
   for summary in summaries:
     name = summary['variant']
-    series = [{step: v[metric] for step, v in read_metrics(run.directory).items() if metric in v}
-              for run, row in zip(runs, rows) if row['variant'] == name and row['status'] == 'done']
+    series = [
+      {step: v[metric] for step, v in read_metrics(run.directory).items() if metric in v}
+      for run, row in zip(runs, rows)
+      if row['variant'] == name and row['status'] == 'done'
+    ]
     series = [s for s in series if s]
     if series:
       steps = sorted(set.intersection(*(set(s) for s in series)))

@@ -16,17 +16,20 @@ def dry_run(config) -> str:
   model = models.build_model(model_config)
   params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
   seconds = time.perf_counter() - start
-  header = (f'{model_config.kind}: N={model_config.num_encoder_layers}/{model_config.num_decoder_layers} '
-            f'd_model={model_config.d_model} d_ff={model_config.d_ff} h={model_config.num_heads} '
-            f'd_k={model_config.head_dim_qk} d_v={model_config.head_dim_v} kv_heads={model_config.kv_heads} '
-            f'vocab={model_config.vocab_size} (built abstractly in {seconds:.1f}s)')
+  header = (
+    f'{model_config.kind}: N={model_config.num_encoder_layers}/{model_config.num_decoder_layers} '
+    f'd_model={model_config.d_model} d_ff={model_config.d_ff} h={model_config.num_heads} '
+    f'd_k={model_config.head_dim_qk} d_v={model_config.head_dim_v} kv_heads={model_config.kv_heads} '
+    f'vocab={model_config.vocab_size} (built abstractly in {seconds:.1f}s)'
+  )
   return header + '\n' + summary.param_table(params)
 
 
 def enable_compilation_cache():
   """JAX's persistent cache: a re-run or resume of the same shapes skips XLA compilation."""
-  directory = os.environ.get('TRANSFORMER_COMPILATION_CACHE',
-                             os.path.join(os.path.expanduser('~'), '.cache', 'transformer-jax'))
+  directory = os.environ.get(
+    'TRANSFORMER_COMPILATION_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'transformer-jax')
+  )
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
@@ -39,21 +42,28 @@ def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
   sweep passes on to every variant."""
   enable_compilation_cache()
   if 'sweep' in config and mode != 'sweep':  # a sweep file would otherwise train its base quietly
-    raise ConfigError(f'This config is a sweep: run it with --mode sweep (not --mode {mode}), or give '
-                      'its base experiment file to --mode {mode}.'.replace('{mode}', mode))
+    raise ConfigError(
+      f'This config is a sweep: run it with --mode sweep (not --mode {mode}), or give '
+      'its base experiment file to --mode {mode}.'.replace('{mode}', mode)
+    )
   if mode == 'train':
     from transformer import loop  # the engine's imports (orbax, grain) are not needed for a dry run
+
     return loop.train_and_evaluate(config, workdir)
   if mode == 'eval':
     from transformer import loop
+
     return loop.evaluate_checkpoint(config, workdir)
   if mode == 'decode':
     from transformer import loop
+
     return loop.decode_checkpoint(config, workdir)
   if mode == 'sweep':
     from transformer import sweep
+
     return sweep.run_sweep(config, workdir, overrides)
   if mode == 'bench':
     from transformer import bench
+
     return bench.run_bench(config)
   raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES}.')

@@ -43,6 +43,7 @@ HIGHER_IS_BETTER = ('accuracy', 'bleu')
 # ---------------------------------------------------------------------------------------------------
 # Writing sweep files: named override sets.
 
+
 def variant(name: str | None = None, **overrides) -> list[dict]:
   """One override set, e.g. `variant('h=1', num_heads=1, d_k=128, d_v=128)`; a list, so sets add up
   with `+`. Keys are config paths ('model.d_k') or, when unambiguous, their last name ('d_k')."""
@@ -72,8 +73,15 @@ def group(label: str, variants: list[dict]) -> list[dict]:
   return [{'name': f'{label}:{v["name"]}', 'overrides': v['overrides']} for v in variants]
 
 
-def sweep_config(base: str, variants: list[dict], seeds=(0,), parallel: int = 1, metric: str = 'eval/loss',
-                 higher_is_better: bool | None = None, overrides: dict | None = None) -> ml_collections.ConfigDict:
+def sweep_config(
+  base: str,
+  variants: list[dict],
+  seeds=(0,),
+  parallel: int = 1,
+  metric: str = 'eval/loss',
+  higher_is_better: bool | None = None,
+  overrides: dict | None = None,
+) -> ml_collections.ConfigDict:
   """The base experiment's config (`'experiments/text.py:tiny'`) plus a `sweep` section. `overrides` apply
   to every variant (a variant's own setting wins); change the base only through them, as each run loads the
   base file afresh. Each key is resolved to its full path and its value checked against the base config;
@@ -86,18 +94,24 @@ def sweep_config(base: str, variants: list[dict], seeds=(0,), parallel: int = 1,
   common = resolve_overrides(config, overrides or {}, 'overrides')
   for path, value in common.items():
     overrides_lib.set_value(config, path, value)
-  resolved = [{'name': v['name'], 'overrides': resolve_overrides(config, v['overrides'], v['name'])}
-              for v in variants]
+  resolved = [{'name': v['name'], 'overrides': resolve_overrides(config, v['overrides'], v['name'])} for v in variants]
   names = [v['name'] for v in resolved]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
-    raise ConfigError(f'Two variants share a name: {", ".join(duplicates)}; '
-                      'name them with sweep.variant(name, ...).')
+    raise ConfigError(f'Two variants share a name: {", ".join(duplicates)}; name them with sweep.variant(name, ...).')
   if higher_is_better is None:
     higher_is_better = any(word in metric for word in HIGHER_IS_BETTER)
-  config.sweep = ml_collections.ConfigDict(dict(
-      base=base, overrides=tuple(common.items()), variants=resolved, seeds=tuple(int(s) for s in seeds),
-      parallel=int(parallel), metric=metric, higher_is_better=bool(higher_is_better)))
+  config.sweep = ml_collections.ConfigDict(
+    dict(
+      base=base,
+      overrides=tuple(common.items()),
+      variants=resolved,
+      seeds=tuple(int(s) for s in seeds),
+      parallel=int(parallel),
+      metric=metric,
+      higher_is_better=bool(higher_is_better),
+    )
+  )
   return config
 
 
@@ -122,8 +136,10 @@ def resolve_key(config, key: str) -> str:
   if len(paths) == 1:
     return paths[0]
   if paths:
-    raise ConfigError(f'{key!r} is ambiguous: it could be {" or ".join("config." + p for p in paths)}; '
-                      f'write the full path, e.g. **{{{paths[0]!r}: ...}}.')
+    raise ConfigError(
+      f'{key!r} is ambiguous: it could be {" or ".join("config." + p for p in paths)}; '
+      f'write the full path, e.g. **{{{paths[0]!r}: ...}}.'
+    )
   names = {p.rsplit('.', 1)[-1]: p for p in overrides_lib.leaves(config)}
   near = nearest(key, names)
   hint = f' Did you mean {near!r} (config.{names[near]})?' if near else ''
@@ -132,6 +148,7 @@ def resolve_key(config, key: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Running: one process per variant x seed.
+
 
 @dataclasses.dataclass
 class Run:
@@ -179,8 +196,9 @@ def plan(config, workdir: str, overrides=()) -> list[Run]:
   `sweep.*`), then the seed, as flags to `launch.py`. Every variant's model config is checked here, before
   any process starts."""
   if 'sweep' not in config:
-    raise ConfigError('--mode sweep needs a sweep file (its get_config returns sweep.sweep_config(...)); '
-                      'see experiments/ablations/.')
+    raise ConfigError(
+      '--mode sweep needs a sweep file (its get_config returns sweep.sweep_config(...)); see experiments/ablations/.'
+    )
   spec = config.sweep
   command_line = [flag for flag in overrides if not _split_override(flag)[0].startswith('sweep.')]
   varied = {path for v in spec.variants for path in v['overrides']}
@@ -201,12 +219,22 @@ def plan(config, workdir: str, overrides=()) -> list[Run]:
       ModelConfig.from_config(resolved.model)
     except ConfigError as error:
       raise ConfigError(f'Variant {v["name"]!r}: {error}') from None
-    flags = [f'--config.{path}={overrides_lib.render(value)}'
-             for path, value in [*spec.overrides, *v['overrides'].items()]]
+    flags = [
+      f'--config.{path}={overrides_lib.render(value)}' for path, value in [*spec.overrides, *v['overrides'].items()]
+    ]
     for seed in spec.seeds:
       directory = os.path.join(workdir, directory_name(v['name']), f'seed{seed}')
-      command = [sys.executable, LAUNCH, '--config', base, *flags, *command_line,
-                 f'--config.train.seed={seed}', '--workdir', directory]
+      command = [
+        sys.executable,
+        LAUNCH,
+        '--config',
+        base,
+        *flags,
+        *command_line,
+        f'--config.train.seed={seed}',
+        '--workdir',
+        directory,
+      ]
       runs.append(Run(v['name'], seed, directory, command, int(resolved.train.num_steps)))
   return runs
 
@@ -217,13 +245,26 @@ def run_sweep(config, workdir: str, overrides=()) -> list[dict]:
   spec = config.sweep
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
-    json.dump({'base': spec.base, 'overrides': dict(spec.overrides), 'variants': list(spec.variants),
-               'seeds': list(spec.seeds), 'metric': spec.metric, 'higher_is_better': spec.higher_is_better,
-               'command_line': list(overrides)}, f, indent=2)
+    json.dump(
+      {
+        'base': spec.base,
+        'overrides': dict(spec.overrides),
+        'variants': list(spec.variants),
+        'seeds': list(spec.seeds),
+        'metric': spec.metric,
+        'higher_is_better': spec.higher_is_better,
+        'command_line': list(overrides),
+      },
+      f,
+      indent=2,
+    )
   todo = [run for run in runs if not run.finished()]
   if todo:
-    print(f'[sweep] {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, '
-          f'{spec.parallel} at a time; logs in <run>/{LOG_FILE}', flush=True)
+    print(
+      f'[sweep] {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, '
+      f'{spec.parallel} at a time; logs in <run>/{LOG_FILE}',
+      flush=True,
+    )
     stopped_by = execute(todo, spec.parallel)
   else:
     print(f'[sweep] all {len(runs)} runs finished: aggregating only.', flush=True)
@@ -239,6 +280,7 @@ def _die_with_parent():
   as an orphan that a re-run of the sweep would race. Linux only; elsewhere a no-op."""
   try:
     import ctypes
+
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
   except (OSError, AttributeError):
     pass
@@ -277,6 +319,7 @@ def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1) -> in
   (with the last lines of its log). A failure does not stop the others. Returns the signal that stopped
   the sweep, or None."""
   import subprocess  # noqa: PLC0415 -- only the sweep process starts others
+
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   if parallel > 1:  # runs sharing an accelerator must not each grab most of its memory
     env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
@@ -290,12 +333,23 @@ def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1) -> in
         log = open(os.path.join(run.directory, LOG_FILE), 'a')
         log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")} {" ".join(run.command)}\n')
         log.flush()
-        running[run.label] = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                              start_new_session=True, preexec_fn=_die_with_parent)
+        running[run.label] = subprocess.Popen(
+          run.command,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          env=env,
+          start_new_session=True,
+          preexec_fn=_die_with_parent,
+        )
         log.close()  # the child holds its own copy of the descriptor
         started[run.label] = (run, time.time(), previous)
-        run.write_status(status='running', num_steps=run.num_steps, attempts=previous.get('attempts', 0) + 1,
-                         wall_s=_earlier_wall(previous), command=run.command)
+        run.write_status(
+          status='running',
+          num_steps=run.num_steps,
+          attempts=previous.get('attempts', 0) + 1,
+          wall_s=_earlier_wall(previous),
+          command=run.command,
+        )
         print(f'[sweep] started {run.label}', flush=True)
       time.sleep(poll_seconds)
       for label, process in list(running.items()):
@@ -320,8 +374,14 @@ def _finish(run: Run, returncode: int, seconds: float, previous: dict, stop_sign
     status, error = 'stopped', ''
   else:
     status, error = 'failed', results.log_tail(os.path.join(run.directory, LOG_FILE))
-  run.write_status(status=status, num_steps=run.num_steps, attempts=previous.get('attempts', 0) + 1,
-                   wall_s=_earlier_wall(previous) + seconds, returncode=returncode, error=error,
-                   command=run.command)
+  run.write_status(
+    status=status,
+    num_steps=run.num_steps,
+    attempts=previous.get('attempts', 0) + 1,
+    wall_s=_earlier_wall(previous) + seconds,
+    returncode=returncode,
+    error=error,
+    command=run.command,
+  )
   message = f': {error.splitlines()[-1]}' if error else ''
   print(f'[sweep] {status} {run.label} ({seconds:.0f}s, exit {returncode}){message}', flush=True)

@@ -16,6 +16,7 @@ from transformer import models
 @flax.struct.dataclass
 class TrainState:
   """Everything a step reads and writes; a pytree, so it shards and checkpoints as a whole."""
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -24,8 +25,12 @@ class TrainState:
 
 def init_state(model, optimizer, seed: int) -> TrainState:
   params = models.init_params(model, jax.random.key(seed))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed + 1)))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    rng=jax.random.key_data(jax.random.key(seed + 1)),
+  )
 
 
 def cross_entropy(logits, targets, weights, label_smoothing: float = 0.0, z_loss: float = 0.0):
@@ -45,7 +50,7 @@ def cross_entropy(logits, targets, weights, label_smoothing: float = 0.0, z_loss
     entropy = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low))
     loss -= entropy
   if z_loss > 0:
-    loss += z_loss * log_z ** 2
+    loss += z_loss * log_z**2
   return jnp.sum(loss * weights), jnp.sum(weights)
 
 
@@ -65,12 +70,24 @@ def _apply(model, params, batch, deterministic, rng=None):
   rngs = {'dropout': rng} if rng is not None else {}
   if model.config.kind == 'encoder_decoder':
     return model.apply(
-        {'params': params}, batch['inputs'], decoder_inputs,
-        inputs_positions=batch.get('inputs_positions'), inputs_segment_ids=batch.get('inputs_segment_ids'),
-        decoder_positions=batch.get('targets_positions'), decoder_segment_ids=segments,
-        deterministic=deterministic, rngs=rngs)
-  return model.apply({'params': params}, decoder_inputs, positions=batch.get('targets_positions'),
-                     segment_ids=segments, deterministic=deterministic, rngs=rngs)
+      {'params': params},
+      batch['inputs'],
+      decoder_inputs,
+      inputs_positions=batch.get('inputs_positions'),
+      inputs_segment_ids=batch.get('inputs_segment_ids'),
+      decoder_positions=batch.get('targets_positions'),
+      decoder_segment_ids=segments,
+      deterministic=deterministic,
+      rngs=rngs,
+    )
+  return model.apply(
+    {'params': params},
+    decoder_inputs,
+    positions=batch.get('targets_positions'),
+    segment_ids=segments,
+    deterministic=deterministic,
+    rngs=rngs,
+  )
 
 
 def token_weights(batch):
@@ -99,9 +116,10 @@ def dropout_active(model_config) -> bool:
 @dataclasses.dataclass(frozen=True)
 class MeshLayout:
   """How a step jitted over `mesh` keeps its work split (built by `parallel.Runner`)."""
-  mesh: Any                # a jax.sharding.Mesh
-  batch_axes: tuple        # the mesh axes the batch dimension is split over
-  rules: tuple = ()        # logical activation axis -> mesh axes, for `models.activation_sharding`
+
+  mesh: Any  # a jax.sharding.Mesh
+  batch_axes: tuple  # the mesh axes the batch dimension is split over
+  rules: tuple = ()  # logical activation axis -> mesh axes, for `models.activation_sharding`
   param_shardings: Any = None  # how the parameters are used: their FSDP shards gathered (ZeRO-3)
 
   @property
@@ -125,8 +143,7 @@ def sharding_context(layout: MeshLayout | None):
   return stack
 
 
-def make_train_step(model, optimizer, schedule, train_config, axis_name=None,
-                    layout: MeshLayout | None = None):
+def make_train_step(model, optimizer, schedule, train_config, axis_name=None, layout: MeshLayout | None = None):
   """A pure `train_step(state, batch) -> (state, metrics)`.
 
   Gradients are of the *summed* loss, divided once by the number of real tokens in the whole batch
@@ -146,8 +163,10 @@ def make_train_step(model, optimizer, schedule, train_config, axis_name=None,
   # of a tied embedding). The price: each device holds a whole partial gradient while accumulating.
   per_shard = layout is not None and layout.shards > 1 and layout.param_shardings is not None
   if per_shard:  # [shards, *parameter]: split over the batch axes, then like the parameter in use
-    shard_shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(
-        s.mesh, jax.sharding.PartitionSpec(layout.batch_axes, *s.spec)), layout.param_shardings)
+    shard_shardings = jax.tree.map(
+      lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(layout.batch_axes, *s.spec)),
+      layout.param_shardings,
+    )
 
   def loss_fn(params, batch, row_ids, step_key, row_axes):
     if layout is not None and layout.param_shardings is not None:
@@ -158,6 +177,7 @@ def make_train_step(model, optimizer, schedule, train_config, axis_name=None,
       def one_row(row, key):
         with models.activation_sharding(layout.inner_rules() if layout else ()):
           return _apply(model, params, jax.tree.map(lambda x: x[None], row), False, key)[0]
+
       keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(row_ids)
       logits = jax.vmap(one_row, spmd_axis_name=row_axes)(batch, keys)
     else:
@@ -181,9 +201,11 @@ def make_train_step(model, optimizer, schedule, train_config, axis_name=None,
         with models.activation_sharding(layout.inner_rules()):
           (loss, (count, correct)), grads = grad_fn(params, batch, ids, step_key, None)
         return grads, loss, count, correct
+
       by_shard = lambda x: x.reshape((layout.shards, -1) + x.shape[1:])
       return jax.vmap(shard_grads, spmd_axis_name=layout.batch_axes)(
-          jax.tree.map(by_shard, micro_batch), by_shard(micro_ids))
+        jax.tree.map(by_shard, micro_batch), by_shard(micro_ids)
+      )
     row_axes = None
     if layout is not None:
       row_axes = layout.batch_axes
@@ -209,8 +231,10 @@ def make_train_step(model, optimizer, schedule, train_config, axis_name=None,
       return sums, None
 
     micro_batches = (jax.tree.map(split, batch), split(row_ids))
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
-        micro_grads, state.params, *jax.tree.map(lambda x: x[0], micro_batches), step_key))
+    zeros = jax.tree.map(
+      lambda x: jnp.zeros(x.shape, x.dtype),
+      jax.eval_shape(micro_grads, state.params, *jax.tree.map(lambda x: x[0], micro_batches), step_key),
+    )
     (grads, loss, count, correct), _ = jax.lax.scan(micro_step, zeros, micro_batches)
     if per_shard:
       grads, loss, count, correct = jax.tree.map(lambda x: jnp.sum(x, axis=0), (grads, loss, count, correct))
@@ -220,9 +244,14 @@ def make_train_step(model, optimizer, schedule, train_config, axis_name=None,
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss / denominator, 'accuracy': correct / denominator, 'tokens': count,
-               'grad_norm': global_norm(grads), 'param_norm': global_norm(params),
-               'learning_rate': schedule(state.step)}
+    metrics = {
+      'loss': loss / denominator,
+      'accuracy': correct / denominator,
+      'tokens': count,
+      'grad_norm': global_norm(grads),
+      'param_norm': global_norm(params),
+      'learning_rate': schedule(state.step),
+    }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -230,6 +259,7 @@ def make_train_step(model, optimizer, schedule, train_config, axis_name=None,
 
 def make_eval_step(model, axis_name=None, layout: MeshLayout | None = None):
   """`eval_step(params, batch) -> summed metrics` (no label smoothing, ever)."""
+
   def eval_step(params, batch):
     with sharding_context(layout):
       if layout is not None and layout.param_shardings is not None:
@@ -237,4 +267,5 @@ def make_eval_step(model, axis_name=None, layout: MeshLayout | None = None):
       loss, (count, correct) = _sums(model, params, batch, True, None, 0.0, 0.0)
     sums = {'loss': loss, 'tokens': count, 'correct': correct}
     return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
+
   return eval_step

@@ -21,22 +21,42 @@ CONFIG_FILE = 'config.json'
 
 # Keys (fnmatch patterns over dotted paths) that may differ between a workdir's config.json and a resume.
 RESUMABLE = (
-    # run length and what the run writes along the way
-    'train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
-    'train.keep_checkpoints', 'train.peak_flops', 'train.log_batch_digests',
-    # the learning-rate schedule and clipping
-    'train.learning_rate', 'train.warmup_steps', 'train.grad_clip',
-    # the same computation laid out differently on hardware: the same examples in every step (one global
-    # order), dropout keyed by each example's index in the global batch and by layer index, and
-    # checkpoints that restore onto any mesh, process count or layer layout. (model.dtype and
-    # attention_impl change rounding, not the function.)
-    'train.parallelism', 'train.mesh.*', 'train.grad_accum_steps',
-    'model.attention_impl', 'model.remat', 'model.dtype', 'model.scan_layers',
-    # set by the task's tokenizer at run time; config.task and config.data are compared instead
-    'model.vocab_size',
-    # decoding and sampling at eval time: the trained model is the same
-    'data.beam_size', 'data.alpha', 'data.extra_decode_len', 'data.decode_batch_size', 'data.bleu_examples',
-    'data.temperature', 'data.top_k', 'data.top_p', 'data.prompt_words', 'data.sample_len',
+  # run length and what the run writes along the way
+  'train.num_steps',
+  'train.log_every',
+  'train.eval_every',
+  'train.checkpoint_every',
+  'train.keep_checkpoints',
+  'train.peak_flops',
+  'train.log_batch_digests',
+  # the learning-rate schedule and clipping
+  'train.learning_rate',
+  'train.warmup_steps',
+  'train.grad_clip',
+  # the same computation laid out differently on hardware: the same examples in every step (one global
+  # order), dropout keyed by each example's index in the global batch and by layer index, and
+  # checkpoints that restore onto any mesh, process count or layer layout. (model.dtype and
+  # attention_impl change rounding, not the function.)
+  'train.parallelism',
+  'train.mesh.*',
+  'train.grad_accum_steps',
+  'model.attention_impl',
+  'model.remat',
+  'model.dtype',
+  'model.scan_layers',
+  # set by the task's tokenizer at run time; config.task and config.data are compared instead
+  'model.vocab_size',
+  # decoding and sampling at eval time: the trained model is the same
+  'data.beam_size',
+  'data.alpha',
+  'data.extra_decode_len',
+  'data.decode_batch_size',
+  'data.bleu_examples',
+  'data.temperature',
+  'data.top_k',
+  'data.top_p',
+  'data.prompt_words',
+  'data.sample_len',
 )
 _ABSENT = '<absent>'
 
@@ -97,9 +117,10 @@ def check_resume(config, workdir: str) -> None:
   if changes:
     lines = '\n'.join(f'  config.{key}: {before!r} -> {after!r}' for key, before, after in changes)
     raise ConfigError(
-        f'Cannot resume {workdir} with this config: it changes what the checkpoints were trained on.\n'
-        f'{lines}\nUse a new --workdir for this config, or undo these changes. On resume only these keys may '
-        f'change: {", ".join(RESUMABLE)}.')
+      f'Cannot resume {workdir} with this config: it changes what the checkpoints were trained on.\n'
+      f'{lines}\nUse a new --workdir for this config, or undo these changes. On resume only these keys may '
+      f'change: {", ".join(RESUMABLE)}.'
+    )
 
 
 def save_config(config, workdir: str, model_config=None, write: bool = True) -> None:

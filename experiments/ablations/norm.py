@@ -1,6 +1,6 @@
 """Where and which normalisation: post-norm (the 2017 paper) vs pre-norm, LayerNorm vs RMSNorm.
 
-    python launch.py --config experiments/ablations/norm.py --mode sweep --workdir runs/norm
+python launch.py --config experiments/ablations/norm.py --mode sweep --workdir runs/norm
 """
 
 from transformer import sweep
@@ -10,6 +10,8 @@ from transformer.config import pick_variant
 def get_config(arg=None):
   size = pick_variant(arg, ('tiny', 'small'), 'tiny', 'experiments/ablations/norm.py')
   return sweep.sweep_config(
-      base=f'experiments/text.py:{size}',
-      variants=sweep.product(norm_position=['post', 'pre'], norm_type=['layernorm', 'rmsnorm']),
-      seeds=(0, 1, 2), metric='eval/loss')
+    base=f'experiments/text.py:{size}',
+    variants=sweep.product(norm_position=['post', 'pre'], norm_type=['layernorm', 'rmsnorm']),
+    seeds=(0, 1, 2),
+    metric='eval/loss',
+  )

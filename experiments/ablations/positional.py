@@ -1,7 +1,7 @@
 """Position information in a decoder-only language model: sinusoidal, learned, RoPE, ALiBi or none.
 
-    python launch.py --config experiments/ablations/positional.py --mode sweep --workdir runs/positional
-    python launch.py --config experiments/ablations/positional.py:small ...   # on experiments/text.py:small
+python launch.py --config experiments/ablations/positional.py --mode sweep --workdir runs/positional
+python launch.py --config experiments/ablations/positional.py:small ...   # on experiments/text.py:small
 """
 
 from transformer import sweep
@@ -11,6 +11,8 @@ from transformer.config import pick_variant
 def get_config(arg=None):
   size = pick_variant(arg, ('tiny', 'small'), 'tiny', 'experiments/ablations/positional.py')
   return sweep.sweep_config(
-      base=f'experiments/text.py:{size}',
-      variants=sweep.product(positional=['sinusoidal', 'learned', 'rope', 'alibi', 'none']),
-      seeds=(0, 1, 2), metric='eval/loss')
+    base=f'experiments/text.py:{size}',
+    variants=sweep.product(positional=['sinusoidal', 'learned', 'rope', 'alibi', 'none']),
+    seeds=(0, 1, 2),
+    metric='eval/loss',
+  )

@@ -13,8 +13,8 @@ from transformer.config import pick_variant
 
 # scale -> (base experiment, d_model, heads, layers, d_ff, the N rows of (C))
 SCALES = {
-    'tiny': ('experiments/translation.py:tiny', 128, 4, 2, 512, (1, 4)),
-    'base': ('experiments/translation.py:base', 512, 8, 6, 2048, (2, 4, 8)),
+  'tiny': ('experiments/translation.py:tiny', 128, 4, 2, 512, (1, 4)),
+  'base': ('experiments/translation.py:base', 512, 8, 6, 2048, (2, 4, 8)),
 }
 
 
@@ -22,12 +22,17 @@ def get_config(arg=None):
   scale = pick_variant(arg, SCALES, 'tiny', 'experiments/ablations/vaswani_table3.py')
   base, d_model, heads, _, d_ff, depths = SCALES[scale]
   h = (1, 4, 16, 32)  # the paper's (h, d_k, d_v): (1, 512, 512) ... (32, 16, 16) at d_model 512
-  rows = (sweep.variant('baseline')
-          + sweep.group('A', sweep.zip_(num_heads=h, d_k=[d_model // k for k in h], d_v=[d_model // k for k in h]))
-          + sweep.group('B', sweep.product(d_k=[d_model // heads // 4, d_model // heads // 2]))
-          + sweep.group('C', sweep.zip_(num_encoder_layers=depths, num_decoder_layers=depths)
-                        + sweep.product(d_model=[d_model // 2, d_model * 2])
-                        + sweep.product(d_ff=[d_ff // 2, d_ff * 2]))
-          + sweep.group('D', sweep.product(dropout_rate=[0.0, 0.2]) + sweep.product(label_smoothing=[0.0, 0.2]))
-          + sweep.group('E', sweep.product(positional=['learned'])))
+  rows = (
+    sweep.variant('baseline')
+    + sweep.group('A', sweep.zip_(num_heads=h, d_k=[d_model // k for k in h], d_v=[d_model // k for k in h]))
+    + sweep.group('B', sweep.product(d_k=[d_model // heads // 4, d_model // heads // 2]))
+    + sweep.group(
+      'C',
+      sweep.zip_(num_encoder_layers=depths, num_decoder_layers=depths)
+      + sweep.product(d_model=[d_model // 2, d_model * 2])
+      + sweep.product(d_ff=[d_ff // 2, d_ff * 2]),
+    )
+    + sweep.group('D', sweep.product(dropout_rate=[0.0, 0.2]) + sweep.product(label_smoothing=[0.0, 0.2]))
+    + sweep.group('E', sweep.product(positional=['learned']))
+  )
   return sweep.sweep_config(base=base, variants=rows, seeds=(0,), metric='eval/bleu')

@@ -14,5 +14,5 @@ def pad_batch(examples, batch_size: int, length: int):
   for row, example in enumerate(examples):
     for key in keys:
       values = example[key][:length]
-      batch[key][row, :len(values)] = values
+      batch[key][row, : len(values)] = values
   return batch

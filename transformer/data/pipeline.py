@@ -32,8 +32,14 @@ def report_overlong(examples: Sequence[dict], seq_len: int, overlong: str, name:
   """Counts examples with a side longer than `seq_len` and logs what happens to them."""
   count = sum(any(len(v) > seq_len for v in ex.values()) for ex in examples)
   if count:
-    logging.warning('%d of %d %s examples are longer than seq_len=%d: %s (config.data.overlong).',
-                    count, len(examples), name, seq_len, 'dropped' if overlong == 'drop' else 'truncated')
+    logging.warning(
+      '%d of %d %s examples are longer than seq_len=%d: %s (config.data.overlong).',
+      count,
+      len(examples),
+      name,
+      seq_len,
+      'dropped' if overlong == 'drop' else 'truncated',
+    )
   return count
 
 
@@ -42,8 +48,17 @@ def _fit(example, seq_len: int):
   return {key: np.asarray(value[:seq_len], np.int32) for key, value in example.items()}
 
 
-def train_iter(examples, *, seq_len: int, batch_size: int, seed: int, pack: bool = True,
-               rows: tuple[int, int] | None = None, overlong: str = 'truncate', prefetch: int = 2):
+def train_iter(
+  examples,
+  *,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  pack: bool = True,
+  rows: tuple[int, int] | None = None,
+  overlong: str = 'truncate',
+  prefetch: int = 2,
+):
   """An endless iterator of this process's `rows` (start, stop) of `[batch_size, seq_len]` global batches
   (all rows by default).
 
@@ -64,8 +79,8 @@ def train_iter(examples, *, seq_len: int, batch_size: int, seed: int, pack: bool
     # First-fit over a few batches' worth of bins: little padding, and examples still arrive in
     # shuffled order (bins are shuffled too, so a batch is not all short or all long examples).
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={key: seq_len for key in first}, num_packing_bins=4 * batch_size, seed=seed,
-        shuffle_bins=True).batch(batch_size, drop_remainder=True, batch_fn=_stack_int32)
+      ds, length_struct={key: seq_len for key in first}, num_packing_bins=4 * batch_size, seed=seed, shuffle_bins=True
+    ).batch(batch_size, drop_remainder=True, batch_fn=_stack_int32)
   else:
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=lambda rows: pad_batch(rows, batch_size, seq_len))
   if (start, stop) != (0, batch_size):
@@ -79,8 +94,7 @@ def _stack_int32(rows):
   return {key: np.stack([row[key] for row in rows]).astype(np.int32) for key in rows[0]}
 
 
-def eval_batches(examples, *, seq_len: int, batch_size: int, process_index: int = 0,
-                 process_count: int = 1):
+def eval_batches(examples, *, seq_len: int, batch_size: int, process_index: int = 0, process_count: int = 1):
   """The held-out set once, in order, padded (never packed, so metrics do not depend on packing).
 
   Every process yields the same number of batches (collectives in the eval step need all of them):

@@ -43,9 +43,10 @@ class Tokenizer:
     ids = (processor.pad_id(), processor.bos_id(), processor.eos_id(), processor.unk_id())
     if ids != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
       raise ConfigError(
-          f'SentencePiece model {path or "(in memory)"} has pad/bos/eos/unk ids {ids}; this codebase '
-          f'needs (0, 1, 2, 3): retrain it with pad_id=0 bos_id=1 eos_id=2 unk_id=3 '
-          f'(train_tokenizer does).')
+        f'SentencePiece model {path or "(in memory)"} has pad/bos/eos/unk ids {ids}; this codebase '
+        f'needs (0, 1, 2, 3): retrain it with pad_id=0 bos_id=1 eos_id=2 unk_id=3 '
+        f'(train_tokenizer does).'
+      )
     self.processor = processor
     self.path = path
 
@@ -93,15 +94,15 @@ def load_tokenizer(path: str) -> Tokenizer:
   """A tokenizer from a `.model` file (one `train_tokenizer` wrote, or your own with ids 0/1/2/3)."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
-    raise ConfigError(f'Tokenizer model {path} does not exist: check the path, or leave it unset to '
-                      f'train one on the training data.')
+    raise ConfigError(
+      f'Tokenizer model {path} does not exist: check the path, or leave it unset to train one on the training data.'
+    )
   with open(path, 'rb') as f:
     proto = f.read()
   try:
     processor = spm.SentencePieceProcessor(model_proto=proto)
   except (RuntimeError, OSError) as e:
-    raise ConfigError(f'{path} is not a SentencePiece model ({e}); delete it or point to a .model '
-                      f'file.') from None
+    raise ConfigError(f'{path} is not a SentencePiece model ({e}); delete it or point to a .model file.') from None
   return Tokenizer(processor, path)
 
 
@@ -125,21 +126,32 @@ def _rephrase(error: RuntimeError, vocab_size: int, num_texts: int) -> ConfigErr
   message = str(error)
   too_high = re.search(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', message)
   if too_high:
-    return ConfigError(f'vocab_size={vocab_size} is too large for this corpus ({num_texts} sentences): '
-                       f'SentencePiece can make at most {too_high.group(2)} pieces from it. Lower the '
-                       f'vocabulary size or train on more text.')
+    return ConfigError(
+      f'vocab_size={vocab_size} is too large for this corpus ({num_texts} sentences): '
+      f'SentencePiece can make at most {too_high.group(2)} pieces from it. Lower the '
+      f'vocabulary size or train on more text.'
+    )
   too_low = re.search(r'smaller than required_chars\. (\d+) vs (\d+)', message)
   if too_low:
-    return ConfigError(f'vocab_size={vocab_size} is too small: the corpus needs {too_low.group(2)} pieces '
-                       f'just for its characters and the 4 special ids. Raise the vocabulary size above '
-                       f'{too_low.group(2)} or lower character_coverage.')
+    return ConfigError(
+      f'vocab_size={vocab_size} is too small: the corpus needs {too_low.group(2)} pieces '
+      f'just for its characters and the 4 special ids. Raise the vocabulary size above '
+      f'{too_low.group(2)} or lower character_coverage.'
+    )
   return ConfigError(f'SentencePiece could not train a {vocab_size}-piece tokenizer: {message}')
 
 
-def train_tokenizer(texts, vocab_size: int, model_type: str = 'bpe', cache_dir: str | None = None,
-                    name: str = 'corpus', character_coverage: float = 1.0,
-                    max_sentences: int = DEFAULT_MAX_SENTENCES,
-                    normalization: str = 'nmt_nfkc', byte_fallback: bool = False) -> Tokenizer:
+def train_tokenizer(
+  texts,
+  vocab_size: int,
+  model_type: str = 'bpe',
+  cache_dir: str | None = None,
+  name: str = 'corpus',
+  character_coverage: float = 1.0,
+  max_sentences: int = DEFAULT_MAX_SENTENCES,
+  normalization: str = 'nmt_nfkc',
+  byte_fallback: bool = False,
+) -> Tokenizer:
   """Trains a SentencePiece model on `texts` (or loads the cached one trained on the same texts
   with the same settings) and returns it.
 
@@ -154,9 +166,15 @@ def train_tokenizer(texts, vocab_size: int, model_type: str = 'bpe', cache_dir: 
   texts = _subsample([text for text in texts if text and not text.isspace()], max_sentences)
   if not texts:
     raise ConfigError(f'No text to train the {name!r} tokenizer on: the training data is empty.')
-  settings = dict(format=_CACHE_FORMAT, sentencepiece=spm.__version__, vocab_size=vocab_size,
-                  model_type=model_type, character_coverage=character_coverage,
-                  normalization=normalization, byte_fallback=byte_fallback)
+  settings = dict(
+    format=_CACHE_FORMAT,
+    sentencepiece=spm.__version__,
+    vocab_size=vocab_size,
+    model_type=model_type,
+    character_coverage=character_coverage,
+    normalization=normalization,
+    byte_fallback=byte_fallback,
+  )
   cache_dir = os.path.expanduser(cache_dir or default_cache_dir())
   safe_name = re.sub(r'[^\w.-]+', '_', name)
   digest = _fingerprint(texts, settings)
@@ -168,27 +186,42 @@ def train_tokenizer(texts, vocab_size: int, model_type: str = 'bpe', cache_dir: 
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-        model_type=model_type, character_coverage=character_coverage,
-        normalization_rule_name=normalization, byte_fallback=byte_fallback,
-        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-        # SentencePiece silently drops sentences longer than this (default 4192 bytes): keep them all.
-        max_sentence_length=max(4192, max(len(text.encode('utf-8')) for text in texts) + 1),
-        num_threads=os.cpu_count() or 1, minloglevel=2)
+      sentence_iterator=iter(texts),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=character_coverage,
+      normalization_rule_name=normalization,
+      byte_fallback=byte_fallback,
+      pad_id=PAD_ID,
+      bos_id=BOS_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      # SentencePiece silently drops sentences longer than this (default 4192 bytes): keep them all.
+      max_sentence_length=max(4192, max(len(text.encode('utf-8')) for text in texts) + 1),
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
+    )
   except RuntimeError as e:
     raise _rephrase(e, vocab_size, len(texts)) from None
-  logging.info('Trained %d-piece %s tokenizer %r on %d texts in %.1f s', vocab_size, model_type, name,
-               len(texts), time.perf_counter() - start)
+  logging.info(
+    'Trained %d-piece %s tokenizer %r on %d texts in %.1f s',
+    vocab_size,
+    model_type,
+    name,
+    len(texts),
+    time.perf_counter() - start,
+  )
 
   tokenizer = Tokenizer(spm.SentencePieceProcessor(model_proto=model.getvalue()), path)
   try:
     os.makedirs(cache_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=f'.{safe_name}-', suffix='.tmp',
-                                     delete=False) as f:
+    with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=f'.{safe_name}-', suffix='.tmp', delete=False) as f:
       f.write(model.getvalue())
     os.replace(f.name, path)  # atomic: readers see no file or the whole file
   except OSError as e:  # an unwritable cache costs a retrain next time, not this run
-    logging.warning('Could not cache the tokenizer in %s (%s); set $TRANSFORMER_CACHE to a writable '
-                    'folder to reuse it.', cache_dir, e)
+    logging.warning(
+      'Could not cache the tokenizer in %s (%s); set $TRANSFORMER_CACHE to a writable folder to reuse it.', cache_dir, e
+    )
     tokenizer.path = None
   return tokenizer

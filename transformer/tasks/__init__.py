@@ -21,18 +21,20 @@ from transformer.config import ConfigError, nearest
 
 # config.task -> the class that builds it (imported on demand: a task's libraries load only when used).
 TASKS = {
-    'copy': 'transformer.tasks.synthetic:SyntheticTask',
-    'reverse': 'transformer.tasks.synthetic:SyntheticTask',
-    'translation': 'transformer.tasks.translation:TranslationTask',
-    'text': 'transformer.tasks.text:TextTask',
-    'music': 'transformer.tasks.music:MusicTask',
+  'copy': 'transformer.tasks.synthetic:SyntheticTask',
+  'reverse': 'transformer.tasks.synthetic:SyntheticTask',
+  'translation': 'transformer.tasks.translation:TranslationTask',
+  'text': 'transformer.tasks.text:TextTask',
+  'music': 'transformer.tasks.music:MusicTask',
 }
 
 
 def get_task(config):
   if config.task not in TASKS:
     hint = nearest(config.task, TASKS)
-    raise ConfigError(f'config.task={config.task!r} is not a task{f" (did you mean {hint!r}?)" if hint else ""}; '
-                      f'choose one of: {", ".join(TASKS)}.')
+    raise ConfigError(
+      f'config.task={config.task!r} is not a task{f" (did you mean {hint!r}?)" if hint else ""}; '
+      f'choose one of: {", ".join(TASKS)}.'
+    )
   module, name = TASKS[config.task].split(':')
   return getattr(importlib.import_module(module), name)(config)

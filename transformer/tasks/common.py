@@ -15,8 +15,9 @@ CORPORA = ('bible', 'files', 'hf', 'tfds')
 def check_choice(key: str, value: str, choices) -> str:
   if value not in choices:
     hint = nearest(value, choices)
-    raise ConfigError(f'config.data.{key}={value!r} is not one of {", ".join(choices)}'
-                      f'{f" (did you mean {hint!r}?)" if hint else ""}.')
+    raise ConfigError(
+      f'config.data.{key}={value!r} is not one of {", ".join(choices)}{f" (did you mean {hint!r}?)" if hint else ""}.'
+    )
   return value
 
 
@@ -24,14 +25,14 @@ def require(data, key: str, corpus: str) -> str:
   """A setting that `config.data.corpus=<corpus>` needs."""
   value = data.get(key, '')
   if not value:
-    raise ConfigError(f'config.data.corpus={corpus!r} needs config.data.{key}: set it, e.g. '
-                      f'--config.data.{key}=...')
+    raise ConfigError(f'config.data.corpus={corpus!r} needs config.data.{key}: set it, e.g. --config.data.{key}=...')
   return value
 
 
 def build_tokenizer(data, texts, name: str):
   """SentencePiece trained on `texts` (the training split), cached by content and settings."""
   from transformer.data import tokenizer  # sentencepiece loads only for text tasks
+
   model_type = check_choice('tokenizer', data.tokenizer, ('bpe', 'unigram'))
   return tokenizer.train_tokenizer(texts, int(data.vocab_size), model_type=model_type, name=name)
 
@@ -68,9 +69,21 @@ class TokenizedTask:
     logging.info('%d training and %d evaluation examples.', len(train_examples), len(eval_examples))
 
   def train_iter(self, batch_size: int, rows: tuple[int, int] | None = None):
-    return pipeline.train_iter(self.train_examples, seq_len=self.seq_len, batch_size=batch_size,
-                               seed=self.seed, pack=self.pack, rows=rows, overlong=self.overlong)
+    return pipeline.train_iter(
+      self.train_examples,
+      seq_len=self.seq_len,
+      batch_size=batch_size,
+      seed=self.seed,
+      pack=self.pack,
+      rows=rows,
+      overlong=self.overlong,
+    )
 
   def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
-    return pipeline.eval_batches(self.eval_examples, seq_len=self.seq_len, batch_size=batch_size,
-                                 process_index=process_index, process_count=process_count)
+    return pipeline.eval_batches(
+      self.eval_examples,
+      seq_len=self.seq_len,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+    )

@@ -24,8 +24,10 @@ def load_pieces(data, seed: int):
   """(train, eval) lists of pieces of the chosen corpus."""
   corpus = common.check_choice('corpus', data.corpus, CORPORA)
   if corpus == 'toy':
-    return (music.toy_pieces(int(data.num_pieces), seed),
-            music.toy_pieces(int(data.num_eval_pieces), seed + _EVAL_SEED_OFFSET))
+    return (
+      music.toy_pieces(int(data.num_pieces), seed),
+      music.toy_pieces(int(data.num_eval_pieces), seed + _EVAL_SEED_OFFSET),
+    )
   every = int(data.get('eval_every_nth', 10))
   if every < 2:
     raise ConfigError(f'config.data.eval_every_nth={every} must be at least 2 (1 leaves nothing to train on).')
@@ -34,7 +36,6 @@ def load_pieces(data, seed: int):
 
 
 class MusicTask(common.TokenizedTask):
-
   def __init__(self, config):
     data = config.data
     self.vocab = music.EventVocab()
@@ -44,21 +45,27 @@ class MusicTask(common.TokenizedTask):
       raise ConfigError(f'config.data.seq_len={seq_len} is too short for music events: use at least 8.')
     train_pieces, eval_pieces = load_pieces(data, int(config.train.seed))
     train, eval_ = self._windows(train_pieces, seq_len), self._windows(eval_pieces, seq_len)
-    logging.info('Music corpus %s: %d train pieces -> %d windows, %d eval pieces -> %d windows.',
-                 data.corpus, len(train_pieces), len(train), len(eval_pieces), len(eval_))
+    logging.info(
+      'Music corpus %s: %d train pieces -> %d windows, %d eval pieces -> %d windows.',
+      data.corpus,
+      len(train_pieces),
+      len(train),
+      len(eval_pieces),
+      len(eval_),
+    )
     self.num_train_windows, self.num_eval_windows = len(train), len(eval_)
     super().__init__(config, train, eval_)
     # Bits per note compare across event encodings, as bits per byte do across tokenizers.
     self.eval_notes = sum(len(self.vocab.decode(ex['targets'])) for ex in eval_)
     self.sample_len = int(data.get('sample_len', seq_len))
-    self.sampling = {key: data.get(key, default) for key, default in
-                     (('temperature', 1.0), ('top_k', 0), ('top_p', 0.95))}
+    self.sampling = {
+      key: data.get(key, default) for key, default in (('temperature', 1.0), ('top_k', 0), ('top_p', 0.95))
+    }
     self.seconds_per_step = float(data.get('seconds_per_step', 0.125))
 
   def _windows(self, pieces, seq_len):
     """Each piece's windows of at most `seq_len - 1` events, each + EOS."""
-    return [{'targets': common.with_eos(ids)} for piece in pieces
-            for ids in self.vocab.windows(piece, seq_len - 1)]
+    return [{'targets': common.with_eos(ids)} for piece in pieces for ids in self.vocab.windows(piece, seq_len - 1)]
 
   def eval_metrics(self, generator, losses):
     """Bits per note of the eval set (from the loop's loss; no decoding)."""
@@ -70,8 +77,7 @@ class MusicTask(common.TokenizedTask):
   def generate(self, generator, num: int):
     """`num` sampled id rows, each from BOS alone (a prompt of width 0)."""
     prompts = np.zeros((num, 0), np.int32)
-    return np.asarray(generator.generate(prompts=prompts, max_len=self.sample_len, method='sample',
-                                         **self.sampling))
+    return np.asarray(generator.generate(prompts=prompts, max_len=self.sample_len, method='sample', **self.sampling))
 
   def samples(self, generator, num: int, workdir=None):
     """`num` sampled pieces: their first events, note counts, and with `workdir` a MIDI file and a
@@ -81,8 +87,12 @@ class MusicTask(common.TokenizedTask):
     for i, row in enumerate(rows):
       notes = self.vocab.decode(row)
       events = self.vocab.describe(row).split()
-      sample = {'events': ' '.join(events[:48]) + (' ...' if len(events) > 48 else ''),
-                'notes': len(notes), 'tokens': len(events), 'ended': bool((row == EOS_ID).any())}
+      sample = {
+        'events': ' '.join(events[:48]) + (' ...' if len(events) > 48 else ''),
+        'notes': len(notes),
+        'tokens': len(events),
+        'ended': bool((row == EOS_ID).any()),
+      }
       if workdir:
         folder = os.path.join(workdir, 'samples')
         os.makedirs(folder, exist_ok=True)

@@ -30,8 +30,10 @@ class SyntheticTask:
     self.pack = bool(data.get('pack', False))
     needed = self.max_len + 1 if self.kind == 'encoder_decoder' else 2 * self.max_len + 2
     if needed > self.seq_len:
-      raise ValueError(f'config.data.seq_len={self.seq_len} is too short for config.data.max_len='
-                       f'{self.max_len}: it needs at least {needed}.')
+      raise ValueError(
+        f'config.data.seq_len={self.seq_len} is too short for config.data.max_len='
+        f'{self.max_len}: it needs at least {needed}.'
+      )
     assert BOS_ID < FIRST_TOKEN and PAD_ID < FIRST_TOKEN
 
   def example(self, seed: int, index: int):
@@ -48,14 +50,24 @@ class SyntheticTask:
 
   def train_iter(self, batch_size: int, rows: tuple[int, int] | None = None):
     """An endless iterator of `rows` of the global batches; `get_state()` / `set_state()` resume it exactly."""
-    return pipeline.train_iter(self._examples(self.num_train, self.seed), seq_len=self.seq_len,
-                               batch_size=batch_size, seed=self.seed, pack=self.pack, rows=rows)
+    return pipeline.train_iter(
+      self._examples(self.num_train, self.seed),
+      seq_len=self.seq_len,
+      batch_size=batch_size,
+      seed=self.seed,
+      pack=self.pack,
+      rows=rows,
+    )
 
   def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
     """The fixed held-out set (another seed), once."""
-    return pipeline.eval_batches(self._examples(self.num_eval, self.seed + _EVAL_SEED_OFFSET),
-                                 seq_len=self.seq_len, batch_size=batch_size,
-                                 process_index=process_index, process_count=process_count)
+    return pipeline.eval_batches(
+      self._examples(self.num_eval, self.seed + _EVAL_SEED_OFFSET),
+      seq_len=self.seq_len,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+    )
 
   def _greedy(self, predictor, count):
     """(examples, greedy outputs) for the first `count` eval examples, each output cut after EOS."""
@@ -67,12 +79,13 @@ class SyntheticTask:
       batch = pad_batch([{'inputs': src} for src in sources], rows, self.seq_len)
       tokens = predictor.generate(inputs=batch['inputs'], max_len=width)
     else:  # the prompt is the source and its EOS; the answer follows
-      sources = [ex['targets'][:(len(ex['targets']) - 2) // 2] for ex in examples]
+      sources = [ex['targets'][: (len(ex['targets']) - 2) // 2] for ex in examples]
       batch = pad_batch([{'p': np.append(src, EOS_ID)} for src in sources], rows, width)
       tokens = predictor.generate(prompts=batch['p'], max_len=width)
     answers = [src[::-1] if self.task == 'reverse' else src for src in sources]
-    outputs = [list(row[:list(row).index(EOS_ID)] if EOS_ID in row else row)
-               for row in np.asarray(tokens)[:len(examples)]]
+    outputs = [
+      list(row[: list(row).index(EOS_ID)] if EOS_ID in row else row) for row in np.asarray(tokens)[: len(examples)]
+    ]
     return sources, answers, outputs
 
   def eval_metrics(self, predictor, losses):
@@ -83,5 +96,7 @@ class SyntheticTask:
 
   def samples(self, predictor, num, workdir=None):
     del workdir
-    return [{'source': ' '.join(map(str, s)), 'answer': ' '.join(map(str, a)), 'output': ' '.join(map(str, o))}
-            for s, a, o in zip(*self._greedy(predictor, num))]
+    return [
+      {'source': ' '.join(map(str, s)), 'answer': ' '.join(map(str, a)), 'output': ' '.join(map(str, o))}
+      for s, a, o in zip(*self._greedy(predictor, num))
+    ]

@@ -19,19 +19,20 @@ def load_documents(data, split: str) -> list[str]:
     return corpora.bible_documents(data.language, split, unit=data.unit)
   if corpus == 'files':
     return corpora.read_documents_files(common.require(data, 'train_files' if train else 'eval_files', corpus))
-  return corpora.hf_documents(common.require(data, 'dataset', corpus),
-                              'train' if train else data.get('dataset_eval_split', 'validation'),
-                              config_name=data.get('dataset_config') or None)
+  return corpora.hf_documents(
+    common.require(data, 'dataset', corpus),
+    'train' if train else data.get('dataset_eval_split', 'validation'),
+    config_name=data.get('dataset_config') or None,
+  )
 
 
 def windows(ids, length: int):
   """A document's ids + EOS cut into pieces of at most `length`: long documents lose no token."""
   ids = common.with_eos(ids)
-  return [{'targets': ids[i:i + length]} for i in range(0, len(ids), length)]
+  return [{'targets': ids[i : i + length]} for i in range(0, len(ids), length)]
 
 
 class TextTask(common.TokenizedTask):
-
   def __init__(self, config):
     data = config.data
     train_docs, eval_docs = load_documents(data, 'train'), load_documents(data, data.eval_split)
@@ -56,12 +57,12 @@ class TextTask(common.TokenizedTask):
     encoded = self.tokenizer.encode_batch(prompts)
     batch = np.full((len(prompts), max(len(ids) for ids in encoded)), PAD_ID, np.int32)
     for row, ids in enumerate(encoded):
-      batch[row, :len(ids)] = ids
+      batch[row, : len(ids)] = ids
     tokens = predictor.generate(prompts=batch, max_len=self.sample_len, method='sample', **self.sampling)
     return [self.tokenizer.decode(row) for row in np.asarray(tokens)]
 
   def samples(self, predictor, num: int, workdir=None):
     """Continuations of the first words of `num` eval documents."""
     del workdir
-    prompts = [' '.join(doc.split()[:self.prompt_words]) for doc in common.spread(self.eval_docs, num)]
+    prompts = [' '.join(doc.split()[: self.prompt_words]) for doc in common.spread(self.eval_docs, num)]
     return [{'prompt': p, 'output': o} for p, o in zip(prompts, self.continue_prompts(predictor, prompts))]

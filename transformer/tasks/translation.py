@@ -37,13 +37,11 @@ def load_pairs(data, split: str) -> list[tuple[str, str]]:
   name = common.require(data, 'dataset', corpus)
   split_name = 'train' if train else data.get('dataset_eval_split', 'validation')
   if corpus == 'hf':
-    return corpora.hf_pairs(name, split_name, data.source, data.target,
-                            config_name=data.get('dataset_config') or None)
+    return corpora.hf_pairs(name, split_name, data.source, data.target, config_name=data.get('dataset_config') or None)
   return corpora.tfds_pairs(name, split_name, data.source, data.target)
 
 
 class TranslationTask(common.TokenizedTask):
-
   def __init__(self, config):
     data = config.data
     common.check_choice('eval_split', data.eval_split, EVAL_SPLITS)
@@ -71,19 +69,20 @@ class TranslationTask(common.TokenizedTask):
     beam_size = self.beam_size if beam_size is None else beam_size
     outputs = []
     for start in range(0, len(sources), self.decode_batch):
-      chunk = sources[start:start + self.decode_batch]
+      chunk = sources[start : start + self.decode_batch]
       inputs = np.full((self.decode_batch, self.seq_len), PAD_ID, np.int32)  # one shape: one compile
       lengths = np.ones(self.decode_batch, np.int32)
       for row, ids in enumerate(self.tokenizer.encode_batch(chunk)):
-        ids = common.with_eos(ids)[:self.seq_len]
-        inputs[row, :len(ids)] = ids
+        ids = common.with_eos(ids)[: self.seq_len]
+        inputs[row, : len(ids)] = ids
         lengths[row] = min(len(ids) + self.extra_len, self.seq_len)
       if beam_size == 1:
         tokens = predictor.generate(inputs=inputs, max_len=self.seq_len, lengths=lengths)
       else:
-        tokens = predictor.beam_search(inputs=inputs, beam_size=beam_size, alpha=self.alpha,
-                                       max_len=self.seq_len, lengths=lengths)[0][:, 0]
-      outputs += [self.tokenizer.decode(row) for row in np.asarray(tokens)[:len(chunk)]]
+        tokens = predictor.beam_search(
+          inputs=inputs, beam_size=beam_size, alpha=self.alpha, max_len=self.seq_len, lengths=lengths
+        )[0][:, 0]
+      outputs += [self.tokenizer.decode(row) for row in np.asarray(tokens)[: len(chunk)]]
     return outputs
 
   def eval_metrics(self, predictor, losses):
