@@ -12,6 +12,7 @@ from conftest import tiny
 
 from transformer import bench, decoding, models, summary
 from transformer.config import ConfigError, ModelConfig
+from transformer.tokens import EOS_ID, PAD_ID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,7 +58,7 @@ def test_never_eos_forces_full_length_decodes():
   model_config = ModelConfig.from_config(bench_configs.get_config('tiny').model)
   model, params, source = bench._decode_setup(model_config, batch=2, prompt_len=3)
   out = decoding.generate(model, params, max_len=12, **source)
-  assert (np.asarray(out) != models.EOS_ID).all() and (np.asarray(out) != models.PAD_ID).all()
+  assert (np.asarray(out) != EOS_ID).all() and (np.asarray(out) != PAD_ID).all()
 
 
 def test_unknown_bench_key_names_the_nearest():

@@ -11,8 +11,9 @@ from conftest import tiny
 
 from transformer import decoding, models
 from transformer.config import ConfigError
+from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
-EOS, PAD = models.EOS_ID, models.PAD_ID
+EOS, PAD = EOS_ID, PAD_ID
 KINDS = ['decoder_only', 'encoder_decoder']
 ROW_LENGTHS = [6, 5, 4, 3, 2, 0, 6, 3]  # prompt (decoder-only) or source lengths, one row empty
 MAX_LEN = 10
@@ -115,7 +116,7 @@ def _sequence_log_probs(model, params, data, tokens):
   rows = np.zeros((batch, beams, 1 + prefix.shape[1] + length), np.int32)
   for b in range(batch):  # contiguous: BOS, the row's prompt, the hypothesis
     n = prompt_lengths[b]
-    rows[b, :, 0] = models.BOS_ID
+    rows[b, :, 0] = BOS_ID
     rows[b, :, 1 : 1 + n] = prefix[b, :n]
     rows[b, :, 1 + n : 1 + n + length] = tokens[b]
   rows = rows.reshape(batch * beams, -1)
@@ -263,7 +264,7 @@ def _reference_beam_search(model, params, data, beams, alpha, max_len, limits):
     for b, hyps in enumerate(alive):
       for k, (seq, _) in enumerate(hyps):
         n = prompt_lengths[b]
-        rows[b, k, : 1 + n + len(seq)] = (models.BOS_ID,) + tuple(prefix[b, :n]) + seq
+        rows[b, k, : 1 + n + len(seq)] = (BOS_ID,) + tuple(prefix[b, :n]) + seq
     rows = rows.reshape(len(limits) * beams, -1)
     args = (jnp.repeat(data['inputs'], beams, axis=0), rows) if 'inputs' in data else (rows,)
     log_probs = np.asarray(_log_probs(model, params, *args)).reshape(len(limits), beams, rows.shape[1], -1)

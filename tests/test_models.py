@@ -12,6 +12,7 @@ import pytest
 from conftest import tiny
 
 from transformer import models, optim
+from transformer.tokens import PAD_ID
 
 VOCAB = 37
 
@@ -42,7 +43,7 @@ def _decode_incrementally(model, params, source, target, prefill):
   batch, length = target.shape
   cache = models.init_cache(model, batch, length, source.shape[1])
   if model.config.kind == 'encoder_decoder':
-    segments = (source != models.PAD_ID).astype(jnp.int32)
+    segments = (source != PAD_ID).astype(jnp.int32)
     encoded = _apply(model, {'params': params}, source, segment_ids=segments, method='encode')
     step = lambda cache, tokens: model.apply(
       {'params': params, 'cache': cache}, encoded, segments, tokens, decode=True, method='decode', mutable=['cache']
@@ -78,7 +79,7 @@ DECODE_CASES = [dict(positional=p) for p in ('sinusoidal', 'learned', 'rope', 'a
 @pytest.mark.parametrize('case', DECODE_CASES, ids=lambda c: '-'.join(f'{k}={v}' for k, v in c.items()))
 def test_cached_decoding_equals_full_forward(kind, case):
   model, params = _setup(tiny(kind=kind, **case))
-  source = _tokens((2, 7), seed=1).at[0, 5:].set(models.PAD_ID)  # a padded source row
+  source = _tokens((2, 7), seed=1).at[0, 5:].set(PAD_ID)  # a padded source row
   target = _tokens((2, 9), seed=2)
   full = _forward(model, params, source, target)
   incremental = _decode_incrementally(model, params, source, target, prefill=4)
@@ -119,7 +120,7 @@ def test_padded_source_positions_never_change_outputs():
   reference = run(source)
   garbage = source.at[0, 4:].set(_tokens((3,), seed=5))
   np.testing.assert_allclose(run(garbage), reference, atol=1e-6)
-  np.testing.assert_allclose(run(source.at[0, 4:].set(models.PAD_ID)), reference, atol=1e-6)
+  np.testing.assert_allclose(run(source.at[0, 4:].set(PAD_ID)), reference, atol=1e-6)
   assert not np.allclose(run(source.at[0, 2].set(5))[0], reference[0])  # a real token does matter
 
 
@@ -170,7 +171,7 @@ def test_packed_equals_unpacked(kind, positional):
 
 @pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
 def test_attention_implementations_agree_in_the_model(kind):
-  source = _tokens((2, 7), seed=1).at[1, 4:].set(models.PAD_ID)
+  source = _tokens((2, 7), seed=1).at[1, 4:].set(PAD_ID)
   target = _tokens((2, 8), seed=2)
   outputs = []
   for impl in ('reference', 'xla', 'auto'):

@@ -10,8 +10,8 @@ from experiments import music as music_experiment
 from transformer.config import ConfigError
 from transformer.data import music
 from transformer.data.music import EventVocab, Note
-from transformer.models import EOS_ID
 from transformer.tasks.music import MusicTask
+from transformer.tokens import EOS_ID
 
 
 @pytest.fixture(scope='module')

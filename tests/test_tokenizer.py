@@ -9,7 +9,7 @@ import sentencepiece as spm
 from transformer.config import ConfigError
 from transformer.data import corpora
 from transformer.data import tokenizer as tok
-from transformer.models import BOS_ID, EOS_ID, PAD_ID
+from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
 
 @pytest.fixture(scope='module')

@@ -19,6 +19,7 @@ import numpy as np
 
 from transformer import decoding, hlo_audit, metrics, models, optim, parallel, summary, train
 from transformer.config import ConfigError, ModelConfig
+from transformer.tokens import EOS_ID
 
 # `config.bench` (all optional): how long to measure and what else to measure.
 DEFAULTS = dict(
@@ -310,7 +311,7 @@ def never_eos(params, vocab_size: int):
 
   def fix(path, leaf):
     named = str(getattr(path[-1], 'key', '')) == 'embedding'
-    return leaf.at[models.EOS_ID].set(0) if named and leaf.ndim == 2 and leaf.shape[0] == vocab_size else leaf
+    return leaf.at[EOS_ID].set(0) if named and leaf.ndim == 2 and leaf.shape[0] == vocab_size else leaf
 
   return jax.tree_util.tree_map_with_path(fix, params)
 

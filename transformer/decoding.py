@@ -21,7 +21,7 @@ import numpy as np
 
 from transformer import models
 from transformer.config import ConfigError
-from transformer.models import BOS_ID, EOS_ID, PAD_ID
+from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
 METHODS = ('greedy', 'sample')
 

@@ -20,10 +20,7 @@ import jax.numpy as jnp
 from transformer import layers
 from transformer.attention import LocalMask, MultiHeadAttention, make_attention_mask
 from transformer.config import ConfigError, ModelConfig
-
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2  # every tokenizer and vocabulary in the codebase uses these three ids
+from transformer.tokens import BOS_ID, PAD_ID
 
 _REMAT_POLICIES = {
   'full': None,  # save nothing: recompute the whole block in the backward pass

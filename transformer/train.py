@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from transformer import models
+from transformer.tokens import PAD_ID
 
 
 @flax.struct.dataclass
@@ -93,7 +94,7 @@ def _apply(model, params, batch, deterministic, rng=None):
 def token_weights(batch):
   """1 for real target tokens, 0 for padding."""
   segments = batch.get('targets_segment_ids')
-  real = segments > 0 if segments is not None else batch['targets'] != models.PAD_ID
+  real = segments > 0 if segments is not None else batch['targets'] != PAD_ID
   return real.astype(jnp.float32)
 
 

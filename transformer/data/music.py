@@ -18,9 +18,8 @@ import time
 from typing import NamedTuple
 
 from transformer.config import ConfigError
+from transformer.tokens import EOS_ID, FIRST_FREE_ID
 
-FIRST_ID = 3  # 0 pad, 1 bos, 2 eos (transformer.models)
-_EOS_ID = 2
 _PITCH_NAMES = ('C', 'C#', 'D', 'D#', 'E', 'F', 'F#', 'G', 'G#', 'A', 'A#', 'B')
 
 
@@ -50,7 +49,7 @@ class EventVocab:
     self.num_voices, self.max_shift, self.max_duration = num_voices, max_shift, max_duration
     self.min_pitch, self.max_pitch = min_pitch, max_pitch
     self.steps_per_quarter = steps_per_quarter
-    self.shift_start = FIRST_ID
+    self.shift_start = FIRST_FREE_ID
     self.voice_start = self.shift_start + max_shift
     self.pitch_start = self.voice_start + num_voices
     self.dur_start = self.pitch_start + (max_pitch - min_pitch + 1)
@@ -110,7 +109,7 @@ class EventVocab:
     notes, time_now, voice, pitch = [], 0, 0, None
     for token in ids:
       token = int(token)
-      if token == _EOS_ID:
+      if token == EOS_ID:
         break
       kind, value = self._kind(token)
       if kind == 'shift':
@@ -146,7 +145,7 @@ class EventVocab:
     names = []
     for token in ids:
       names.append(self.token_name(token))
-      if int(token) == _EOS_ID:
+      if int(token) == EOS_ID:
         break
     return ' '.join(names)
 

@@ -22,7 +22,7 @@ import time
 import sentencepiece as spm
 
 from transformer.config import ConfigError
-from transformer.models import BOS_ID, EOS_ID, PAD_ID
+from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
 UNK_ID = 3
 MODEL_TYPES = ('bpe', 'unigram', 'char', 'word')

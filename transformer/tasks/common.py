@@ -7,7 +7,7 @@ from absl import logging
 
 from transformer.config import ConfigError, nearest
 from transformer.data import pipeline
-from transformer.models import EOS_ID
+from transformer.tokens import EOS_ID
 
 CORPORA = ('bible', 'files', 'hf', 'tfds')
 

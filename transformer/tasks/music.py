@@ -13,8 +13,8 @@ from absl import logging
 
 from transformer.config import ConfigError
 from transformer.data import music
-from transformer.models import EOS_ID
 from transformer.tasks import common
+from transformer.tokens import EOS_ID
 
 CORPORA = ('toy', 'bach')
 _EVAL_SEED_OFFSET = 1_000_003

@@ -10,9 +10,8 @@ import numpy as np
 
 from transformer.data import pipeline
 from transformer.data.batching import pad_batch
-from transformer.models import BOS_ID, EOS_ID, PAD_ID
+from transformer.tokens import EOS_ID, FIRST_FREE_ID
 
-FIRST_TOKEN = 3  # 0 pad, 1 bos, 2 eos
 _EVAL_SEED_OFFSET = 1_000_003
 _EXACT_MATCH_EXAMPLES = 64
 
@@ -34,12 +33,11 @@ class SyntheticTask:
         f'config.data.seq_len={self.seq_len} is too short for config.data.max_len='
         f'{self.max_len}: it needs at least {needed}.'
       )
-    assert BOS_ID < FIRST_TOKEN and PAD_ID < FIRST_TOKEN
 
   def example(self, seed: int, index: int):
     rng = np.random.default_rng([seed, index])
     length = rng.integers(self.min_len, self.max_len + 1)
-    source = rng.integers(FIRST_TOKEN, self.vocab_size, length)
+    source = rng.integers(FIRST_FREE_ID, self.vocab_size, length)
     target = source[::-1] if self.task == 'reverse' else source
     if self.kind == 'encoder_decoder':
       return {'inputs': source, 'targets': np.append(target, EOS_ID)}

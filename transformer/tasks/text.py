@@ -8,8 +8,8 @@ dev and test books held out. Or a user's .txt / .jsonl files, or a Hugging Face 
 import numpy as np
 
 from transformer.data import corpora
-from transformer.models import PAD_ID
 from transformer.tasks import common
+from transformer.tokens import PAD_ID
 
 
 def load_documents(data, split: str) -> list[str]:

@@ -10,8 +10,8 @@ import sacrebleu
 
 from transformer.config import ConfigError
 from transformer.data import corpora
-from transformer.models import PAD_ID
 from transformer.tasks import common
+from transformer.tokens import PAD_ID
 
 EVAL_SPLITS = ('dev', 'test')
 
