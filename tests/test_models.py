@@ -183,12 +183,34 @@ def test_attention_implementations_agree_in_the_model(kind):
   np.testing.assert_allclose(outputs[2], outputs[0], atol=1e-5)
 
 
+def _expand_kv_heads(params, group):
+  """Parameters of plain multi-head attention equal to grouped ones: each key/value head repeated for
+  the `group` query heads that share it (query head n uses key/value head n // group)."""
+  if isinstance(params, dict):
+    return {
+      k: {'kernel': jnp.repeat(v['kernel'], group, axis=1)} if k in ('key', 'value') else _expand_kv_heads(v, group)
+      for k, v in params.items()
+    }
+  return params
+
+
 def test_kv_heads_equal_to_heads_is_plain_multi_head():
-  a_model, a_params = _setup(tiny(num_kv_heads=0))
-  b_model, b_params = _setup(tiny(num_kv_heads=4))
+  default_model, params = _setup(tiny(num_kv_heads=0))
+  explicit_model = models.build_model(tiny(num_kv_heads=4))
   target = _tokens((2, 8))
-  assert jax.tree.map(jnp.shape, a_params) == jax.tree.map(jnp.shape, b_params)
-  np.testing.assert_array_equal(_forward(a_model, a_params, None, target), _forward(b_model, a_params, None, target))
+  default = _forward(default_model, params, None, target)
+  assert params['decoder']['stack']['layer_0']['self_attention']['key']['kernel'].shape == (32, 4, 8)  # 4 kv heads
+  np.testing.assert_array_equal(default, _forward(explicit_model, params, None, target))
+  # Grouped heads against an independently built expectation: multi-head attention whose key/value
+  # heads are copies, query head n reading key/value head n // group.
+  for kv_heads in (2, 1):
+    grouped_model, grouped = _setup(tiny(num_kv_heads=kv_heads), seed=1)
+    expected = _forward(default_model, _expand_kv_heads(grouped, 4 // kv_heads), None, target)
+    np.testing.assert_allclose(_forward(grouped_model, grouped, None, target), expected, rtol=1e-5, atol=1e-5)
+  # Control: multi-query attention (one key/value head) on the same weights is a different model.
+  mqa_model = models.build_model(tiny(num_kv_heads=1))
+  sliced = jax.tree_util.tree_map_with_path(lambda path, x: x[:, :1] if path[-2].key in ('key', 'value') else x, params)
+  assert not np.allclose(_forward(mqa_model, sliced, None, target), default, atol=1e-3)
 
 
 @pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
@@ -336,7 +358,16 @@ def test_compute_dtype_separate_from_param_dtype():
   logits = _forward(model, params, None, target)
   assert logits.dtype == jnp.float32  # the softmax and loss always see float32 logits
   reference = _forward(*_setup(tiny()), None, target)
-  np.testing.assert_allclose(logits, reference, atol=0.1)  # bfloat16 rounding only
+  # bfloat16 keeps 8 significant bits: each rounding moves a value by at most 2^-8 of itself, and the
+  # few roundings per layer that reach the logits do not compound much (norms rescale): the error stays
+  # within a few 2^-8 of the logits' scale (measured: 1.8 * 2^-8 * max|logits|).
+  tolerance = 3 * 2.0**-8 * np.abs(reference).max()
+  np.testing.assert_allclose(logits, reference, rtol=0, atol=tolerance)
+  # Control: a real error (one layer norm's scale 2% off, in float32) exceeds it (atol=0.1 did not).
+  wrong = jax.tree_util.tree_map_with_path(
+    lambda path, x: x * 1.02 if 'layer_1' in str(path) and 'ffn_norm' in str(path) else x, params
+  )
+  assert np.abs(_forward(models.build_model(tiny()), wrong, None, target) - reference).max() > tolerance
   assert tiny().compute_dtype == jnp.float32  # dtype='auto' on a CPU
   _, half = _setup(tiny(param_dtype='bfloat16'))
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(half))
@@ -348,6 +379,38 @@ def test_tied_embeddings_share_one_matrix():
   assert 'shared_embedding' in tied and 'output_embedding' not in tied['decoder']
   assert {'source_embedding', 'target_embedding'} <= set(untied)
   assert 'output_embedding' in untied['decoder']
+
+
+@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
+@pytest.mark.parametrize('tie', [True, False])
+def test_logits_are_the_final_hidden_state_times_the_output_matrix(kind, tie):
+  """Logits == (the decoder stack's output) @ E^T, by hand, with E the shared input embedding when tied
+  and the separate output embedding when not; and only that matrix makes the logits."""
+  model, params = _setup(tiny(kind=kind, tie_embeddings=tie))
+  source, target = _tokens((2, 6), seed=1), _tokens((2, 8), seed=2)
+  logits, captured = _forward(model, params, source, target, capture_intermediates=True, mutable=['intermediates'])
+  hidden = captured['intermediates']['decoder']['stack']['__call__'][0]
+  inputs = params['embedding'] if kind == 'decoder_only' else params['shared_embedding' if tie else 'target_embedding']
+  output = inputs if tie else params['decoder']['output_embedding']
+  np.testing.assert_allclose(logits, hidden @ output['embedding'].T, rtol=1e-5, atol=1e-5)
+  if not tie:  # a distinct parameter: the input embedding's transpose would give other logits
+    assert not np.allclose(logits, hidden @ inputs['embedding'].T, atol=1e-3)
+  # Perturbing row v of the output matrix (by a random vector: a constant one is orthogonal to the
+  # zero-mean output of a LayerNorm) where no token v is an input changes logit v only.
+  v = int(jnp.setdiff1d(jnp.arange(2, VOCAB), jnp.concatenate([source.ravel(), target.ravel()]))[0])
+  bumped = jax.tree.map(lambda x: x, params)
+  if tie:
+    path = ('embedding',) if kind == 'decoder_only' else ('shared_embedding',)
+  else:
+    path = ('decoder', 'output_embedding')
+  node = bumped
+  for name in path[:-1]:
+    node[name] = dict(node[name])
+    node = node[name]
+  node[path[-1]] = {'embedding': output['embedding'].at[v].add(jax.random.normal(jax.random.key(5), (32,)))}
+  changed = _forward(model, bumped, source, target)
+  assert not np.allclose(changed[..., v], logits[..., v], atol=1e-3)
+  np.testing.assert_allclose(np.delete(changed, v, axis=-1), np.delete(logits, v, axis=-1), atol=1e-6)
 
 
 def test_shift_right_respects_segments():
