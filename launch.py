@@ -9,12 +9,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from transformer import run  # light: the library is imported when a mode runs, so --help stays fast
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and samples; default runs/<config>-<variant>.')
 _MODE = flags.DEFINE_enum(
   'mode',
   'train',
-  ['train', 'eval', 'decode', 'sweep', 'bench'],
+  list(run.MODES),
   'train (resumes), eval / decode (latest checkpoint), sweep, bench.',
 )
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print its parameters, exit.')
@@ -33,7 +35,6 @@ def default_workdir(config_arg: str) -> str:
 
 def main(argv):
   del argv
-  from transformer import run  # after flag parsing: keeps --help fast
   from transformer.config import ConfigError
 
   config = _CONFIG.value

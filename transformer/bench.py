@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from transformer import decoding, hlo_audit, metrics, models, optim, parallel, summary, train
-from transformer.config import ConfigError, ModelConfig
+from transformer.config import ConfigError, ModelConfig, did_you_mean
 from transformer.tokens import EOS_ID
 
 # `config.bench` (all optional): how long to measure and what else to measure.
@@ -41,13 +41,8 @@ def settings(config) -> dict:
   given = dict(config.bench) if 'bench' in config else {}
   for key in given:
     if key not in DEFAULTS:
-      from transformer.config import nearest
-
-      near = nearest(key, DEFAULTS)
-      raise ConfigError(
-        f'Unknown key config.bench.{key}.{f" Did you mean config.bench.{near}?" if near else ""} '
-        f'Valid keys: {", ".join(DEFAULTS)}.'
-      )
+      hint = did_you_mean(key, DEFAULTS, show='config.bench.{}'.format, sentence=True)
+      raise ConfigError(f'Unknown key config.bench.{key}.{hint} Valid keys: {", ".join(DEFAULTS)}.')
   return {**DEFAULTS, **given}
 
 

@@ -119,8 +119,7 @@ class ModelConfig:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
       if key not in fields:
-        near = nearest(key, fields)
-        hint = f' Did you mean config.model.{near}?' if near else ''
+        hint = did_you_mean(key, fields, show='config.model.{}'.format, sentence=True)
         raise ConfigError(f'Unknown key config.model.{key}.{hint} Valid keys: {", ".join(fields)}.')
     for key, value in values.items():
       expected = type(fields[key].default)
@@ -186,6 +185,27 @@ def nearest(name: str, choices) -> str | None:
   """The choice closest to a misspelt `name`, for "did you mean" hints; None when nothing is close."""
   near = difflib.get_close_matches(name, list(choices), n=1)
   return near[0] if near else None
+
+
+def did_you_mean(name: str, choices, show=repr, sentence: bool = False) -> str:
+  """The hint for a misspelt `name`: " (did you mean 'x'?)", or with `sentence` " Did you mean x?";
+  '' when no choice is close. `show` renders the nearest choice (default: quoted)."""
+  near = nearest(name, choices)
+  if near is None:
+    return ''
+  return f' Did you mean {show(near)}?' if sentence else f' (did you mean {show(near)}?)'
+
+
+def flatten(tree, prefix: str = '') -> dict:
+  """A nested dict or ConfigDict as one level: {'a': {'b': 1}} -> {'a.b': 1}."""
+  flat = {}
+  for key in tree.keys():
+    value = tree[key]
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
 
 
 def pick_variant(arg, variants, default: str, file: str) -> str:

@@ -12,7 +12,7 @@ import re
 
 import ml_collections
 
-from transformer.config import ConfigError, nearest
+from transformer.config import ConfigError, did_you_mean, flatten
 
 # The repository root: config paths such as 'experiments/text.py:tiny' also resolve from here.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,18 +41,6 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def leaves(config, prefix: str = '') -> dict:
-  """Every leaf of a ConfigDict as {'a.b': value}."""
-  out = {}
-  for key in config.keys():
-    value = config[key]
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(leaves(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
 def lookup(config, path: str):
   """The value at dotted `path`; an unknown key is a ConfigError naming the nearest valid key."""
   node, walked = config, []
@@ -68,19 +56,22 @@ def _unknown(config, path, walked, key, node):
   where = 'config.' + '.'.join(walked) if walked else 'config'
   if not isinstance(node, ml_collections.ConfigDict):
     return f'Unknown key config.{path}: {where} is a value, not a section.'
-  near = nearest(key, node.keys())
-  if near:  # the rest of the path under the near key, if it exists there: config.modle.d_ff -> model.d_ff
+
+  def under(near):  # the rest of the path under the near key, if it exists there: config.modle.d_ff -> model.d_ff
     rest = path.split('.')[len(walked) + 1 :]
-    suggestion = '.'.join(walked + [near])
     section = node[near]
-    if rest and isinstance(section, ml_collections.ConfigDict) and '.'.join(rest) in leaves(section):
-      suggestion = '.'.join(walked + [near] + rest)
-  else:  # e.g. `--config.num_heads`: the same name elsewhere (`config.model.num_heads`)
-    paths = list(leaves(config))
-    tails = {p.rsplit('.', 1)[-1]: p for p in paths}
-    tail = nearest(key, tails)
-    suggestion = tails[tail] if tail else nearest(path, paths)
-  hint = f' Did you mean config.{suggestion}?' if suggestion else ''
+    if rest and isinstance(section, ml_collections.ConfigDict) and '.'.join(rest) in flatten(section):
+      return 'config.' + '.'.join(walked + [near] + rest)
+    return 'config.' + '.'.join(walked + [near])
+
+  paths = list(flatten(config))
+  tails = {p.rsplit('.', 1)[-1]: p for p in paths}
+  hint = (
+    did_you_mean(key, node.keys(), show=under, sentence=True)
+    # e.g. `--config.num_heads`: the same name elsewhere (`config.model.num_heads`)
+    or did_you_mean(key, tails, show=lambda tail: 'config.' + tails[tail], sentence=True)
+    or did_you_mean(path, paths, show='config.{}'.format, sentence=True)
+  )
   return f'Unknown key config.{path}.{hint} Valid keys in {where}: {", ".join(node.keys())}.'
 
 

@@ -1,16 +1,21 @@
-"""What `launch.py` runs, given a resolved config."""
+"""What `launch.py` runs, given a resolved config.
+
+Imports JAX and the rest of the library inside the functions: `launch.py` reads `MODES` before it parses
+flags, and `--help` stays fast."""
 
 import os
 import time
 
-import jax
-
-from transformer import models, summary
-from transformer.config import ConfigError, ModelConfig
+MODES = ('train', 'eval', 'decode', 'sweep', 'bench')
 
 
 def dry_run(config) -> str:
   """Builds the model abstractly (`jax.eval_shape`: nothing allocated) and tabulates its parameters."""
+  import jax
+
+  from transformer import models, summary
+  from transformer.config import ModelConfig
+
   start = time.perf_counter()
   model_config = ModelConfig.from_config(config.model)
   model = models.build_model(model_config)
@@ -27,6 +32,8 @@ def dry_run(config) -> str:
 
 def enable_compilation_cache():
   """JAX's persistent cache: a re-run or resume of the same shapes skips XLA compilation."""
+  import jax
+
   directory = os.environ.get(
     'TRANSFORMER_COMPILATION_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'transformer-jax')
   )
@@ -34,12 +41,11 @@ def enable_compilation_cache():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-MODES = ('train', 'eval', 'decode', 'sweep', 'bench')
-
-
 def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
   """Runs `mode` on a resolved config. `overrides` are the command line's `--config.*` flags, which a
   sweep passes on to every variant."""
+  from transformer.config import ConfigError
+
   enable_compilation_cache()
   if 'sweep' in config and mode != 'sweep':  # a sweep file would otherwise train its base quietly
     raise ConfigError(

@@ -31,7 +31,8 @@ import ml_collections
 
 from transformer import overrides as overrides_lib
 from transformer import results
-from transformer.config import ConfigError, ModelConfig, nearest
+from transformer.config import ConfigError, ModelConfig, did_you_mean, flatten
+from transformer.files import write_atomic
 
 LAUNCH = os.path.join(overrides_lib.ROOT, 'launch.py')
 STATUS_FILE = 'status.json'
@@ -132,7 +133,7 @@ def resolve_key(config, key: str) -> str:
   if '.' in key:
     overrides_lib.lookup(config, key)
     return key
-  paths = [p for p in overrides_lib.leaves(config) if p.rsplit('.', 1)[-1] == key]
+  paths = [p for p in flatten(config) if p.rsplit('.', 1)[-1] == key]
   if len(paths) == 1:
     return paths[0]
   if paths:
@@ -140,9 +141,8 @@ def resolve_key(config, key: str) -> str:
       f'{key!r} is ambiguous: it could be {" or ".join("config." + p for p in paths)}; '
       f'write the full path, e.g. **{{{paths[0]!r}: ...}}.'
     )
-  names = {p.rsplit('.', 1)[-1]: p for p in overrides_lib.leaves(config)}
-  near = nearest(key, names)
-  hint = f' Did you mean {near!r} (config.{names[near]})?' if near else ''
+  names = {p.rsplit('.', 1)[-1]: p for p in flatten(config)}
+  hint = did_you_mean(key, names, show=lambda near: f'{near!r} (config.{names[near]})', sentence=True)
   raise ConfigError(f'No config key is named {key!r}.{hint}')
 
 
@@ -175,9 +175,7 @@ class Run:
 
   def write_status(self, **values):
     path = os.path.join(self.directory, STATUS_FILE)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(values, f, indent=2)
-    os.replace(path + '.tmp', path)
+    write_atomic(path, json.dumps(values, indent=2))
 
 
 def directory_name(name: str) -> str:

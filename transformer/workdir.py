@@ -15,7 +15,8 @@ import fnmatch
 import json
 import os
 
-from transformer.config import ConfigError
+from transformer.config import ConfigError, flatten
+from transformer.files import write_atomic
 
 CONFIG_FILE = 'config.json'
 
@@ -75,17 +76,6 @@ def load_saved(workdir: str) -> dict | None:
     return json.load(f)
 
 
-def flatten(tree: dict, prefix: str = '') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def _as_json(config) -> dict:
   """The config as config.json holds it (tuples become lists, and so on), so values compare equal."""
   tree = config.to_dict() if hasattr(config, 'to_dict') else config
@@ -132,8 +122,4 @@ def save_config(config, workdir: str, model_config=None, write: bool = True) -> 
   tree = _as_json(config)
   if model_config is not None and isinstance(tree.get('model'), dict):
     tree['model']['vocab_size'] = model_config.vocab_size
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:  # written whole, then renamed: never a half-written config.json
-    json.dump(tree, f, indent=2)
-  os.replace(path + '.tmp', path)
+  write_atomic(os.path.join(workdir, CONFIG_FILE), json.dumps(tree, indent=2))  # never a half-written config.json

@@ -13,11 +13,11 @@ it changes, and every note is a pitch followed by its duration.
 import json
 import os
 import random
-import tempfile
 import time
 from typing import NamedTuple
 
 from transformer.config import ConfigError
+from transformer.files import write_atomic
 from transformer.tokens import EOS_ID, FIRST_FREE_ID
 
 _PITCH_NAMES = ('C', 'C#', 'D', 'D#', 'E', 'F', 'F#', 'G', 'G#', 'A', 'A#', 'B')
@@ -289,11 +289,7 @@ def _write_json_atomically(path: str, value) -> None:
   """A reader sees the old file or the whole new one, never half of it; an unwritable cache only
   costs the next run another parse."""
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-      json.dump(value, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value))
   except OSError as e:
     print(f'Could not cache the chorales in {path} ({e}); set $TRANSFORMER_CACHE to a writable folder.')
 

@@ -16,12 +16,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 
 import sentencepiece as spm
 
 from transformer.config import ConfigError
+from transformer.files import write_atomic
 from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
 UNK_ID = 3
@@ -215,10 +215,7 @@ def train_tokenizer(
 
   tokenizer = Tokenizer(spm.SentencePieceProcessor(model_proto=model.getvalue()), path)
   try:
-    os.makedirs(cache_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=f'.{safe_name}-', suffix='.tmp', delete=False) as f:
-      f.write(model.getvalue())
-    os.replace(f.name, path)  # atomic: readers see no file or the whole file
+    write_atomic(path, model.getvalue())  # readers see no file or the whole file
   except OSError as e:  # an unwritable cache costs a retrain next time, not this run
     logging.warning(
       'Could not cache the tokenizer in %s (%s); set $TRANSFORMER_CACHE to a writable folder to reuse it.', cache_dir, e

@@ -17,7 +17,7 @@ packed) and, for encoder-decoder tasks, `inputs` (+ the same).
 
 import importlib
 
-from transformer.config import ConfigError, nearest
+from transformer.config import ConfigError, did_you_mean
 
 # config.task -> the class that builds it (imported on demand: a task's libraries load only when used).
 TASKS = {
@@ -31,10 +31,8 @@ TASKS = {
 
 def get_task(config):
   if config.task not in TASKS:
-    hint = nearest(config.task, TASKS)
     raise ConfigError(
-      f'config.task={config.task!r} is not a task{f" (did you mean {hint!r}?)" if hint else ""}; '
-      f'choose one of: {", ".join(TASKS)}.'
+      f'config.task={config.task!r} is not a task{did_you_mean(config.task, TASKS)}; choose one of: {", ".join(TASKS)}.'
     )
   module, name = TASKS[config.task].split(':')
   return getattr(importlib.import_module(module), name)(config)

@@ -5,19 +5,17 @@ import math
 import numpy as np
 from absl import logging
 
-from transformer.config import ConfigError, nearest
+from transformer.config import ConfigError, did_you_mean
 from transformer.data import pipeline
 from transformer.tokens import EOS_ID
 
 CORPORA = ('bible', 'files', 'hf', 'tfds')
+EVAL_SEED_OFFSET = 1_000_003  # generated tasks draw their eval examples from seed + this: apart from training's
 
 
 def check_choice(key: str, value: str, choices) -> str:
   if value not in choices:
-    hint = nearest(value, choices)
-    raise ConfigError(
-      f'config.data.{key}={value!r} is not one of {", ".join(choices)}{f" (did you mean {hint!r}?)" if hint else ""}.'
-    )
+    raise ConfigError(f'config.data.{key}={value!r} is not one of {", ".join(choices)}{did_you_mean(value, choices)}.')
   return value
 
 

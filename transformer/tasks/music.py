@@ -17,7 +17,6 @@ from transformer.tasks import common
 from transformer.tokens import EOS_ID
 
 CORPORA = ('toy', 'bach')
-_EVAL_SEED_OFFSET = 1_000_003
 
 
 def load_pieces(data, seed: int):
@@ -26,7 +25,7 @@ def load_pieces(data, seed: int):
   if corpus == 'toy':
     return (
       music.toy_pieces(int(data.num_pieces), seed),
-      music.toy_pieces(int(data.num_eval_pieces), seed + _EVAL_SEED_OFFSET),
+      music.toy_pieces(int(data.num_eval_pieces), seed + common.EVAL_SEED_OFFSET),
     )
   every = int(data.get('eval_every_nth', 10))
   if every < 2:

@@ -10,9 +10,9 @@ import numpy as np
 
 from transformer.data import pipeline
 from transformer.data.batching import pad_batch
+from transformer.tasks.common import EVAL_SEED_OFFSET
 from transformer.tokens import EOS_ID, FIRST_FREE_ID
 
-_EVAL_SEED_OFFSET = 1_000_003
 _EXACT_MATCH_EXAMPLES = 64
 
 
@@ -60,7 +60,7 @@ class SyntheticTask:
   def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
     """The fixed held-out set (another seed), once."""
     return pipeline.eval_batches(
-      self._examples(self.num_eval, self.seed + _EVAL_SEED_OFFSET),
+      self._examples(self.num_eval, self.seed + EVAL_SEED_OFFSET),
       seq_len=self.seq_len,
       batch_size=batch_size,
       process_index=process_index,
@@ -69,7 +69,7 @@ class SyntheticTask:
 
   def _greedy(self, predictor, count):
     """(examples, greedy outputs) for the first `count` eval examples, each output cut after EOS."""
-    examples = [self.example(self.seed + _EVAL_SEED_OFFSET, i) for i in range(min(count, self.num_eval))]
+    examples = [self.example(self.seed + EVAL_SEED_OFFSET, i) for i in range(min(count, self.num_eval))]
     width = self.max_len + 1  # the answer and its EOS
     rows = max(len(examples), _EXACT_MATCH_EXAMPLES)  # metric and samples share one shape: one compile
     if self.kind == 'encoder_decoder':
