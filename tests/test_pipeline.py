@@ -68,25 +68,60 @@ def test_packing_loses_no_token_and_resets_positions():
   assert all(i == t and i >= 1 for i, t in per_example.values())
 
 
+def _identity(value):
+  """(example, side, position) a token value of `_examples` encodes; None for padding."""
+  if value == 0:
+    return None
+  offset = value % 1000 - 3
+  return (value // 1000 - 1, 'inputs' if offset >= 500 else 'targets', offset % 500)
+
+
 def test_packed_segments_never_attend_to_each_other():
-  batch = next(pipeline.train_iter(_examples(), seq_len=16, batch_size=4, seed=0, pack=True))
-  seg, pos = batch['targets_segment_ids'], batch['targets_positions']
-  assert (seg.max(axis=1) > 1).any()  # some rows really hold several examples
-  mask = np.asarray(make_attention_mask(pos, pos, seg, seg, causal=True))[:, 0]
-  same = seg[:, :, None] == seg[:, None, :]  # (padding, segment 0, only sees padding)
-  assert not np.any(mask & ~same)
-  for row in range(4):  # inside a segment: exactly causal
-    for s in set(seg[row]) - {0}:
-      where = np.flatnonzero(seg[row] == s)
-      np.testing.assert_array_equal(mask[row][np.ix_(where, where)], np.tril(np.ones((len(where),) * 2, bool)))
-  cross = np.asarray(make_attention_mask(None, None, seg, batch['inputs_segment_ids'], causal=False))[:, 0]
-  assert not np.any(cross & (seg[:, :, None] != batch['inputs_segment_ids'][:, None, :]))
+  """The masks the model builds from the pipeline's segment ids and positions equal visibility decided
+  position by position from what the tokens are (their values encode example and position)."""
+  for batch in _take(pipeline.train_iter(_examples(), seq_len=16, batch_size=4, seed=0, pack=True), 3):
+    seg, pos = batch['targets_segment_ids'], batch['targets_positions']
+    assert (seg.max(axis=1) > 1).any()  # some rows really hold several examples
+    mask = np.asarray(make_attention_mask(pos, pos, seg, seg, causal=True))[:, 0]
+    cross = np.asarray(make_attention_mask(None, None, seg, batch['inputs_segment_ids'], causal=False))[:, 0]
+    for row in range(4):
+      targets = [_identity(v) for v in batch['targets'][row]]
+      inputs = [_identity(v) for v in batch['inputs'][row]]
+      for i, query in enumerate(targets):
+        if query is None:  # a padding query sees no real token
+          assert not any(mask[row, i, j] for j, key in enumerate(targets) if key is not None)
+          assert not any(cross[row, i, j] for j, key in enumerate(inputs) if key is not None)
+          continue
+        for j, key in enumerate(targets):  # its own example's tokens up to itself, nothing else
+          assert mask[row, i, j] == (key is not None and key[0] == query[0] and key[2] <= query[2]), (row, i, j)
+        for j, key in enumerate(inputs):  # all of its own example's source, nothing else
+          assert cross[row, i, j] == (key is not None and key[0] == query[0]), (row, i, j)
+
+
+def test_inputs_and_targets_of_a_packed_example_share_its_segment_id():
+  for batch in _take(pipeline.train_iter(_examples(), seq_len=16, batch_size=4, seed=0, pack=True), 6):
+    for row in range(4):
+      examples = {}
+      for key in ('inputs', 'targets'):
+        for value, s in zip(batch[key][row], batch[f'{key}_segment_ids'][row]):
+          if value:
+            examples.setdefault(key, {}).setdefault(int(s), set()).add(_identity(value)[0])
+      # Segment s holds one example, the same on both sides, and both sides hold the same segments.
+      assert all(len(e) == 1 for side in examples.values() for e in side.values())
+      assert examples['inputs'] == examples['targets']
 
 
 def test_packing_is_efficient():
+  def packing_efficiency(iterator, num_batches: int = 20) -> float:  # fraction of token slots holding real tokens
+    real = total = 0
+    for _ in range(num_batches):
+      targets = next(iterator)['targets']
+      real, total = real + int((targets != 0).sum()), total + targets.size
+    return real / max(total, 1)
+
   it = pipeline.train_iter(_examples(200, pairs=False), seq_len=32, batch_size=8, seed=0, pack=True)
   padded = pipeline.train_iter(_examples(200, pairs=False), seq_len=32, batch_size=8, seed=0, pack=False)
-  assert pipeline.packing_efficiency(it) > 0.8 > 2 * pipeline.packing_efficiency(padded)
+  assert packing_efficiency(it) > 0.8 > 2 * packing_efficiency(padded)
 
 
 def test_overlong_examples_are_truncated_or_dropped():
