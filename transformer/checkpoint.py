@@ -171,15 +171,6 @@ class Checkpoints:
     )
     return state, self._data_state(restored)
 
-  def restore_config(self, step: int | None = None) -> dict | None:
-    """The config saved with `step` (default: the latest); None if there is no checkpoint or no config."""
-    if step is None and self.latest_step() is None:
-      return None
-    step = self._existing_step(step)
-    if not self._has_item(step, 'config'):
-      return None
-    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
@@ -213,7 +204,7 @@ class Checkpoints:
     where = f'the checkpoint at step {step} in {self.directory}'
     hint = (
       'The model/config changed since it was saved: restore with the config it was trained with '
-      '(see restore_config / config.json) or start a fresh workdir.'
+      "(the workdir's config.json) or start a fresh workdir."
     )
     for path in sorted(target, key=lambda path: path[0] != 'params'):  # name a parameter before its Adam moment
       leaf = target[path]

@@ -55,17 +55,6 @@ class EventVocab:
     self.dur_start = self.pitch_start + (max_pitch - min_pitch + 1)
     self.vocab_size = self.dur_start + max_duration
 
-  def settings(self) -> dict:
-    """What the ids mean: a cache key and a record for logs."""
-    return dict(
-      num_voices=self.num_voices,
-      max_shift=self.max_shift,
-      max_duration=self.max_duration,
-      min_pitch=self.min_pitch,
-      max_pitch=self.max_pitch,
-      steps_per_quarter=self.steps_per_quarter,
-    )
-
   def normalize(self, notes) -> list[Note]:
     """What a round trip keeps: sorted, durations clipped to [1, max_duration], one note per
     (onset, voice, pitch). Out-of-range voices or pitches are a ValueError (they have no token)."""

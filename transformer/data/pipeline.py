@@ -105,12 +105,3 @@ def eval_batches(examples, *, seq_len: int, batch_size: int, process_index: int 
   count = math.ceil(math.ceil(len(_as_dataset(examples)) / process_count) / batch_size)
   empty = {key: np.zeros_like(value) for key, value in batches[0].items()}
   return (batches[i] if i < len(batches) else empty for i in range(count))
-
-
-def packing_efficiency(iterator, num_batches: int = 20) -> float:
-  """Fraction of token slots holding real tokens over the next batches (for logs and tests)."""
-  real = total = 0
-  for _ in range(num_batches):
-    targets = next(iterator)['targets']
-    real, total = real + int((targets != 0).sum()), total + targets.size
-  return real / max(total, 1)
