@@ -43,7 +43,7 @@ def _tiny(config, workdir):
 
 @pytest.fixture
 def translation_config(tmp_path):
-  for name, seed, count in (('train', 0, 300), ('dev', 1, 20)):
+  for name, seed, count in (('train', 0, 300), ('dev', 1, 8)):
     with open(tmp_path / f'{name}.tsv', 'w') as f:
       f.writelines(f'{s}\t{t}\n' for s, t in _pairs(count, seed))
   config = _tiny(translation_experiment.get_config('tiny'), tmp_path)
@@ -56,6 +56,7 @@ def translation_config(tmp_path):
     bleu_examples=8,
     decode_batch_size=8,
   )
+  config.train.num_samples = 8  # every dev pair: the logged samples are the translations BLEU scores
   return config
 
 
@@ -73,16 +74,20 @@ def test_translation_trains_logs_bleu_samples_and_decodes(translation_config, tm
   records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   evals = [r for r in records if 'eval/bleu' in r]
   assert [r['step'] for r in evals] == [6, 12]
-  assert all(0 <= r['eval/bleu'] <= 100 and 0 <= r['eval/chrf'] <= 100 for r in evals)
   assert evals[-1]['eval/loss'] < evals[0]['eval/loss']
   samples = [json.loads(line) for line in open(workdir / 'samples.jsonl')]
-  assert len(samples) == 4 and set(samples[0]) == {'step', 'source', 'reference', 'output'}
-  assert samples[0]['source'] == _pairs(20, 1)[0][0]
+  assert len(samples) == 16 and set(samples[0]) == {'step', 'source', 'reference', 'output'}
+  assert [(s['source'], s['reference']) for s in samples] == 2 * _pairs(8, 1)
+  for r in evals:  # BLEU and chrF are sacrebleu's on this step's beam-search outputs, exactly
+    outputs = [s['output'] for s in samples if s['step'] == r['step']]
+    references = [t for _, t in _pairs(8, 1)]
+    assert r['eval/bleu'] == sacrebleu.corpus_bleu(outputs, [references]).score
+    assert r['eval/chrf'] == sacrebleu.corpus_chrf(outputs, [references]).score
 
   decoded = loop.decode_checkpoint(translation_config, str(workdir))
   written = [json.loads(line) for line in open(workdir / 'decode' / 'step_12.jsonl')]
   assert written == decoded and len(written) == 3
-  assert written[0]['output'] == samples[-2]['output']  # the same beam search on the same checkpoint
+  assert written[0]['output'] == samples[-8]['output']  # the same beam search on the same checkpoint
 
 
 def test_text_task_bits_per_byte_and_samples(tmp_path):
@@ -109,7 +114,14 @@ def test_text_task_bits_per_byte_and_samples(tmp_path):
   workdir = tmp_path / 'run'
   loop.train_and_evaluate(config, str(workdir))
   last = [json.loads(line) for line in open(workdir / 'metrics.jsonl')][-1]
-  assert last['eval/bits_per_byte'] > 0 and last['eval/perplexity'] > 1
+  # Every eval token (each document's tokens and its EOS) is scored once; bits per byte is the total
+  # loss in bits over the documents' UTF-8 bytes, both counted here from the documents themselves.
+  assert last['eval/tokens'] == sum(len(task.tokenizer.encode(d)) + 1 for d in docs[50:])
+  eval_bytes = sum(len(d.encode('utf-8')) for d in docs[50:])
+  assert last['eval/bits_per_byte'] == pytest.approx(
+    last['eval/loss'] * last['eval/tokens'] / math.log(2) / eval_bytes, rel=1e-12
+  )
+  assert last['eval/perplexity'] == pytest.approx(math.exp(last['eval/loss']), rel=1e-12)
   samples = [json.loads(line) for line in open(workdir / 'samples.jsonl')]
   assert samples[0]['prompt'] == ' '.join(docs[50].split()[:8]) and samples[0]['output']
 
