@@ -28,7 +28,7 @@ MODELS = {'decoder_only': dict(num_kv_heads=1), 'encoder_decoder': dict(scan_lay
 
 
 def _setup(kind, parallelism='jit', mesh=(-1, 1, 1), dropout=0.0, accum=1):
-  """(train_config, model, optimizer, schedule): the arguments of `parallel.Runner`."""
+  """(train_config, model, optimizer, schedule): the arguments of `parallel.make_runner`."""
   model = models.build_model(tiny(kind=kind, dropout_rate=dropout, attention_dropout_rate=dropout, **MODELS[kind]))
   # adamw (masked weight decay) chained after clipping: the optimizer state shardings must follow.
   config = default_train_config(
@@ -85,7 +85,7 @@ def _reference(kind, dropout=0.0):
 
 def _run(kind, parallelism, mesh, dropout=0.0, accum=1):
   """Trains through a `Runner`, feeding this process only its own rows of the global batch."""
-  runner = parallel.Runner(*_setup(kind, parallelism, mesh, dropout, accum))
+  runner = parallel.make_runner(*_setup(kind, parallelism, mesh, dropout, accum))
   local = runner.local_batch_size()
   start = jax.process_index() * local
   batch = {k: v[start : start + local] for k, v in _batch(kind).items()}
@@ -253,7 +253,7 @@ def test_bad_runner_settings(overrides, message):
   config, model, optimizer, schedule = _setup('decoder_only')
   config.update(overrides)
   with pytest.raises(ConfigError, match=message):
-    parallel.Runner(config, model, optimizer, schedule)
+    parallel.make_runner(config, model, optimizer, schedule)
 
 
 def test_initialize_distributed_only_joins_a_detected_cluster(monkeypatch):

@@ -76,7 +76,7 @@ class TrainBench:
     self.train_config = config.train
     optimizer = optim.make_optimizer(config.train, self.model_config.d_model)
     schedule = optim.learning_rate_schedule(config.train, self.model_config.d_model)
-    self.runner = parallel.Runner(config.train, self.model, optimizer, schedule)
+    self.runner = parallel.make_runner(config.train, self.model, optimizer, schedule)
     self.seq_len = seq_len_of(config)
     self.batch = synthetic_batch(
       self.model_config, self.runner.local_batch_size(), self.seq_len, int(config.train.seed)
@@ -161,7 +161,7 @@ def expected_collectives(runner, model_config: ModelConfig, batch_size: int, seq
   layout = _layout(runner.mesh)
   if model_config.kind != 'decoder_only' or layout not in ('data', 'fsdp', 'tensor'):
     return {}
-  shardings = jax.tree.leaves(runner._state_shardings.params)
+  shardings = jax.tree.leaves(runner.state_shardings.params)
   leaves = jax.tree.leaves(runner.abstract_state().params)
   size = lambda leaf: leaf.size * leaf.dtype.itemsize
   param_bytes = sum(size(leaf) for leaf in leaves)
@@ -191,7 +191,7 @@ def audit_train_step(config, single_dot_flops: int | None = None) -> dict:
   model = models.build_model(model_config)
   optimizer = optim.make_optimizer(config.train, model_config.d_model)
   schedule = optim.learning_rate_schedule(config.train, model_config.d_model)
-  runner = parallel.Runner(config.train, model, optimizer, schedule)
+  runner = parallel.make_runner(config.train, model, optimizer, schedule)
   batch_size, seq_len = int(config.train.batch_size), seq_len_of(config)
   batch = synthetic_batch(model_config, batch_size, seq_len)
   text = runner.lower_train_step(batch).compile().as_text()

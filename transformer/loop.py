@@ -82,7 +82,7 @@ def _write_samples(path: str, samples, mode: str):
 def _prepare(config, workdir):
   """What training and evaluation share: task, model, runner and the workdir's checkpoints."""
   task, model, optimizer, schedule = build(config)
-  runner = parallel.Runner(config.train, model, optimizer, schedule)
+  runner = parallel.make_runner(config.train, model, optimizer, schedule)
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
   return task, model, runner, ckpts
 

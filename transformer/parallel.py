@@ -154,94 +154,38 @@ def state_shardings(model, optimizer, abstract_state, mesh: Mesh):
   )
 
 
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(
+    lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract, shardings
+  )
+
+
 class Runner:
-  """Runs `train.make_train_step` / `make_eval_step` under `train_config.parallelism` ('jit' or 'pmap').
+  """Runs `train.make_train_step` / `make_eval_step` under one parallelism: the interface of `JitRunner`
+  and `PmapRunner`, which `make_runner` picks by `train_config.parallelism`.
 
   Batches are numpy dicts holding this process's rows (`local_batch_size()`). Checkpoints use one layout
   for both modes, the global un-replicated state (`abstract_state`), so they restore across meshes.
+  A subclass sets `_init`, `_train`, `_eval` and `_abstract`, and places a checked batch (`_place`).
   """
 
-  def __init__(self, train_config, model, optimizer, schedule):
-    self.parallelism = train_config.parallelism
-    if self.parallelism not in PARALLELISM:
-      raise ConfigError(f'config.train.parallelism={self.parallelism!r} is not one of: {", ".join(PARALLELISM)}.')
+  parallelism: str
+  mesh: Mesh | None = None
+
+  def __init__(self, train_config, shards: int, shards_text: str, local_shards: int):
+    """`shards`: the batch's splits over all devices (`shards_text` names them for the error);
+    `local_shards`: the distinct row blocks this process feeds."""
     # Dropout masks must not depend on how the batch is sharded (the default since JAX 0.5).
     if not jax.config.jax_threefry_partitionable:
       jax.config.update('jax_threefry_partitionable', True)
     self.batch_size = int(train_config.batch_size)
+    self._shards, self._local_shards = shards, local_shards
     accum = int(train_config.grad_accum_steps)
-    abstract = jax.eval_shape(lambda: train.init_state(model, optimizer, 0))
-    if self.parallelism == 'jit':
-      self.mesh = make_mesh(train_config.mesh)
-      shards = _axis_size(self.mesh, BATCH_AXES)
-      shards_text = f'the batch shards (mesh data x fsdp = {shards})'
-    else:
-      self.mesh = None
-      shards = jax.device_count()
-      shards_text = f'the device count ({shards}, pmap)'
-    self._shards = shards
     if self.batch_size % (shards * accum):
       raise ConfigError(
         f'config.train.batch_size={self.batch_size} must be divisible by {shards_text} x '
         f'config.train.grad_accum_steps={accum} = {shards * accum}: change one of them.'
       )
-
-    if self.mesh is not None:
-      self._state_shardings = state_shardings(model, optimizer, abstract, self.mesh)
-      layout = train.MeshLayout(
-        self.mesh,
-        BATCH_AXES,
-        activation_rules(model.config, self.mesh),
-        jax.tree.map(_gathered, self._state_shardings.params),
-      )
-      train_step = train.make_train_step(model, optimizer, schedule, train_config, layout=layout)
-      eval_step = train.make_eval_step(model, layout=layout)
-    else:
-      train_step = train.make_train_step(model, optimizer, schedule, train_config, axis_name=PMAP_AXIS)
-      eval_step = train.make_eval_step(model, axis_name=PMAP_AXIS)
-    if self.mesh is not None:
-      self._batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
-      # Distinct row blocks on this process (devices along 'tensor' hold the same rows).
-      self._local_shards = len(
-        {index[0].indices(shards) for index in self._batch_sharding.addressable_devices_indices_map((shards,)).values()}
-      )
-      replicated = NamedSharding(self.mesh, P())
-      # Created already sharded: the full state never has to fit on one device.
-      self._init = jax.jit(functools.partial(train.init_state, model, optimizer), out_shardings=self._state_shardings)
-      self._train = jax.jit(
-        train_step,
-        in_shardings=(self._state_shardings, self._batch_sharding),
-        out_shardings=(self._state_shardings, replicated),
-        donate_argnums=0,
-      )
-      self._eval = jax.jit(
-        lambda state, batch: eval_step(state.params, batch),
-        in_shardings=(self._state_shardings, self._batch_sharding),
-        out_shardings=replicated,
-      )
-      checkpoint_shardings = self._state_shardings
-    else:
-      devices = jax.local_devices()
-      self._local_shards = len(devices)
-      local_mesh = Mesh(np.array(devices), (PMAP_AXIS,))
-      replicas = NamedSharding(local_mesh, P(PMAP_AXIS))  # the layout pmap itself gives its outputs
-      # Checkpoints hold global arrays replicated over every process's devices: orbax cannot write the
-      # host-local arrays pmap works with once there are several processes.
-      self._checkpoint_sharding = NamedSharding(Mesh(np.array(jax.devices()), (PMAP_AXIS,)), P())
-      checkpoint_shardings = jax.tree.map(lambda _: self._checkpoint_sharding, abstract)
-      broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices),) + x.shape), tree)
-      first = lambda tree: jax.tree.map(lambda x: x[0], tree)
-      self._replicate = jax.jit(broadcast, out_shardings=replicas)
-      self._init = jax.jit(lambda seed: broadcast(train.init_state(model, optimizer, seed)), out_shardings=replicas)
-      self._first = jax.jit(first)
-      self._first_everywhere = jax.jit(first, out_shardings=NamedSharding(local_mesh, P()))
-      self._train = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0)
-      self._eval = jax.pmap(lambda state, batch: eval_step(state.params, batch), axis_name=PMAP_AXIS)
-    self._abstract = jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      abstract,
-      checkpoint_shardings,
-    )
 
   def local_batch_size(self) -> int:
     """This process's rows of the global `batch_size`."""
@@ -249,10 +193,100 @@ class Runner:
 
   def local_rows(self) -> tuple[int, int]:
     """(start, stop): the rows of each global batch that this process feeds (its devices' rows)."""
+    raise NotImplementedError
+
+  def init_state(self, seed: int) -> train.TrainState:
+    return self._init(seed)
+
+  def abstract_state(self):
+    """ShapeDtypeStructs (with shardings) of the checkpoint layout: the orbax restore target."""
+    return self._abstract
+
+  def to_checkpoint(self, state):
+    """The running state in the checkpoint layout (`abstract_state`)."""
+    raise NotImplementedError
+
+  def from_checkpoint(self, state):
+    """A state restored in the checkpoint layout, back in the running layout."""
+    raise NotImplementedError
+
+  def lower_train_step(self, batch):
+    """The jitted train step lowered for abstract inputs (jit only): `batch` holds global-shape arrays
+    or ShapeDtypeStructs; nothing is allocated. `.compile().as_text()` is what `hlo_audit` reads."""
+    raise ValueError('lower_train_step needs parallelism=jit (a pmap step has no global program).')
+
+  def train_step(self, state, batch):
+    """(state, metrics); `state` is donated. Metrics stay on device (no host sync here)."""
+    state, metrics = self._train(state, self._global_batch(batch, self.local_batch_size()))
+    return state, self._unreplicate(metrics)
+
+  def eval_step(self, state, batch) -> dict:
+    """Summed loss / tokens / correct over the global batch (any size the batch shards divide)."""
+    return self._unreplicate(self._eval(state, self._global_batch(batch)))
+
+  def _global_batch(self, batch, rows=None):
+    """The step's input from this process's rows (`rows` of them, else a multiple of its shards)."""
+    shapes = {k: np.shape(x) for k, x in batch.items()}
+    local = {shape[0] for shape in shapes.values()}
+    shards = self._local_shards
+    if len(local) != 1 or (rows is not None and local != {rows}) or min(local) % shards:
+      expected = (
+        f"{rows} rows (this process's share of config.train.batch_size)" if rows else (f'a multiple of {shards} rows')
+      )
+      raise ValueError(f'Each batch field must have {expected}; got shapes {shapes}.')
+    return self._place(batch)
+
+  def _place(self, batch):
+    raise NotImplementedError
+
+  def _unreplicate(self, tree):
+    """A step's outputs (metrics, eval sums) as one value each."""
+    return tree
+
+
+class JitRunner(Runner):
+  """One SPMD program over the ('data', 'fsdp', 'tensor') mesh: the batch split over data x fsdp, the
+  state sharded by `LOGICAL_RULES` (`state_shardings`), created sharded and donated each step."""
+
+  parallelism = 'jit'
+
+  def __init__(self, train_config, model, optimizer, schedule):
+    self.mesh = make_mesh(train_config.mesh)
+    shards = _axis_size(self.mesh, BATCH_AXES)
+    self._batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    # Distinct row blocks on this process (devices along 'tensor' hold the same rows).
+    local_shards = len(
+      {index[0].indices(shards) for index in self._batch_sharding.addressable_devices_indices_map((shards,)).values()}
+    )
+    super().__init__(train_config, shards, f'the batch shards (mesh data x fsdp = {shards})', local_shards)
+    abstract = jax.eval_shape(lambda: train.init_state(model, optimizer, 0))
+    self.state_shardings = state_shardings(model, optimizer, abstract, self.mesh)
+    layout = train.MeshLayout(
+      self.mesh,
+      BATCH_AXES,
+      activation_rules(model.config, self.mesh),
+      jax.tree.map(_gathered, self.state_shardings.params),
+    )
+    train_step = train.make_train_step(model, optimizer, schedule, train_config, layout=layout)
+    eval_step = train.make_eval_step(model, layout=layout)
+    replicated = NamedSharding(self.mesh, P())
+    # Created already sharded: the full state never has to fit on one device.
+    self._init = jax.jit(functools.partial(train.init_state, model, optimizer), out_shardings=self.state_shardings)
+    self._train = jax.jit(
+      train_step,
+      in_shardings=(self.state_shardings, self._batch_sharding),
+      out_shardings=(self.state_shardings, replicated),
+      donate_argnums=0,
+    )
+    self._eval = jax.jit(
+      lambda state, batch: eval_step(state.params, batch),
+      in_shardings=(self.state_shardings, self._batch_sharding),
+      out_shardings=replicated,
+    )
+    self._abstract = _with_shardings(abstract, self.state_shardings)  # the checkpoint is the running state
+
+  def local_rows(self) -> tuple[int, int]:
     local = self.local_batch_size()
-    if self.mesh is None:  # pmap numbers devices process by process
-      start = jax.process_index() * local
-      return start, start + local
     blocks = {
       index[0].indices(self.batch_size)[:2]
       for index in self._batch_sharding.addressable_devices_indices_map((self.batch_size,)).values()
@@ -265,16 +299,62 @@ class Runner:
       )
     return start, stop
 
-  def init_state(self, seed: int) -> train.TrainState:
-    return self._init(seed)
+  def to_checkpoint(self, state):
+    return state
 
-  def abstract_state(self):
-    """ShapeDtypeStructs (with shardings) of the checkpoint layout: the orbax restore target."""
-    return self._abstract
+  def from_checkpoint(self, state):
+    return jax.device_put(state, self.state_shardings)
+
+  def lower_train_step(self, batch):
+    state = _with_shardings(self._abstract, self.state_shardings)
+    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding) for k, x in batch.items()}
+    return self._train.lower(state, batch)
+
+  def _place(self, batch):
+    """One global array per field, assembled from every process's rows."""
+    scale = self._shards // self._local_shards  # global rows per local row
+    return {
+      k: jax.make_array_from_process_local_data(
+        self._batch_sharding, np.asarray(x), (scale * np.shape(x)[0],) + np.shape(x)[1:]
+      )
+      for k, x in batch.items()
+    }
+
+
+class PmapRunner(Runner):
+  """Classic data parallelism: the state replicated on every local device, gradients averaged over
+  all devices (of every process) by `pmap`'s collectives."""
+
+  parallelism = 'pmap'
+
+  def __init__(self, train_config, model, optimizer, schedule):
+    devices = jax.local_devices()
+    count = jax.device_count()
+    super().__init__(train_config, count, f'the device count ({count}, pmap)', len(devices))
+    abstract = jax.eval_shape(lambda: train.init_state(model, optimizer, 0))
+    train_step = train.make_train_step(model, optimizer, schedule, train_config, axis_name=PMAP_AXIS)
+    eval_step = train.make_eval_step(model, axis_name=PMAP_AXIS)
+    local_mesh = Mesh(np.array(devices), (PMAP_AXIS,))
+    replicas = NamedSharding(local_mesh, P(PMAP_AXIS))  # the layout pmap itself gives its outputs
+    # Checkpoints hold global arrays replicated over every process's devices: orbax cannot write the
+    # host-local arrays pmap works with once there are several processes.
+    self._checkpoint_sharding = NamedSharding(Mesh(np.array(jax.devices()), (PMAP_AXIS,)), P())
+    broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices),) + x.shape), tree)
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    self._replicate = jax.jit(broadcast, out_shardings=replicas)
+    self._init = jax.jit(lambda seed: broadcast(train.init_state(model, optimizer, seed)), out_shardings=replicas)
+    self._first = jax.jit(first)
+    self._first_everywhere = jax.jit(first, out_shardings=NamedSharding(local_mesh, P()))
+    self._train = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0)
+    self._eval = jax.pmap(lambda state, batch: eval_step(state.params, batch), axis_name=PMAP_AXIS)
+    self._abstract = _with_shardings(abstract, jax.tree.map(lambda _: self._checkpoint_sharding, abstract))
+
+  def local_rows(self) -> tuple[int, int]:
+    local = self.local_batch_size()
+    start = jax.process_index() * local  # pmap numbers devices process by process
+    return start, start + local
 
   def to_checkpoint(self, state):
-    if self.mesh is not None:
-      return state
     local = self._first_everywhere(state)  # one copy on each local device, assembled into a global array
     return jax.tree.map(
       lambda x: jax.make_array_from_single_device_arrays(
@@ -284,49 +364,20 @@ class Runner:
     )
 
   def from_checkpoint(self, state):
-    if self.mesh is not None:
-      return jax.device_put(state, self._state_shardings)
     return self._replicate(jax.tree.map(lambda x: x.addressable_data(0), state))  # this process's copy
 
-  def _global_batch(self, batch, rows=None):
-    """jit: one global array per field from the local rows; pmap: [local devices, rows per device, ...]."""
-    shapes = {k: np.shape(x) for k, x in batch.items()}
-    local = {shape[0] for shape in shapes.values()}
-    shards = self._local_shards
-    if len(local) != 1 or (rows is not None and local != {rows}) or min(local) % shards:
-      expected = (
-        f"{rows} rows (this process's share of config.train.batch_size)" if rows else (f'a multiple of {shards} rows')
-      )
-      raise ValueError(f'Each batch field must have {expected}; got shapes {shapes}.')
-    if self.mesh is None:
-      return {k: np.reshape(x, (shards, -1) + np.shape(x)[1:]) for k, x in batch.items()}
-    scale = self._shards // self._local_shards  # global rows per local row
-    return {
-      k: jax.make_array_from_process_local_data(
-        self._batch_sharding, np.asarray(x), (scale * np.shape(x)[0],) + np.shape(x)[1:]
-      )
-      for k, x in batch.items()
-    }
+  def _place(self, batch):
+    """[local devices, rows per device, ...] per field."""
+    return {k: np.reshape(x, (self._local_shards, -1) + np.shape(x)[1:]) for k, x in batch.items()}
 
-  def lower_train_step(self, batch):
-    """The jitted train step lowered for abstract inputs (jit only): `batch` holds global-shape arrays
-    or ShapeDtypeStructs; nothing is allocated. `.compile().as_text()` is what `hlo_audit` reads."""
-    if self.mesh is None:
-      raise ValueError('lower_train_step needs parallelism=jit (a pmap step has no global program).')
-    state = jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      self._abstract,
-      self._state_shardings,
-    )
-    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding) for k, x in batch.items()}
-    return self._train.lower(state, batch)
+  def _unreplicate(self, tree):
+    return self._first(tree)
 
-  def train_step(self, state, batch):
-    """(state, metrics); `state` is donated. Metrics stay on device (no host sync here)."""
-    state, metrics = self._train(state, self._global_batch(batch, self.local_batch_size()))
-    return state, (metrics if self.mesh is not None else self._first(metrics))
 
-  def eval_step(self, state, batch) -> dict:
-    """Summed loss / tokens / correct over the global batch (any size the batch shards divide)."""
-    sums = self._eval(state, self._global_batch(batch))
-    return sums if self.mesh is not None else self._first(sums)
+def make_runner(train_config, model, optimizer, schedule) -> Runner:
+  """The `Runner` for `train_config.parallelism` ('jit' or 'pmap'); it checks the batch size against its
+  shards and `grad_accum_steps`."""
+  parallelism = train_config.parallelism
+  if parallelism not in PARALLELISM:
+    raise ConfigError(f'config.train.parallelism={parallelism!r} is not one of: {", ".join(PARALLELISM)}.')
+  return (JitRunner if parallelism == 'jit' else PmapRunner)(train_config, model, optimizer, schedule)
