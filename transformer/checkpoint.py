@@ -129,11 +129,11 @@ class Checkpoints:
     """`(state, data_state)` from `step` (default: the latest). Each array of `abstract_state` (a pytree of
     `jax.ShapeDtypeStruct`) says via `.sharding` where it goes, so any device count or mesh works."""
     step = self._existing_step(step)
-    saved = ocp.tree.to_flat_dict(self._manager.item_metadata(step)['state'].tree)
-    target_scanned, saved_scanned = _scanned(_flat_paths(abstract_state)), _scanned(saved)
-    if target_scanned != saved_scanned:  # the other layer layout: restore as saved, then convert
-      return self._restore_other_layout(abstract_state, saved, step, target_scanned)
-    self._check_shapes(_flat_paths(abstract_state), saved, step)
+    metadata = self._manager.item_metadata(step)['state'].tree
+    saved, target = ocp.tree.to_flat_dict(metadata), _flat_paths(abstract_state)
+    if _scanned(target) != _scanned(saved):  # the other layer layout: restore as saved, then convert
+      return self._restore_other_layout(abstract_state, metadata, step)
+    self._check_shapes(target, saved, step)
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     items.update(self._data_item(step))
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -148,21 +148,19 @@ class Checkpoints:
   def _data_state(restored):
     return restored['data_pos'] if 'data_pos' in restored else restored.get('data')
 
-  def _restore_other_layout(self, abstract_state, saved, step, target_scanned):
+  def _restore_other_layout(self, abstract_state, metadata, step):
     """Restores a checkpoint of the other layer layout (`scan_layers` switched): read replicated as
-    saved, stacked or unstacked, then placed as `abstract_state` says."""
-    mesh = jax.tree.leaves(abstract_state)[0].sharding.mesh
-    replicated = NamedSharding(mesh, P())
-    metadata = self._manager.item_metadata(step)['state'].tree
+    saved (`metadata`), stacked or unstacked, then placed as `abstract_state` says."""
+    target = _flat_paths(abstract_state)
+    target_scanned = _scanned(target)
+    replicated = NamedSharding(jax.tree.leaves(abstract_state)[0].sharding.mesh, P())
     as_saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), metadata)
     items = {'state': ocp.args.StandardRestore(as_saved), **self._data_item(step)}
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     converted = ocp.tree.to_flat_dict(models.convert_layers(restored['state'], scanned=target_scanned))
-    target = _flat_paths(abstract_state)
     self._check_shapes(target, converted, step)
-    leaves = [converted[path] for path in target]
-    state = jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
-    state = jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), state, abstract_state)
+    placed = [jax.device_put(converted[path].astype(a.dtype), a.sharding) for path, a in target.items()]
+    state = jax.tree.unflatten(jax.tree.structure(abstract_state), placed)
     logging.warning(
       'Restored step %d, saved with %s layers, into %s layers.',
       step,
