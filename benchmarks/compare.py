@@ -25,8 +25,9 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import jax  # noqa: E402
 
 from experiments import bench as bench_configs  # noqa: E402
-from transformer import bench, metrics  # noqa: E402
+from transformer import metrics  # noqa: E402
 from transformer.config import ModelConfig  # noqa: E402
+from transformer.experiment import bench  # noqa: E402
 
 try:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -16,8 +16,8 @@ Variants:
 
 import ml_collections
 
-from transformer.bench import default_bench_config
 from transformer.config import default_model_config, default_train_config, pick_variant
+from transformer.experiment.bench import default_bench_config
 
 _LM = dict(
   kind='decoder_only',

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import tiny
 
-from transformer import bench, decoding, models, summary
+from transformer import decoding, models, summary
 from transformer.config import ConfigError, ModelConfig
+from transformer.experiment import bench
 from transformer.tokens import EOS_ID, PAD_ID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

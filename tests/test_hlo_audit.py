@@ -93,7 +93,7 @@ MESHES = {'data': (8, 1, 1), 'fsdp': (1, 8, 1), 'tensor': (1, 1, 8)}
 def _audit_all():
   """Subprocess body: the audit of every layout x accumulation, as JSON on stdout."""
   from experiments import bench as bench_configs
-  from transformer import bench
+  from transformer.experiment import bench
 
   out, single = {}, None  # the one-device step's matmul FLOPs: the same with or without accumulation
   for layout, mesh in MESHES.items():

@@ -11,8 +11,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import synthetic  # noqa: E402
-from transformer import loop, overrides, workdir  # noqa: E402
+from transformer import loop, workdir  # noqa: E402
 from transformer.config import ConfigError, ModelConfig  # noqa: E402
+from transformer.experiment import overrides  # noqa: E402
 
 CONFIG = 'experiments/synthetic.py:reverse'
 
@@ -168,7 +169,7 @@ def test_resume_refuses_model_and_task_changes_and_allows_more_steps(tmp_path):
 
 def test_a_sweep_file_outside_sweep_mode_is_refused():
   from experiments.ablations import norm
-  from transformer import run
+  from transformer.experiment import run
 
   with pytest.raises(ConfigError, match='This config is a sweep: run it with --mode sweep'):
     run.run(norm.get_config(), 'train', '/nonexistent')

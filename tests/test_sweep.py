@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from transformer import overrides, results, sweep  # noqa: E402
 from transformer.config import ConfigError  # noqa: E402
+from transformer.experiment import overrides, results, sweep  # noqa: E402
 
 BASE = 'experiments/synthetic.py:reverse'
 
@@ -95,6 +95,15 @@ def test_ablation_files_have_the_papers_rows():
   assert table3.sweep.base == 'experiments/translation.py:base' and table3.sweep.metric == 'eval/bleu'
 
 
+def test_a_sweep_base_resolves_from_the_sweep_file_in_any_working_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # 'experiments/text.py' does not exist here: found from the sweep file's folder
+  config = overrides.load_config(os.path.join(ROOT, 'experiments', 'ablations', 'norm.py'))
+  assert config.sweep.base == 'experiments/text.py:tiny'
+  assert config.sweep.base_file == os.path.join(ROOT, 'experiments', 'text.py') + ':tiny'
+  with pytest.raises(ConfigError, match='does not exist'):
+    sweep.sweep_config('experiments/no_such_file.py', sweep.product(d_model=[32]))
+
+
 def test_command_line_may_not_set_what_the_sweep_varies(tmp_path):
   config = sweep.sweep_config(BASE, sweep.product(d_model=[32, 64]))
   with pytest.raises(ConfigError, match='--config.sweep.seeds'):
@@ -105,7 +114,8 @@ def test_command_line_may_not_set_what_the_sweep_varies(tmp_path):
   base = os.path.join(ROOT, 'experiments', 'synthetic.py') + ':reverse'
   assert runs[1].command == [
     sys.executable,
-    sweep.LAUNCH,
+    '-m',
+    'transformer.experiment',
     '--config',
     base,
     '--config.model.d_model=64',
@@ -191,7 +201,7 @@ def test_log_tail_finds_the_error_after_usage_text_and_log_lines(tmp_path):
 # --- a real sweep, end to end
 
 SWEEP_FILE = """
-from transformer import sweep
+from transformer.experiment import sweep
 
 def get_config(arg=None):
   return sweep.sweep_config(

@@ -1,4 +1,4 @@
-"""Multi-host init, the device mesh, logical-axis sharding rules, and the jit / pmap step runners.
+"""The device mesh, logical-axis sharding rules, and the jit / pmap step runners.
 
 `jit`: one SPMD program over a ('data', 'fsdp', 'tensor') mesh. The batch is split over data x fsdp;
 parameters and their optimizer state are sharded by `LOGICAL_RULES`, and so are the activations the model
@@ -10,7 +10,6 @@ index in the global batch (`train.make_train_step`).
 
 import functools
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -47,34 +46,6 @@ LOGICAL_RULES = (
   ('activation_mlp', 'tensor'),
   ('activation_vocab', 'tensor'),
 )
-
-
-def _multi_process_environment() -> bool:
-  """A cluster, with more than one process, that `jax.distributed.initialize()` reads by itself."""
-  env = os.environ
-  if 'SLURM_JOB_ID' in env:
-    return int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1'))) > 1
-  if 'OMPI_COMM_WORLD_SIZE' in env:
-    return int(env['OMPI_COMM_WORLD_SIZE']) > 1
-  # TPU pods on GKE list their workers; multislice has a coordinator. (A TPU VM pod slice works
-  # without initialising: its runtime connects the hosts.)
-  hosts = env.get('TPU_PROCESS_ADDRESSES', env.get('TPU_WORKER_HOSTNAMES', ''))
-  return len([h for h in hosts.split(',') if h.strip()]) > 1 or 'MEGASCALE_COORDINATOR_ADDRESS' in env
-
-
-def initialize_distributed(
-  coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
-) -> None:
-  """Joins a multi-process job: from explicit values, else a detected SLURM / Open MPI / TPU-pod cluster;
-  a no-op for a single process and when already initialized. Call it before anything else uses JAX."""
-  if jax.distributed.is_initialized():
-    return
-  if (coordinator_address, num_processes, process_id) != (None, None, None):
-    jax.distributed.initialize(
-      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    )
-  elif _multi_process_environment():
-    jax.distributed.initialize()
 
 
 def make_mesh(mesh_config) -> Mesh:

@@ -4,8 +4,8 @@ sliding-window attention.
     python launch.py --config experiments/ablations/attention.py --mode sweep --workdir runs/attention
 """
 
-from transformer import sweep
 from transformer.config import pick_variant
+from transformer.experiment import sweep
 
 # size -> (query heads, sliding window in tokens)
 SIZES = {'tiny': (4, 64), 'small': (12, 256)}

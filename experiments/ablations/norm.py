@@ -3,8 +3,8 @@
 python launch.py --config experiments/ablations/norm.py --mode sweep --workdir runs/norm
 """
 
-from transformer import sweep
 from transformer.config import pick_variant
+from transformer.experiment import sweep
 
 
 def get_config(arg=None):

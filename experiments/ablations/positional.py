@@ -4,8 +4,8 @@ python launch.py --config experiments/ablations/positional.py --mode sweep --wor
 python launch.py --config experiments/ablations/positional.py:small ...   # on experiments/text.py:small
 """
 
-from transformer import sweep
 from transformer.config import pick_variant
+from transformer.experiment import sweep
 
 
 def get_config(arg=None):

@@ -8,8 +8,8 @@
 sizes shrink by d_model / 512 (and its depths to a 2-layer base).
 """
 
-from transformer import sweep
 from transformer.config import pick_variant
+from transformer.experiment import sweep
 
 # scale -> (base experiment, d_model, heads, layers, d_ff, the N rows of (C))
 SCALES = {

@@ -14,24 +14,30 @@ import ml_collections
 
 from transformer.config import ConfigError, did_you_mean, flatten
 
-# The repository root: config paths such as 'experiments/text.py:tiny' also resolve from here.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OVERRIDE = re.compile(r'^--?(no)?config\.([^=]+)(?:=(.*))?$', re.DOTALL)
 _TRUE, _FALSE = ('true', 't', '1'), ('false', 'f', '0')  # what absl's boolean parser accepts
 
 
-def resolve_path(path: str) -> str:
-  """`path` as given if it exists, else relative to the repository root (so sweeps run from anywhere)."""
-  if os.path.exists(path) or os.path.isabs(path):
+def resolve_path(path: str, near: str | None = None) -> str:
+  """`path` from the working directory if it is there; else, when `near` (the file naming it, e.g. a sweep
+  file naming its base) is given, from `near`'s folder or the nearest parent folder holding it, so
+  'experiments/text.py' named in experiments/ablations/norm.py is found wherever the command runs."""
+  if os.path.isabs(path) or os.path.exists(path) or near is None:
     return os.path.abspath(path)
-  candidate = os.path.join(ROOT, path)
-  return candidate if os.path.exists(candidate) else os.path.abspath(path)
+  folder = os.path.dirname(os.path.abspath(near))
+  while True:
+    candidate = os.path.join(folder, path)
+    if os.path.exists(candidate):
+      return candidate
+    if os.path.dirname(folder) == folder:
+      return os.path.abspath(path)
+    folder = os.path.dirname(folder)
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """The ConfigDict of `'file.py[:arg]'`, as `--config file.py[:arg]` would load it."""
+def load_config(spec: str, near: str | None = None) -> ml_collections.ConfigDict:
+  """The ConfigDict of `'file.py[:arg]'`, as `--config file.py[:arg]` would load it (`near`: see resolve_path)."""
   path, _, arg = spec.partition(':')
-  path = resolve_path(path)
+  path = resolve_path(path, near)
   if not os.path.isfile(path):
     raise ConfigError(f'Config file {path} does not exist (from {spec!r}).')
   name = 'config_file_' + re.sub(r'\W', '_', os.path.splitext(os.path.basename(path))[0])

@@ -4,7 +4,7 @@ A sweep file is a config file whose `get_config` returns `sweep_config(...)`: th
 config plus a `sweep` section (so `--config.model.d_model=64` on the command line is checked against
 the base experiment and applies to every variant):
 
-    from transformer import sweep
+    from transformer.experiment import sweep
 
     def get_config(arg=None):
       return sweep.sweep_config(
@@ -12,7 +12,8 @@ the base experiment and applies to every variant):
           variants=sweep.product(positional=['sinusoidal', 'learned', 'rope', 'alibi', 'none']),
           seeds=(0, 1, 2), metric='eval/loss')
 
-`run_sweep` runs every variant x seed as its own `launch.py` process in `<workdir>/<variant>/seed<s>`,
+`run_sweep` runs every variant x seed as its own `python -m transformer.experiment` process in
+`<workdir>/<variant>/seed<s>`,
 `parallel` at a time, and writes `results.csv`, `results.md` and `results.png` (see `results.py`).
 Re-running it skips finished runs, resumes interrupted ones from their checkpoints and retries failed
 ones; on a finished sweep it only re-aggregates.
@@ -29,12 +30,11 @@ import time
 
 import ml_collections
 
-from transformer import overrides as overrides_lib
-from transformer import results
 from transformer.config import ConfigError, ModelConfig, did_you_mean, flatten
+from transformer.experiment import overrides as overrides_lib
+from transformer.experiment import results
 from transformer.files import write_atomic
 
-LAUNCH = os.path.join(overrides_lib.ROOT, 'launch.py')
 STATUS_FILE = 'status.json'
 LOG_FILE = 'log.txt'
 # Metrics where larger is better; any other metric is minimised unless the sweep says otherwise.
@@ -87,7 +87,8 @@ def sweep_config(
   to every variant (a variant's own setting wins); change the base only through them, as each run loads the
   base file afresh. Each key is resolved to its full path and its value checked against the base config;
   `higher_is_better` defaults from the metric's name (accuracy, bleu: higher)."""
-  config = overrides_lib.load_config(base)
+  near = sys._getframe(1).f_globals.get('__file__')  # the sweep file: its base resolves from there too
+  config = overrides_lib.load_config(base, near)
   if 'sweep' in config:
     raise ConfigError(f'The base experiment {base!r} is itself a sweep; name an experiment file.')
   if not variants:
@@ -105,6 +106,7 @@ def sweep_config(
   config.sweep = ml_collections.ConfigDict(
     dict(
       base=base,
+      base_file=_resolved_spec(base, near),
       overrides=tuple(common.items()),
       variants=resolved,
       seeds=tuple(int(s) for s in seeds),
@@ -114,6 +116,12 @@ def sweep_config(
     )
   )
   return config
+
+
+def _resolved_spec(spec: str, near: str | None) -> str:
+  """'file.py[:arg]' with the file's absolute path, so the runs find it from any working directory."""
+  path, _, arg = spec.partition(':')
+  return overrides_lib.resolve_path(path, near) + (f':{arg}' if arg else '')
 
 
 def resolve_overrides(config, overrides: dict, name: str = '') -> dict:
@@ -191,7 +199,7 @@ def _split_override(flag: str) -> tuple[str, str]:
 
 def plan(config, workdir: str, overrides=()) -> list[Run]:
   """The sweep's runs: the sweep's common overrides, the variant's, the command line's (all but
-  `sweep.*`), then the seed, as flags to `launch.py`. Every variant's model config is checked here, before
+  `sweep.*`), then the seed, as command-line flags. Every variant's model config is checked here, before
   any process starts."""
   if 'sweep' not in config:
     raise ConfigError(
@@ -206,8 +214,6 @@ def plan(config, workdir: str, overrides=()) -> list[Run]:
       raise ConfigError('The sweep sets config.train.seed for each run: choose seeds with --config.sweep.seeds.')
     if path in varied:
       raise ConfigError(f'{flag} overrides config.{path}, which the sweep varies; drop it or edit the sweep file.')
-  base_path, _, base_arg = spec.base.partition(':')
-  base = overrides_lib.resolve_path(base_path) + (f':{base_arg}' if base_arg else '')
   runs = []
   for v in spec.variants:
     resolved = config.copy_and_resolve_references()
@@ -224,9 +230,10 @@ def plan(config, workdir: str, overrides=()) -> list[Run]:
       directory = os.path.join(workdir, directory_name(v['name']), f'seed{seed}')
       command = [
         sys.executable,
-        LAUNCH,
+        '-m',
+        'transformer.experiment',
         '--config',
-        base,
+        spec.base_file,
         *flags,
         *command_line,
         f'--config.train.seed={seed}',

@@ -65,11 +65,11 @@ def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
 
     return loop.decode_checkpoint(config, workdir)
   if mode == 'sweep':
-    from transformer import sweep
+    from transformer.experiment import sweep
 
     return sweep.run_sweep(config, workdir, overrides)
   if mode == 'bench':
-    from transformer import bench
+    from transformer.experiment import bench
 
     return bench.run_bench(config)
   raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES}.')

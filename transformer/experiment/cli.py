@@ -1,0 +1,77 @@
+"""The command line: flags -> config -> `run.run`. `launch.py` and `python -m transformer.experiment` call `main`.
+
+Light at import: the library loads when a mode runs, so `--help` stays fast."""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from transformer.experiment import run
+from transformer.experiment.run import MODES
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and samples; default runs/<config>-<variant>.')
+_MODE = flags.DEFINE_enum(
+  'mode',
+  'train',
+  list(MODES),
+  'train (resumes), eval / decode (latest checkpoint), sweep, bench.',
+)
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print its parameters, exit.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "Multi-host: this process's index.")
+flags.mark_flags_as_required(['config'])
+
+
+def default_workdir(config_arg: str) -> str:
+  """runs/<config file stem>-<variant>, e.g. runs/translation-tiny."""
+  path, _, variant = config_arg.partition(':')
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join('runs', f'{stem}-{variant}' if variant else stem)
+
+
+def _main(argv):
+  del argv
+  from transformer.config import ConfigError
+
+  config = _CONFIG.value
+  try:
+    if _DRY_RUN.value:
+      logging.set_verbosity(logging.WARNING)  # no backend-discovery chatter around the table
+      print(run.dry_run(config))
+      return
+    from transformer import distributed
+
+    distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
+    run.run(config, _MODE.value, workdir, command_line_overrides())
+  except ConfigError as error:  # a user's mistake: one message, no traceback
+    raise app.UsageError(str(error)) from None
+
+
+def command_line_overrides() -> tuple[str, ...]:
+  """The `--config.*` flags as config_flags parsed them, normalised to `--config.a.b=value`."""
+  from transformer.experiment.overrides import render
+
+  values = flags.FLAGS['config'].override_values
+  return tuple(f'--config.{path}={render(value)}' for path, value in values.items())
+
+
+def parse_flags(argv):
+  """absl's flag parsing, after our check of the `--config.*` overrides: a misspelt key or a value of the
+  wrong type is one message (the nearest valid key, the expected type), not a traceback."""
+  from transformer.config import ConfigError
+  from transformer.experiment import overrides
+
+  try:
+    overrides.check_argv(argv)
+  except ConfigError as error:
+    sys.exit(f'Error: {error}')
+  return app.parse_flags_with_usage(argv)
+
+
+def main():
+  app.run(_main, flags_parser=parse_flags)
