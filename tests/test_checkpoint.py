@@ -4,7 +4,9 @@ Multi-device and multi-process cases run this file as a script in subprocesses (
 the device count must be in XLA_FLAGS before JAX starts.
 """
 
+import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer import models, optim, train
-from transformer.checkpoint import Checkpoints, PreemptionGuard
+from transformer.checkpoint import CheckpointError, Checkpoints, PreemptionGuard
 from transformer.config import default_train_config
 
 CONFIG = {'model': {'d_model': 32}, 'train': {'seed': 0, 'mesh': {'data': -1}}}
@@ -219,6 +221,56 @@ def test_preemption_agrees_across_processes():
   for proc, (out, err) in zip(procs, outputs):
     assert proc.returncode == 0, err[-3000:]
     assert 'should_stop [False, False, True]' in out, out + err[-3000:]
+
+
+def corrupt(step_directory, how):
+  """Damages a saved step as failing disks and interrupted copies do."""
+  state_directory = os.path.join(step_directory, 'state')
+  if how == 'missing_metadata':
+    os.remove(os.path.join(state_directory, '_METADATA'))
+    return
+  biggest = max(glob.glob(os.path.join(state_directory, 'ocdbt.process_*', 'd', '*')), key=os.path.getsize)
+  size = os.path.getsize(biggest)
+  if how == 'truncated':
+    os.truncate(biggest, size // 2)
+  else:  # 'zeros': the right size, the wrong bytes
+    with open(biggest, 'wb') as f:
+      f.write(bytes(size))
+
+
+@pytest.mark.parametrize('how', ['truncated', 'zeros', 'missing_metadata'])
+def test_damaged_latest_step_is_set_aside_and_the_previous_one_restored(state, tmp_path, how, caplog):
+  later = state.replace(step=state.step + 1, params=jax.tree.map(lambda x: x + 1, state.params))
+  with Checkpoints(str(tmp_path), async_save=False) as ckpt:
+    ckpt.save(1, state, data_state={'next_index': 1})
+    ckpt.save(2, later, data_state={'next_index': 2})
+  corrupt(tmp_path / '2', how)
+  with Checkpoints(str(tmp_path)) as ckpt, caplog.at_level(logging.ERROR):
+    restored, data_state = ckpt.restore(abstract(state))
+    assert_bitwise_equal(restored, state)
+    assert data_state == {'next_index': 1}
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1 and ckpt.damaged_steps() == ['2']
+    messages = [r.getMessage() for r in caplog.records if 'damaged' in r.getMessage()]
+    assert len(messages) == 1 and f'step 2 in {tmp_path}' in messages[0]
+    assert f'moved to {tmp_path}/damaged/2' in messages[0]
+    ckpt.save(2, later, data_state={'next_index': 2})  # the step can be saved again
+    restored, data_state = ckpt.restore(abstract(state))
+  assert_bitwise_equal(restored, later)
+  assert data_state == {'next_index': 2}
+  assert sorted(os.listdir(tmp_path / 'damaged' / '2')) == sorted(os.listdir(tmp_path / '2'))  # kept as it was
+
+
+def test_no_complete_step_left_is_a_clear_error_not_a_fresh_start(state, tmp_path):
+  with Checkpoints(str(tmp_path), async_save=False) as ckpt:
+    ckpt.save(3, state)
+  corrupt(tmp_path / '3', 'truncated')
+  expected = rf'No complete checkpoint is left in {tmp_path}: .*steps 3 .*delete {tmp_path}/damaged'
+  with Checkpoints(str(tmp_path)) as ckpt:
+    with pytest.raises(CheckpointError, match=expected):
+      ckpt.restore(abstract(state))
+  with Checkpoints(str(tmp_path)) as ckpt:  # the next run cannot mistake the directory for an empty one
+    with pytest.raises(CheckpointError, match=expected):
+      ckpt.latest_step()
 
 
 if __name__ == '__main__':

@@ -8,15 +8,23 @@ One step's checkpoint is a directory `<directory>/<step>/` with three items:
 The state restores onto any mesh, device or process count, and into either layer layout (scanned or
 unrolled): both compute the same function from the same numbers.
 orbax writes each step into `<step>.orbax-checkpoint-tmp-<timestamp>/` and renames it when complete,
-so a process killed mid-save leaves only a temporary directory, which is never listed as a step.
+so a process killed mid-save leaves only a temporary directory, which is never listed as a step (and is
+deleted when the next run opens the directory).
+
+A complete step that cannot be read (a file cut short or overwritten, a metadata file missing) is moved to
+`<directory>/damaged/<step>/`, kept for inspection, and the restore falls back to the step before it. When
+no complete step is left, the run stops with a message naming the damaged steps: it never quietly starts
+from scratch.
 """
 
 import dataclasses
 import glob
 import json
 import os
+import re
 import signal
-import threading
+import sys
+import time
 
 import jax
 import numpy as np
@@ -27,7 +35,19 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from transformer import models
+from transformer import models, signals
+from transformer.config import ConfigError
+
+DAMAGED = 'damaged'  # sub-folder of the checkpoint directory for steps that could not be restored
+
+
+class CheckpointError(ConfigError):
+  """A problem with the checkpoint directory a user has to resolve (every checkpoint damaged, a save that
+  failed): one message saying what happened and what to do, no traceback."""
+
+
+class IncompatibleCheckpoint(ConfigError):
+  """The checkpoint holds another model (shapes or parameters differ): the config, not the files, is wrong."""
 
 
 class ProcessStateHandler(ocp.CheckpointHandler):
@@ -64,10 +84,20 @@ class ProcessStateHandler(ocp.CheckpointHandler):
     return None
 
   def finalize(self, directory):
-    pass
+    _hold_for_test(directory)
 
   def close(self):
     pass
+
+
+def _hold_for_test(directory) -> None:
+  """Tests of fault tolerance: `TRANSFORMER_TEST_HOLD_SAVE=<step>` holds that step's save open (all its files
+  written under orbax's temporary name, not yet renamed), so a test can kill the process inside the save. This
+  runs in orbax's finalize, on the thread that completes the save, just before the rename."""
+  step = os.environ.get('TRANSFORMER_TEST_HOLD_SAVE')
+  if step and re.search(rf'(^|/){step}\.orbax-checkpoint-tmp', os.fspath(directory)):
+    print(f'Holding the save of step {step} open (TRANSFORMER_TEST_HOLD_SAVE)', file=sys.stderr, flush=True)
+    time.sleep(3600)
 
 
 @ocp.args.register_with_handler(ProcessStateHandler, for_save=True)
@@ -103,18 +133,31 @@ class Checkpoints:
       'config': ocp.JsonCheckpointHandler(),
     }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._saving = None  # the step of the save in flight, named if it fails
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    """The newest complete step; None for a directory without checkpoints. A CheckpointError when only
+    damaged steps are left (see `restore`): a run must not start from scratch over them unasked."""
+    step = self._manager.latest_step()
+    if step is None and self.damaged_steps():
+      raise CheckpointError(self._nothing_left())
+    return step
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
+
+  def damaged_steps(self) -> list[str]:
+    """Names of the folders under `<directory>/damaged/`, oldest first."""
+    directory = epath.Path(self.directory) / DAMAGED
+    return sorted((p.name for p in directory.iterdir()), key=_step_order) if directory.exists() else []
 
   def save(
     self, step: int, state, data_state: dict | None = None, config: dict | None = None, force: bool = False
   ) -> bool:
     """Starts saving `step` and returns once the arrays are copied off the devices (the state may then be
-    donated to the next step); the write itself finishes in the background. False if nothing was saved."""
+    donated to the next step); the write itself finishes in the background. False if nothing was saved.
+    A write that fails (a full or read-only disk), now or in the background, is a CheckpointError naming the
+    step, raised here or by `wait`; the steps saved before it stay intact."""
     step = int(step)
     if step in self._manager.all_steps():  # e.g. the final step coincides with a periodic save
       return False
@@ -123,13 +166,39 @@ class Checkpoints:
       items['data_pos'] = ProcessStateSave(data_state)
     if config is not None:
       items['config'] = ocp.args.JsonSave(config)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._failed_save_is_clear(self._saving):  # the previous save's error surfaces here
+      self._manager.wait_until_finished()
+    self._saving = step
+    with self._failed_save_is_clear(step):
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, abstract_state, step: int | None = None):
     """`(state, data_state)` from `step` (default: the latest). Each array of `abstract_state` (a pytree of
-    `jax.ShapeDtypeStruct`) says via `.sharding` where it goes, so any device count or mesh works."""
-    step = self._existing_step(step)
-    metadata = self._manager.item_metadata(step)['state'].tree
+    `jax.ShapeDtypeStruct`) says via `.sharding` where it goes, so any device count or mesh works.
+
+    Without `step`, a latest step that cannot be read is moved to `<directory>/damaged/<step>` with one
+    message naming it, and the step before it is tried; when none is left, a CheckpointError. Every process
+    must call this (multi-process runs agree on which steps are damaged; process 0 moves them)."""
+    if step is not None:
+      return self._restore_step(abstract_state, self._existing_step(step))
+    while True:
+      step = self._existing_step(None)
+      restored, error = None, None
+      try:
+        restored = self._restore_step(abstract_state, step)
+      except (ConfigError, MemoryError):  # another model, or too big for this host: not the files' fault
+        raise
+      except Exception as e:  # noqa: BLE001 -- whatever a damaged file makes orbax or tensorstore raise
+        error = e
+      if not _on_any_process(error is not None):
+        return restored
+      self._set_aside(step, error)
+
+  def _restore_step(self, abstract_state, step):
+    metadata = self._manager.item_metadata(step)['state']
+    if metadata is None:  # orbax found no readable metadata for the item
+      raise FileNotFoundError('the metadata of the state (state/_METADATA) is missing or unreadable')
+    metadata = metadata.tree
     saved, target = ocp.tree.to_flat_dict(metadata), _flat_paths(abstract_state)
     if _scanned(target) != _scanned(saved):  # the other layer layout: restore as saved, then convert
       return self._restore_other_layout(abstract_state, metadata, step)
@@ -138,6 +207,44 @@ class Checkpoints:
     items.update(self._data_item(step))
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored['state'], self._data_state(restored)
+
+  def _set_aside(self, step: int, error: Exception | None) -> None:
+    """Moves the damaged `step` to `damaged/<step>` (process 0; the others wait), and forgets it."""
+    if jax.process_index() == 0:
+      target = self._damaged_path(step)
+      reason = _reason(error) if error is not None else 'unreadable on another process'
+      logging.error(
+        'The checkpoint of step %d in %s is damaged (%s): moved to %s, falling back to the step before it.',
+        step,
+        self.directory,
+        reason,
+        target,
+      )
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
+    self._manager.reload()
+
+  def _damaged_path(self, step: int) -> epath.Path:
+    """`damaged/<step>`, or `damaged/<step>.<n>` when that step was set aside before."""
+    directory = epath.Path(self.directory) / DAMAGED
+    target, n = directory / str(step), 1
+    while target.exists():
+      target, n = directory / f'{step}.{n}', n + 1
+    return target
+
+  def _nothing_left(self) -> str:
+    damaged = ', '.join(self.damaged_steps())
+    where = os.path.join(self.directory, DAMAGED)
+    return (
+      f'No complete checkpoint is left in {self.directory}: the checkpoints of steps {damaged} are damaged and '
+      f'were moved to {where} (kept for inspection). To train from scratch, delete {where} or use a new '
+      f'--workdir; to try one again, move it back to {self.directory}/<step>.'
+    )
+
+  def _failed_save_is_clear(self, step):
+    return _SaveErrors(self, step)
 
   def _data_item(self, step):
     if self._has_item(step, 'data_pos'):
@@ -170,7 +277,8 @@ class Checkpoints:
     return state, self._data_state(restored)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._failed_save_is_clear(self._saving):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
@@ -185,6 +293,8 @@ class Checkpoints:
     self.wait()  # a save still in flight is not listed yet
     steps = self.all_steps()
     if step is None:
+      if not steps and self.damaged_steps():
+        raise CheckpointError(self._nothing_left())
       if not steps:
         raise FileNotFoundError(
           f'No checkpoint in {self.directory}: train first, or pass the workdir that holds checkpoints/.'
@@ -207,15 +317,69 @@ class Checkpoints:
     for path in sorted(target, key=lambda path: path[0] != 'params'):  # name a parameter before its Adam moment
       leaf = target[path]
       if path not in saved:
-        raise ValueError(f'{_name(path)} is not in {where}. {hint}')
+        raise IncompatibleCheckpoint(f'{_name(path)} is not in {where}. {hint}')
       if tuple(saved[path].shape) != tuple(leaf.shape):
-        raise ValueError(
+        raise IncompatibleCheckpoint(
           f'{_name(path)} has shape {tuple(saved[path].shape)} in {where} but '
           f'{tuple(leaf.shape)} in the model being restored. {hint}'
         )
     extra = [path for path in saved if path not in target]
     if extra:
-      raise ValueError(f'{_name(extra[0])} is in {where} but not in the model being restored. {hint}')
+      raise IncompatibleCheckpoint(f'{_name(extra[0])} is in {where} but not in the model being restored. {hint}')
+
+
+class _SaveErrors:
+  """Turns a failed checkpoint write of `step` (a disk full or read-only, seen in orbax's or tensorstore's
+  own exception types) into one CheckpointError; other errors pass unchanged."""
+
+  def __init__(self, checkpoints: Checkpoints, step: int | None):
+    self.checkpoints, self.step = checkpoints, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    if error is None or isinstance(error, ConfigError) or not _is_storage_error(error):
+      return False
+    self.checkpoints._saving = None  # reported once
+    saved = self.checkpoints.all_steps()
+    kept = f'the checkpoint of step {saved[-1]} is intact' if saved else 'no earlier checkpoint exists'
+    raise CheckpointError(
+      f'Saving the checkpoint of step {self.step} to {self.checkpoints.directory} failed ({_reason(error)}); '
+      f'{kept}. Free space there (or make it writable) and re-run to resume, or choose another --workdir.'
+    ) from None
+
+
+_STORAGE_ERRORS = ('No space left', 'Read-only file system', 'Permission denied', 'Disk quota exceeded')
+
+
+def _is_storage_error(error: BaseException) -> bool:
+  return any(isinstance(e, OSError) or any(s in str(e) for s in _STORAGE_ERRORS) for e in _chain(error))
+
+
+def _chain(error: BaseException):
+  """`error` and the exceptions it was raised from, outermost first."""
+  seen = []
+  while error is not None and error not in seen:
+    seen.append(error)
+    error = error.__cause__ or error.__context__
+  return seen
+
+
+def _reason(error: BaseException, limit: int = 300) -> str:
+  """The innermost cause's first line (tensorstore's own words, e.g. OUT_OF_RANGE: ... byte range ...)."""
+  text = str(_chain(error)[-1]).strip().splitlines() or [type(error).__name__]
+  return text[0] if len(text[0]) <= limit else text[0][:limit] + '...'
+
+
+def _step_order(name: str):
+  head = name.split('.')[0]
+  return (int(head) if head.isdigit() else -1, name)
+
+
+def size_bytes(abstract_state) -> int:
+  """Bytes of the arrays of a state (`jax.ShapeDtypeStruct`s or arrays): what one checkpoint of it holds."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state))
 
 
 def _name(path):
@@ -233,42 +397,37 @@ def _scanned(flat: dict) -> bool:
   return any('layers' in path for path in flat)
 
 
-class PreemptionGuard:
+class PreemptionGuard(signals.Guard):
   """Context manager: while active, SIGTERM (and SIGINT) set `requested` instead of killing the process,
   so the loop can save a checkpoint and exit cleanly. A second SIGINT falls through to the old handler
   (Ctrl-C twice still stops a stuck run). Restores the previous handlers on exit.
 
-  Multi-process runs: call `should_stop(step)` on every process at every step. Every `sync_every` steps it
-  all-gathers the flags, so all processes stop at the same step even if only some received the signal;
-  between syncs it returns False, as a process that stopped alone would hang the others' collectives.
+  Multi-process runs: call `should_stop(step)` on every process at every step. Every `sync_every` steps (and
+  whenever the caller passes `sync=True` on every process, e.g. right after an eval) it all-gathers the flags,
+  so all processes stop at the same step even if only some received the signal; between syncs it returns
+  False, as a process that stopped alone would hang the others' collectives.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, sync_every: int = 10):
-    self.requested = False
+    super().__init__(self.SIGNALS)
     self.sync_every = sync_every
-    self._previous = {}
 
-  def _handle(self, signum, frame):
-    if signum == signal.SIGINT and self.requested and callable(self._previous.get(signum)):
-      self._previous[signum](signum, frame)
-    self.requested = True
+  @property
+  def requested(self) -> bool:
+    return self.received is not None
 
-  def __enter__(self):
-    # Python only lets the main thread install handlers; elsewhere the guard is a no-op flag.
-    if threading.current_thread() is threading.main_thread():
-      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-    return self
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
-
-  def should_stop(self, step: int | None = None) -> bool:
+  def should_stop(self, step: int | None = None, sync: bool = False) -> bool:
     if jax.process_count() == 1:
       return self.requested
-    if step is not None and int(step) % self.sync_every:
+    if not sync and step is not None and int(step) % self.sync_every:
       return False
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+    return _on_any_process(self.requested)
+
+
+def _on_any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process; every process must call it (a collective)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
