@@ -1,5 +1,7 @@
 """Sweeps: expanding override sets, every ablation file against its base, the process runner (failures,
-signals) with stand-in children, and a real 2-variant x 2-seed sweep: a failure, a resume, re-aggregation."""
+NaN losses, stalls, signals, what a re-run retries) with stand-in children, the results table's counts, a
+real 2-variant x 2-seed sweep (a failure, a resume, re-aggregation) and a real sweep stopped by SIGTERM then
+re-run, where one variant crashes, one diverges and one stalls while the others finish."""
 
 import csv
 import glob
@@ -139,12 +141,55 @@ CRASH = 'import sys; print("step 1"); raise ValueError("boom at step 2")'
 STOPS_EARLY = 'print("Stopped by a signal at step 3; checkpoint saved.")'
 
 
-def test_runner_records_done_failed_and_stopped_runs(tmp_path):
-  runs = [fake_run(tmp_path, 'ok', FINISH), fake_run(tmp_path, 'bad', CRASH), fake_run(tmp_path, 'early', STOPS_EARLY)]
-  assert sweep.execute(runs, parallel=2, poll_seconds=0.01) is None
+# What a run whose loss became NaN prints last (transformer.loop.NonFiniteLoss through Python's traceback).
+DIVERGES = """
+import sys
+print('step 1/20  loss 9.1')
+sys.exit('Traceback (most recent call last):\\n  File "loop.py", line 1, in <module>\\n'
+         'transformer.loop.NonFiniteLoss: The training loss became nan at step 3: lower config.train.learning_rate.')
+"""
+# Logs a step, then hangs with its output still going (as a run retrying a lost connection would).
+HANGS = """
+import os, sys, time
+open(os.path.join(sys.argv[1], 'metrics.jsonl'), 'a').write('{"step": 7, "train/loss": 2.5}\\n')
+while True:
+  print('W1201 waiting for the coordinator', flush=True)
+  time.sleep(0.2)
+"""
+# Logs a step every 0.25 s for 3 s (longer than the stall timeout of the test, shorter between steps): finishes.
+SLOW_STEPS = """
+import os, sys, time
+for step in range(12):
+  open(os.path.join(sys.argv[1], 'metrics.jsonl'), 'a').write('{"step": %d}\\n' % step)
+  time.sleep(0.25)
+os.makedirs(os.path.join(sys.argv[1], 'checkpoints', sys.argv[2]))
+"""
+
+
+def test_runner_records_finished_failed_interrupted_diverged_and_stalled_runs(tmp_path):
+  names_scripts = [
+    ('ok', FINISH),
+    ('bad', CRASH),
+    ('early', STOPS_EARLY),
+    ('nan', DIVERGES),
+    ('hangs', HANGS),
+    ('slow', SLOW_STEPS),
+  ]
+  runs = [fake_run(tmp_path, name, script) for name, script in names_scripts]
+  start = time.time()
+  assert sweep.execute(runs, parallel=6, poll_seconds=0.01, stall_timeout=2) is None
+  assert time.time() - start < 30  # the hung run was killed, not waited for
   statuses = [run.status() for run in runs]
-  assert [s['status'] for s in statuses] == ['done', 'failed', 'stopped']
+  assert [s['status'] for s in statuses] == ['finished', 'failed', 'interrupted', 'diverged', 'stalled', 'finished']
   assert statuses[1]['error'] == 'ValueError: boom at step 2' and statuses[1]['returncode'] == 1
+  assert statuses[3]['error'].startswith('transformer.loop.NonFiniteLoss: The training loss became nan at step 3')
+  assert statuses[4]['returncode'] == -signal.SIGKILL
+  assert statuses[4]['error'].startswith(
+    'No new step or checkpoint for 2 s (after step 7): killed as stalled. If a step, an eval or the start can '
+    'take that long, raise config.sweep.stall_timeout (0 disables the check).\nLast lines of its log:\n'
+  )
+  assert statuses[4]['error'].endswith('W1201 waiting for the coordinator')  # the raw log, absl lines included
+  assert 'killed as stalled' in open(os.path.join(runs[4].directory, 'log.txt')).read()
   assert 'trained' in open(os.path.join(runs[0].directory, 'log.txt')).read()
   assert runs[0].finished() and not runs[1].finished() and not runs[2].finished()
   first_wall = statuses[2]['wall_s']
@@ -181,7 +226,7 @@ def test_sigterm_to_the_sweep_is_forwarded_and_stops_new_launches(tmp_path):
   assert time.time() - start < 30  # the children stopped when told, not after their 60 s sleep
   for run in runs[:2]:
     assert os.path.exists(os.path.join(run.directory, 'got_SIGTERM'))
-    assert run.status()['status'] == 'stopped'
+    assert run.status()['status'] == 'interrupted'
   assert not os.path.exists(runs[2].directory)  # never started
   assert signal.getsignal(signal.SIGTERM) == before  # the sweep's handler is gone again
 
@@ -256,14 +301,14 @@ def test_sweep_end_to_end_with_a_failure_a_resume_and_re_aggregation(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   rows = list(csv.DictReader(open(os.path.join(workdir, 'results.csv'))))
   assert [(r['variant'], r['seed'], r['status']) for r in rows] == [
-    ('min_len=4', '0', 'done'),
-    ('min_len=4', '1', 'done'),
-    ('min_len=6', '0', 'done'),
+    ('min_len=4', '0', 'finished'),
+    ('min_len=4', '1', 'finished'),
+    ('min_len=6', '0', 'finished'),
     ('min_len=6', '1', 'failed'),
-    ('min_len=4', 'mean', '2/2 done'),
-    ('min_len=4', 'std', '2/2 done'),
-    ('min_len=6', 'mean', '1/2 done'),
-    ('min_len=6', 'std', '1/2 done'),
+    ('min_len=4', 'mean', '2/2'),
+    ('min_len=4', 'std', '2/2'),
+    ('min_len=6', 'mean', '1/2 (1 failed)'),
+    ('min_len=6', 'std', '1/2 (1 failed)'),
   ]
   assert rows[3]['error'].startswith(f'Cannot resume {broken} with this config')
   assert ' / config.model.d_model: 64 -> 32 / Use a new --workdir' in rows[3]['error'].replace('  ', '')
@@ -277,7 +322,7 @@ def test_sweep_end_to_end_with_a_failure_a_resume_and_re_aggregation(tmp_path):
   assert rows[0]['steps'] == '20.0' and float(rows[0]['params']) > 0 and float(rows[0]['tokens/s']) > 0
   assert float(rows[0]['wall s']) > 0
   assert os.path.getsize(os.path.join(workdir, 'results.png')) > 10_000
-  assert 'min_len=6 | 1/2' in open(os.path.join(workdir, 'results.md')).read()
+  assert 'min_len=6 | 1/2 (1 failed)' in open(os.path.join(workdir, 'results.md')).read()
 
   # Re-run after removing the stale workdir: only the failed run runs again.
   finished = [os.path.join(workdir, v, f'seed{s}') for v, s in [('min_len=4', 0), ('min_len=4', 1), ('min_len=6', 0)]]
@@ -295,7 +340,7 @@ def test_sweep_end_to_end_with_a_failure_a_resume_and_re_aggregation(tmp_path):
     d: [os.path.getmtime(os.path.join(d, f)) for f in ('metrics.jsonl', 'status.json', 'log.txt')] for d in finished
   } == stamps
   rows = list(csv.DictReader(open(os.path.join(workdir, 'results.csv'))))
-  assert [r['status'] for r in rows[:4]] == ['done'] * 4 and rows[6]['status'] == '2/2 done'
+  assert [r['status'] for r in rows[:4]] == ['finished'] * 4 and rows[6]['status'] == '2/2'
 
   # A finished sweep only re-aggregates: nothing starts, the table is written again.
   results_time = os.path.getmtime(os.path.join(workdir, 'results.csv'))
@@ -304,3 +349,171 @@ def test_sweep_end_to_end_with_a_failure_a_resume_and_re_aggregation(tmp_path):
   assert 'all 4 runs finished: aggregating only' in third.stdout and '[sweep] started' not in third.stdout
   assert os.path.getmtime(os.path.join(workdir, 'results.csv')) > results_time
   assert all(json.load(open(os.path.join(d, 'status.json')))['attempts'] == 1 for d in finished)
+
+
+def test_a_re_run_resumes_and_retries_failed_and_stalled_runs_and_diverged_ones_when_asked(tmp_path):
+  runs = [fake_run(tmp_path, name, FINISH) for name in sweep.results.STATUSES]
+  for run in runs:
+    if run.variant != 'queued':  # a queued run has no status.json yet
+      os.makedirs(run.directory)
+      run.write_status(status=run.variant, num_steps=run.num_steps)
+
+  def to_run(retry):
+    return [run.variant for run in runs if run.to_run(sweep.check_retry(retry))]
+
+  assert sweep.results.STATUSES == ('finished', 'interrupted', 'failed', 'stalled', 'diverged', 'running', 'queued')
+  assert to_run('failed,stalled') == ['interrupted', 'failed', 'stalled', 'running', 'queued']  # the default
+  assert to_run('all') == ['interrupted', 'failed', 'stalled', 'diverged', 'running', 'queued']
+  assert to_run(' diverged ') == ['interrupted', 'diverged', 'running', 'queued']
+  assert to_run('') == ['interrupted', 'running', 'queued']
+  runs[0].write_status(status='finished', num_steps=runs[0].num_steps + 10)  # --config.train.num_steps raised
+  assert to_run('')[0] == 'finished'
+  with pytest.raises(ConfigError) as error:
+    sweep.check_retry('failed,diverge')
+  assert str(error.value) == (
+    "config.sweep.retry='failed,diverge': 'diverge' (did you mean 'diverged'?) is not an outcome to retry; "
+    'name some of failed, stalled, diverged (comma-separated), or all.'
+  )
+  config = sweep.sweep_config(BASE, sweep.variant('a'))
+  assert (config.sweep.stall_timeout, config.sweep.retry) == (1800.0, 'failed,stalled')
+  config.sweep.retry = 'finished'  # as --config.sweep.retry=finished would: refused before anything starts
+  with pytest.raises(ConfigError, match="config.sweep.retry='finished': 'finished' is not an outcome to retry"):
+    sweep.plan(config, str(tmp_path))
+  config.sweep.retry, config.sweep.stall_timeout = 'all', -1.0
+  with pytest.raises(ConfigError, match=r'config.sweep.stall_timeout=-1 must be >= 0 seconds \(0: never\)'):
+    sweep.plan(config, str(tmp_path))
+
+
+def fake_finished_run(tmp_path, variant, seed, status, losses):
+  run = sweep.Run(variant, seed, str(tmp_path / variant / f'seed{seed}'), [], 20)
+  os.makedirs(run.directory)
+  run.write_status(status=status, num_steps=20, wall_s=10.0 + seed)
+  with open(os.path.join(run.directory, 'metrics.jsonl'), 'w') as f:
+    for step, loss in zip((10, 20), losses):
+      f.write(json.dumps({'step': step, 'eval/loss': loss}) + '\n')
+  return run
+
+
+def test_results_count_unfinished_runs_beside_means_over_the_finished_ones(tmp_path):
+  nan = float('nan')
+  runs = [
+    fake_finished_run(tmp_path, 'a', 0, 'finished', [3.0, 1.0]),
+    fake_finished_run(tmp_path, 'a', 1, 'finished', [4.0, 3.0]),
+    fake_finished_run(tmp_path, 'a', 2, 'diverged', [5.0, nan]),  # averaged in, the mean would be NaN
+    fake_finished_run(tmp_path, 'b', 0, 'finished', [2.0, 0.5]),
+    fake_finished_run(tmp_path, 'b', 1, 'stalled', [1.0]),  # averaged in, the best would be 0.75
+    fake_finished_run(tmp_path, 'b', 2, 'failed', []),
+    fake_finished_run(tmp_path, 'c', 0, 'interrupted', [9.0]),
+  ]
+  rows = results.write_results(str(tmp_path), runs, 'eval/loss', higher_is_better=False)
+  assert [row['status'] for row in rows] == ['finished'] * 2 + ['diverged', 'finished', 'stalled', 'failed'] + [
+    'interrupted'
+  ]
+  table = list(csv.DictReader(open(tmp_path / 'results.csv')))
+  summary = {(r['variant'], r['seed']): r for r in table[len(runs) :]}
+  assert [(key, r['status']) for key, r in summary.items()] == [
+    (('a', 'mean'), '2/3 (1 diverged)'),
+    (('a', 'std'), '2/3 (1 diverged)'),
+    (('b', 'mean'), '1/3 (1 failed, 1 stalled)'),
+    (('b', 'std'), '1/3 (1 failed, 1 stalled)'),
+    (('c', 'mean'), '0/1 (1 interrupted)'),
+    (('c', 'std'), '0/1 (1 interrupted)'),
+  ]
+  assert float(summary['a', 'mean']['final eval/loss']) == np.mean([1.0, 3.0])
+  assert float(summary['a', 'std']['final eval/loss']) == np.std([1.0, 3.0], ddof=1)
+  assert float(summary['a', 'mean']['wall s']) == np.mean([10.0, 11.0])
+  assert float(summary['b', 'mean']['final eval/loss']) == 0.5 and float(summary['b', 'mean']['best eval/loss']) == 0.5
+  assert summary['c', 'mean']['final eval/loss'] == ''  # no finished run: no number
+  markdown = open(tmp_path / 'results.md').read()
+  assert '| a | 2/3 (1 diverged) | 2 ± 1.414 | 2 ± 1.414 |' in markdown
+  assert '| b | 1/3 (1 failed, 1 stalled) | **0.5** | 0.5 |' in markdown
+  assert '| c | 0/1 (1 interrupted) | - | - |' in markdown
+
+
+# --- a real sweep with faults, stopped by SIGTERM and resumed
+
+FAULTS_SWEEP_FILE = """
+from transformer.experiment import sweep
+
+def get_config(arg=None):
+  return sweep.sweep_config(
+      base='experiments/synthetic.py:reverse',
+      # 'resumed' and 'reference' differ only in when they save: equal losses. 'stalls' is frozen by the test.
+      variants=(sweep.variant('resumed') + sweep.variant('stalls', checkpoint_every=5)
+                + sweep.variant('reference', checkpoint_every=20)
+                + sweep.variant('crashes', grad_accum_steps=3)  # batch_size 8: refused when the run starts
+                + sweep.variant('diverges', learning_rate=1e9)),
+      parallel=2, stall_timeout=STALL_TIMEOUT,
+      overrides=dict(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                     eval_every=10, log_every=5, checkpoint_every=10, batch_size=8, num_eval=16,
+                     seq_len=12, num_samples=0, num_steps=20, **{'data.max_len': 8}))
+"""
+# Longer than a healthy tiny run's longest silence (its start: imports and the first compile) on a loaded CI machine.
+STALL_TIMEOUT = 60
+
+
+def wait_for(condition, what, timeout=300):
+  deadline = time.time() + timeout
+  while not condition():
+    assert time.time() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.02)
+
+
+def test_sweep_survives_sigterm_crash_nan_and_stall_and_resumes_to_the_uninterrupted_losses(tmp_path):
+  sweep_file, workdir = str(tmp_path / 'faults.py'), str(tmp_path / 'sweep')
+  with open(sweep_file, 'w') as f:
+    f.write(FAULTS_SWEEP_FILE.replace('STALL_TIMEOUT', str(STALL_TIMEOUT)))
+  command = [sys.executable, 'launch.py', '--config', sweep_file, '--mode', 'sweep', '--workdir', workdir]
+  run_dir = {name: os.path.join(workdir, name, 'seed0') for name in ('resumed', 'stalls', 'reference')}
+
+  # 1. SIGTERM once 'resumed' (alone: one at a time) has logged a step; its eval at step 10 holds it long
+  # enough for the signal to land before its end.
+  first = subprocess.Popen([*command, '--config.sweep.parallel=1'], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  metrics = os.path.join(run_dir['resumed'], 'metrics.jsonl')
+  wait_for(lambda: os.path.exists(metrics) and 'train/loss' in open(metrics).read(), 'a logged step')
+  first.send_signal(signal.SIGTERM)
+  out, _ = first.communicate(timeout=300)
+  assert first.returncode == 0, out
+  assert '[sweep] stopped by SIGTERM: re-run the same command to resume.' in out
+  assert [r['status'] for r in csv.DictReader(open(os.path.join(workdir, 'results.csv')))][:5] == [
+    'interrupted',
+    *['queued'] * 4,
+  ]
+  saved = [int(step) for step in os.listdir(os.path.join(run_dir['resumed'], 'checkpoints')) if step.isdigit()]
+  assert saved and max(saved) < 20  # it saved where it stopped
+
+  # 2. The same command again: 'resumed' resumes, 'stalls' hangs (frozen) and is killed, the others end.
+  second = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  status_file = os.path.join(run_dir['stalls'], 'status.json')
+  wait_for(lambda: os.path.exists(status_file) and 'pid' in json.load(open(status_file)), 'the run to freeze')
+  frozen = json.load(open(status_file))['pid']
+  try:
+    os.kill(frozen, signal.SIGSTOP)
+    out, _ = second.communicate(timeout=600)
+  finally:
+    try:  # never leave a stopped process behind, whatever failed
+      os.kill(frozen, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  assert second.returncode == 0, out
+  rows = list(csv.DictReader(open(os.path.join(workdir, 'results.csv'))))
+  assert [(r['variant'], r['status']) for r in rows] == [
+    ('resumed', 'finished'),
+    ('stalls', 'stalled'),
+    ('reference', 'finished'),
+    ('crashes', 'failed'),
+    ('diverges', 'diverged'),
+    *[(v, s) for v, s in [('resumed', '1/1'), ('stalls', '0/1 (1 stalled)'), ('reference', '1/1')] for _ in '..'],
+    *[(v, s) for v, s in [('crashes', '0/1 (1 failed)'), ('diverges', '0/1 (1 diverged)')] for _ in '..'],
+  ]
+  errors = {r['variant']: r['error'] for r in rows[:5]}
+  assert errors['stalls'].startswith(f'No new step or checkpoint for {STALL_TIMEOUT} s (before its first step)')
+  assert 'config.train.batch_size=8 must be divisible by' in errors['crashes']
+  assert errors['diverges'].startswith('transformer.loop.NonFiniteLoss: The training loss became nan at step')
+  assert '| diverges | 0/1 (1 diverged) |' in open(os.path.join(workdir, 'results.md')).read()
+  assert json.load(open(os.path.join(run_dir['resumed'], 'status.json')))['attempts'] == 2
+  evals = {
+    name: {step: v['eval/loss'] for step, v in results.read_metrics(run_dir[name]).items() if 'eval/loss' in v}
+    for name in ('resumed', 'reference')
+  }
+  assert list(evals['reference']) == [10, 20] and evals['resumed'] == evals['reference']

@@ -1,5 +1,6 @@
 """A sweep's results: one row per run from its metrics.jsonl, status.json and config.json, mean ± std per
-variant, written as results.csv, results.md and results.png."""
+variant over its finished runs with the count of the others beside it ("2/3 (1 diverged)"), written as
+results.csv, results.md and results.png. Also the run status vocabulary every executor writes."""
 
 import csv
 import functools
@@ -9,6 +10,17 @@ import os
 import re
 
 import numpy as np
+
+# A run's status (the 'status' of its status.json). Every executor writes these and only these.
+QUEUED = 'queued'  # planned, not started yet (no status.json), or waiting in a scheduler's queue
+RUNNING = 'running'
+FINISHED = 'finished'  # exited 0 with its last checkpoint saved
+INTERRUPTED = 'interrupted'  # stopped by a signal (state saved): resumes from its checkpoint on a re-run
+FAILED = 'failed'  # exited with an error: retried on a re-run
+STALLED = 'stalled'  # no progress for config.sweep.stall_timeout seconds, killed: retried on a re-run
+DIVERGED = 'diverged'  # the training loss became NaN or infinite: retried only if config.sweep.retry says so
+STATUSES = (FINISHED, INTERRUPTED, FAILED, STALLED, DIVERGED, RUNNING, QUEUED)  # the tables' order
+PROBLEMS = (FAILED, STALLED, DIVERGED)  # the outcomes config.sweep.retry chooses from
 
 _LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')  # absl's log lines: never the error itself
 _NUMERIC = ('steps', 'final', 'best', 'params', 'tokens/s', 'wall s')
@@ -51,6 +63,15 @@ def log_tail(path: str, max_lines: int = 12) -> str:
   return '\n'.join(paragraph)
 
 
+def last_lines(path: str, max_lines: int = 6) -> str:
+  """The last non-empty lines of a run's log as written, absl lines included: what a stalled run said last."""
+  if not os.path.exists(path):
+    return ''
+  with open(path, errors='replace') as f:
+    lines = [line.split('\r')[-1].rstrip() for line in f.read().split('\n=== ')[-1].splitlines()[1:]]
+  return '\n'.join([line for line in lines if line][-max_lines:])
+
+
 @functools.lru_cache(maxsize=None)
 def _count_params(model_json: str) -> int:
   import jax  # noqa: PLC0415 -- only when a table is made
@@ -86,7 +107,7 @@ def run_row(run, metric: str, higher_is_better: bool) -> dict:
   row = {
     'variant': run.variant,
     'seed': run.seed,
-    'status': status.get('status', 'pending'),
+    'status': status.get('status', QUEUED),
     'steps': float(max(records)) if records else math.nan,
     'final': series[-1] if series else math.nan,
     'best': (max(series) if higher_is_better else min(series)) if series else math.nan,
@@ -104,19 +125,28 @@ def run_row(run, metric: str, higher_is_better: bool) -> dict:
 
 def summarize(rows: list[dict]) -> list[dict]:
   """Per variant, in order of appearance: mean and std (numpy, ddof=1: the seeds are a sample; 0 for one
-  seed) of every numeric column over the variant's finished runs."""
+  seed) of every numeric column over the variant's finished runs only, and how many runs ended how."""
   summaries = []
   for name in dict.fromkeys(row['variant'] for row in rows):
     mine = [row for row in rows if row['variant'] == name]
-    done = [row for row in mine if row['status'] == 'done']
+    done = [row for row in mine if row['status'] == FINISHED]
     numeric = [key for key in mine[0] if key in _NUMERIC or key.startswith('final ')]
     mean, std = {}, {}
     for key in numeric:
       values = np.array([row.get(key, math.nan) for row in done], dtype=float)
       mean[key] = float(np.mean(values)) if len(values) else math.nan
       std[key] = float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if len(values) else math.nan)
-    summaries.append({'variant': name, 'done': len(done), 'runs': len(mine), 'mean': mean, 'std': std})
+    counts = {status: sum(row['status'] == status for row in mine) for status in STATUSES}
+    summaries.append(
+      {'variant': name, 'done': len(done), 'runs': len(mine), 'counts': counts, 'mean': mean, 'std': std}
+    )
   return summaries
+
+
+def count_text(summary: dict) -> str:
+  """'2/3 (1 diverged)': the finished runs the means are over, of all, and how the others ended."""
+  others = [f'{n} {status}' for status, n in summary['counts'].items() if n and status != FINISHED]
+  return f'{summary["done"]}/{summary["runs"]}' + (f' ({", ".join(others)})' if others else '')
 
 
 def write_results(workdir: str, runs, metric: str, higher_is_better: bool) -> list[dict]:
@@ -153,7 +183,7 @@ def _write_csv(path, rows, summaries, metric):
           **values,
           'variant': summary['variant'],
           'seed': stat,
-          'status': f'{summary["done"]}/{summary["runs"]} done',
+          'status': count_text(summary),
           'error': '',
         }
         writer.writerow([_csv_value(line.get(key, '')) for key in keys])
@@ -180,17 +210,18 @@ def _markdown(rows, summaries, metric, higher_is_better) -> str:
   finals = [s['mean']['final'] for s in summaries if not math.isnan(s['mean']['final'])]
   best = (max if higher_is_better else min)(finals) if finals else None
   summary_keys = ['final', 'best', 'params', 'tokens/s', 'wall s']
-  header = ['variant', 'runs done', f'final {metric}', f'best {metric}', 'params', 'tokens/s', 'wall s']
+  header = ['variant', 'finished', f'final {metric}', f'best {metric}', 'params', 'tokens/s', 'wall s']
   lines = [
     f'# Sweep results: {metric} ({goal} is better)',
     '',
-    'Mean ± std over seeds (finished runs only).',
+    'Mean ± std over the finished runs of each variant; failed, stalled, diverged or unfinished runs are '
+    'counted beside them, never averaged in (their rows and errors are under Runs).',
     '',
     '| ' + ' | '.join(header) + ' |',
     '|' + '---|' * len(header),
   ]
   for s in summaries:
-    cells = [_cell(s['variant']), f'{s["done"]}/{s["runs"]}']
+    cells = [_cell(s['variant']), count_text(s)]
     for key in summary_keys:
       text = _fmt(key, s['mean'][key])
       if s['done'] > 1 and key in ('final', 'best', 'tokens/s', 'wall s'):
@@ -229,7 +260,7 @@ def plot(path: str, runs, rows, summaries, metric: str) -> None:
     series = [
       {step: v[metric] for step, v in read_metrics(run.directory).items() if metric in v}
       for run, row in zip(runs, rows)
-      if row['variant'] == name and row['status'] == 'done'
+      if row['variant'] == name and row['status'] == FINISHED
     ]
     series = [s for s in series if s]
     if series:

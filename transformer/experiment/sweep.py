@@ -15,14 +15,18 @@ the base experiment and applies to every variant):
 `run_sweep` runs every variant x seed as its own `python -m transformer.experiment` process in
 `<workdir>/<variant>/seed<s>`,
 `parallel` at a time, and writes `results.csv`, `results.md` and `results.png` (see `results.py`).
-Re-running it skips finished runs, resumes interrupted ones from their checkpoints and retries failed
-ones; on a finished sweep it only re-aggregates.
+Each run ends finished, interrupted (a signal: it saved and exited), failed (an error), stalled (no new
+step or checkpoint for `stall_timeout` seconds: the sweep killed it) or diverged (a NaN or infinite loss);
+one run's fault never stops the others. Re-running the sweep skips finished runs, resumes interrupted
+ones from their checkpoints and retries the outcomes named by `retry` (default failed and stalled, not
+diverged: `--config.sweep.retry=all` retries those too); on a finished sweep it only re-aggregates.
 """
 
 import dataclasses
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -82,11 +86,15 @@ def sweep_config(
   metric: str = 'eval/loss',
   higher_is_better: bool | None = None,
   overrides: dict | None = None,
+  stall_timeout: float = 1800.0,
+  retry: str = 'failed,stalled',
 ) -> ml_collections.ConfigDict:
   """The base experiment's config (`'experiments/text.py:tiny'`) plus a `sweep` section. `overrides` apply
   to every variant (a variant's own setting wins); change the base only through them, as each run loads the
   base file afresh. Each key is resolved to its full path and its value checked against the base config;
-  `higher_is_better` defaults from the metric's name (accuracy, bleu: higher)."""
+  `higher_is_better` defaults from the metric's name (accuracy, bleu: higher). A run with no new step or
+  checkpoint for `stall_timeout` seconds (startup and evals included; 0: never) is killed as stalled;
+  `retry` names the outcomes a re-run retries (comma-separated from failed, stalled, diverged, or 'all')."""
   near = sys._getframe(1).f_globals.get('__file__')  # the sweep file: its base resolves from there too
   config = overrides_lib.load_config(base, near)
   if 'sweep' in config:
@@ -113,9 +121,27 @@ def sweep_config(
       parallel=int(parallel),
       metric=metric,
       higher_is_better=bool(higher_is_better),
+      stall_timeout=float(stall_timeout),
+      retry=str(retry),
     )
   )
+  check_retry(config.sweep.retry)
   return config
+
+
+def check_retry(text: str) -> tuple[str, ...]:
+  """config.sweep.retry -> the outcomes a re-run retries: 'failed,stalled' -> ('failed', 'stalled')."""
+  names = [name.strip() for name in text.split(',') if name.strip()]
+  if names == ['all']:
+    return results.PROBLEMS
+  for name in names:
+    if name not in results.PROBLEMS:
+      hint = did_you_mean(name, results.PROBLEMS)
+      raise ConfigError(
+        f'config.sweep.retry={text!r}: {name!r}{hint} is not an outcome to retry; name some of '
+        f'{", ".join(results.PROBLEMS)} (comma-separated), or all.'
+      )
+  return tuple(names)
 
 
 def _resolved_spec(spec: str, near: str | None) -> str:
@@ -179,7 +205,12 @@ class Run:
 
   def finished(self) -> bool:
     status = self.status()
-    return status.get('status') == 'done' and status.get('num_steps') == self.num_steps
+    return status.get('status') == results.FINISHED and status.get('num_steps') == self.num_steps
+
+  def to_run(self, retry: tuple[str, ...]) -> bool:
+    """Unfinished, and not an outcome left alone by `retry` (interrupted, queued or running ones resume)."""
+    status = self.status().get('status')
+    return not self.finished() and (status not in results.PROBLEMS or status in retry)
 
   def write_status(self, **values):
     path = os.path.join(self.directory, STATUS_FILE)
@@ -206,6 +237,9 @@ def plan(config, workdir: str, overrides=()) -> list[Run]:
       '--mode sweep needs a sweep file (its get_config returns sweep.sweep_config(...)); see experiments/ablations/.'
     )
   spec = config.sweep
+  check_retry(spec.retry)
+  if spec.stall_timeout < 0:
+    raise ConfigError(f'config.sweep.stall_timeout={spec.stall_timeout:g} must be >= 0 seconds (0: never).')
   command_line = [flag for flag in overrides if not _split_override(flag)[0].startswith('sweep.')]
   varied = {path for v in spec.variants for path in v['overrides']}
   for flag in command_line:
@@ -263,16 +297,26 @@ def run_sweep(config, workdir: str, overrides=()) -> list[dict]:
       f,
       indent=2,
     )
-  todo = [run for run in runs if not run.finished()]
+  retry = check_retry(spec.retry)
+  todo = [run for run in runs if run.to_run(retry)]
+  left = [run for run in runs if not run.finished() and run not in todo]
+  if left:
+    outcomes = sorted({run.status()['status'] for run in left})
+    print(
+      f'[sweep] not retrying {len(left)} {"/".join(outcomes)} runs ({", ".join(r.label for r in left)}); '
+      f'--config.sweep.retry={",".join(sorted({*retry, *outcomes}, key=results.PROBLEMS.index))} retries them.',
+      flush=True,
+    )
   if todo:
     print(
-      f'[sweep] {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, '
+      f'[sweep] {len(runs)} runs, {len(runs) - len(todo) - len(left)} finished, {len(todo)} to run, '
       f'{spec.parallel} at a time; logs in <run>/{LOG_FILE}',
       flush=True,
     )
-    stopped_by = execute(todo, spec.parallel)
+    stopped_by = execute(todo, spec.parallel, stall_timeout=spec.stall_timeout)
   else:
-    print(f'[sweep] all {len(runs)} runs finished: aggregating only.', flush=True)
+    done = f'all {len(runs)} runs finished' if not left else f'{len(runs) - len(left)} runs finished'
+    print(f'[sweep] {done}: aggregating only.', flush=True)
     stopped_by = None
   rows = results.write_results(workdir, runs, spec.metric, spec.higher_is_better)
   if stopped_by is not None:
@@ -318,17 +362,44 @@ class _SignalForwarder:
       signal.signal(sig, handler)
 
 
-def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1) -> int | None:
+class _Progress:
+  """When a run last made progress: its metrics.jsonl grew (a logged step, an eval) or its checkpoints
+  changed. Log output does not count: a hung run may still print (e.g. retries of a lost connection)."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.mark = self._mark()
+    self.since = time.monotonic()
+
+  def _mark(self):
+    try:
+      size = os.path.getsize(os.path.join(self.directory, 'metrics.jsonl'))
+    except OSError:
+      size = -1
+    try:
+      saved = sorted(os.listdir(os.path.join(self.directory, 'checkpoints')))
+    except OSError:
+      saved = []
+    return size, saved
+
+  def idle_seconds(self) -> float:
+    mark = self._mark()
+    if mark != self.mark:
+      self.mark, self.since = mark, time.monotonic()
+    return time.monotonic() - self.since
+
+
+def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1, stall_timeout: float = 0.0) -> int | None:
   """Runs `runs`, `parallel` at a time, each appending its output to `<directory>/log.txt` and ending with a
-  `status.json`: done (its last checkpoint exists), stopped (interrupted: resumes on a re-run) or failed
-  (with the last lines of its log). A failure does not stop the others. Returns the signal that stopped
-  the sweep, or None."""
+  `status.json` that says how it ended (see `outcome`). A run with no progress (`_Progress`) for
+  `stall_timeout` seconds (0: never) is killed with its process group. No run's end stops the others.
+  Returns the signal that stopped the sweep, or None."""
   import subprocess  # noqa: PLC0415 -- only the sweep process starts others
 
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   if parallel > 1:  # runs sharing an accelerator must not each grab most of its memory
     env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  pending, running, started = list(runs), {}, {}
+  pending, running, started, stalled = list(runs), {}, {}, {}
   with _SignalForwarder(running) as forwarder:
     while running or (pending and forwarder.received is None):
       while pending and len(running) < max(1, parallel) and forwarder.received is None:
@@ -338,7 +409,7 @@ def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1) -> in
         log = open(os.path.join(run.directory, LOG_FILE), 'a')
         log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")} {" ".join(run.command)}\n')
         log.flush()
-        running[run.label] = subprocess.Popen(
+        process = subprocess.Popen(
           run.command,
           stdout=log,
           stderr=subprocess.STDOUT,
@@ -346,39 +417,79 @@ def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1) -> in
           start_new_session=True,
           preexec_fn=_die_with_parent,
         )
+        running[run.label] = process
         log.close()  # the child holds its own copy of the descriptor
-        started[run.label] = (run, time.time(), previous)
+        started[run.label] = (run, time.time(), previous, _Progress(run.directory))
         run.write_status(
-          status='running',
+          status=results.RUNNING,
           num_steps=run.num_steps,
           attempts=previous.get('attempts', 0) + 1,
           wall_s=_earlier_wall(previous),
+          pid=process.pid,
           command=run.command,
         )
         print(f'[sweep] started {run.label}', flush=True)
       time.sleep(poll_seconds)
       for label, process in list(running.items()):
+        run, start, previous, progress = started[label]
         if process.poll() is None:
+          if stall_timeout and label not in stalled and progress.idle_seconds() > stall_timeout:
+            stalled[label] = _kill_stalled(run, process, stall_timeout)
           continue
         del running[label]
-        run, start, previous = started[label]
-        _finish(run, process.returncode, time.time() - start, previous, forwarder.received)
+        status, error = outcome(run, process.returncode, forwarder.received, stalled.get(label))
+        _record(run, status, error, process.returncode, time.time() - start, previous)
   return forwarder.received
+
+
+def _kill_stalled(run: Run, process, stall_timeout: float) -> str:
+  """Kills a stalled run's process group (SIGKILL: a hung process would never reach the step where a
+  SIGTERM makes it save; its re-run resumes from its last checkpoint). Returns the reason (which its log also
+  gets) and the log's last lines."""
+  steps = results.read_metrics(run.directory)
+  newest = f'after step {max(steps)}' if steps else 'before its first step'
+  reason = (
+    f'No new step or checkpoint for {stall_timeout:g} s ({newest}): killed as stalled. If a step, an eval or '
+    'the start can take that long, raise config.sweep.stall_timeout (0 disables the check).'
+  )
+  try:
+    os.killpg(process.pid, signal.SIGKILL)  # the child leads its own session: its helpers die with it
+  except ProcessLookupError:  # it ended meanwhile
+    pass
+  path = os.path.join(run.directory, LOG_FILE)
+  said = results.last_lines(path)
+  with open(path, 'a') as log:
+    log.write(f'\n[sweep] {reason}\n')
+  return f'{reason}\nLast lines of its log:\n{said}'
+
+
+# A diverged run's log ends with transformer.loop.NonFiniteLoss's message (its class name, then the step).
+_DIVERGED = re.compile(r'^(\w+\.)*NonFiniteLoss: ', re.MULTILINE)
+
+
+def outcome(run: Run, returncode: int, stop_signal: int | None, stall_reason: str | None) -> tuple[str, str]:
+  """How a run that exited ended: (status, error text for the tables). Stalled if the sweep killed it for
+  that; finished if it exited 0 with its last checkpoint saved; diverged if its log ends with the NaN-loss
+  error; interrupted if a signal stopped it (the sweep's, forwarded; or one sent to the run itself, which
+  saves and exits 0, or dies of it before its first checkpoint); failed otherwise."""
+  if stall_reason is not None:
+    return results.STALLED, stall_reason
+  if returncode == 0 and os.path.isdir(os.path.join(run.directory, 'checkpoints', str(run.num_steps))):
+    return results.FINISHED, ''
+  error = results.log_tail(os.path.join(run.directory, LOG_FILE)) if returncode else ''
+  if _DIVERGED.search(error):
+    return results.DIVERGED, error
+  if stop_signal is not None or returncode == 0 or returncode in (-signal.SIGTERM, -signal.SIGINT):
+    return results.INTERRUPTED, ''
+  return results.FAILED, error
 
 
 def _earlier_wall(previous: dict) -> float:
   """Wall time of earlier attempts of an unfinished run (a finished run starting over counts afresh)."""
-  return 0.0 if previous.get('status') == 'done' else float(previous.get('wall_s', 0.0))
+  return 0.0 if previous.get('status') == results.FINISHED else float(previous.get('wall_s', 0.0))
 
 
-def _finish(run: Run, returncode: int, seconds: float, previous: dict, stop_signal):
-  complete = os.path.isdir(os.path.join(run.directory, 'checkpoints', str(run.num_steps)))
-  if returncode == 0 and complete:
-    status, error = 'done', ''
-  elif stop_signal is not None or returncode == 0:  # a signal, ours or the scheduler's: resumable
-    status, error = 'stopped', ''
-  else:
-    status, error = 'failed', results.log_tail(os.path.join(run.directory, LOG_FILE))
+def _record(run: Run, status: str, error: str, returncode: int, seconds: float, previous: dict):
   run.write_status(
     status=status,
     num_steps=run.num_steps,
@@ -388,5 +499,5 @@ def _finish(run: Run, returncode: int, seconds: float, previous: dict, stop_sign
     error=error,
     command=run.command,
   )
-  message = f': {error.splitlines()[-1]}' if error else ''
+  message = f': {error.splitlines()[0] if status == results.STALLED else error.splitlines()[-1]}' if error else ''
   print(f'[sweep] {status} {run.label} ({seconds:.0f}s, exit {returncode}){message}', flush=True)
