@@ -1,0 +1,190 @@
+"""Runs and sweeps on a live SLURM (`scripts/local_slurm.sh start`: a one-node cluster on this machine; .ci/run
+starts it). Without an answering SLURM these tests skip, except under CI=true, where they fail.
+
+Every run is the tiny decoder-only copy task; the reference is the same run on one process, and runs on two
+processes must match it step for step (the losses, and the examples each process fed: batch digests)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import launching
+import numpy as np
+import pytest
+
+from transformer.experiment import results, slurm
+
+ROOT = launching.ROOT
+CONFIG = 'experiments/synthetic.py:lm_copy'
+STEPS = 12  # past 10: two processes agree on a signal every 10 steps (checkpoint.PreemptionGuard)
+TINY = (
+  '--config.model.d_model=32',
+  '--config.model.d_ff=64',
+  '--config.model.num_heads=2',
+  '--config.model.num_decoder_layers=1',
+  '--config.data.num_eval=16',
+  '--config.train.batch_size=8',
+  '--config.train.warmup_steps=1',
+  '--config.train.log_every=1',
+  '--config.train.num_samples=0',
+)
+RUN = (
+  *TINY,
+  f'--config.train.num_steps={STEPS}',
+  '--config.train.eval_every=6',  # the eval's compilation at step 6 holds the run well before step 10
+  f'--config.train.checkpoint_every={STEPS}',  # a checkpoint at 10 can only be the signal's
+  '--config.train.log_batch_digests=True',
+)
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHON=sys.executable, PYTHONUNBUFFERED='1')
+
+
+@pytest.fixture(scope='session')
+def cluster():
+  """A SLURM that answers. Starts nothing: .ci/run (or you: scripts/local_slurm.sh start) did."""
+  try:
+    answer = subprocess.run(['scontrol', 'ping'], capture_output=True, text=True, timeout=30)
+    up = answer.returncode == 0 and 'UP' in answer.stdout
+    reason = answer.stdout.strip() or answer.stderr.strip()
+  except FileNotFoundError:
+    up, reason = False, 'scontrol is not installed'
+  if not up:
+    message = f'no SLURM answers `scontrol ping` ({reason}): start one with scripts/local_slurm.sh start'
+    if os.environ.get('CI') == 'true':
+      pytest.fail(message + ' (CI=true: .ci/run starts it before the tests)')
+    pytest.skip(message)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """The run on one process, without SLURM."""
+  workdir = tmp_path_factory.mktemp('slurm') / 'reference'
+  launching.run(CONFIG, workdir, *RUN)
+  assert sorted(launching.losses(workdir)) == list(range(1, STEPS + 1))
+  return workdir
+
+
+def _assert_same_run(workdir, reference):
+  want, got = launching.losses(reference), launching.losses(workdir)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
+  assert launching.batch_digests(workdir) == launching.batch_digests(reference)
+
+
+def _squeue(job: str) -> tuple[str, str]:
+  """(state, reason) of a job, ('', '') once SLURM forgot it."""
+  out = subprocess.run(['squeue', '--noheader', '--states=all', '--format=%T %r', f'--jobs={job}'], **_TEXT).stdout
+  return tuple(out.split()[:2]) if out.strip() else ('', '')
+
+
+_TEXT = dict(capture_output=True, text=True, timeout=60)
+
+
+def _wait_for_job(job: str, timeout: float = 900) -> str:
+  """Waits until the job is over and returns its last state. A requeued job waits ~2 minutes before it may
+  start again (SLURM's hold after a requeue); the test lets it start at once."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    state, reason = _squeue(job)
+    if state in slurm.ENDED or not state:
+      return state
+    if state == 'PENDING' and reason == 'BeginTime':
+      subprocess.run(['scontrol', 'update', f'JobId={job}', 'StartTime=now'], **_TEXT)
+    time.sleep(1)
+  subprocess.run(['scancel', job], **_TEXT)
+  raise AssertionError(f'job {job} did not end in {timeout:.0f} s')
+
+
+def _steps_fed(workdir) -> int:
+  """The lowest step both processes have reached."""
+  reached = []
+  for index in (0, 1):
+    path = workdir / 'batches' / f'process_{index}.jsonl'
+    lines = path.read_text().splitlines() if path.exists() else []
+    reached.append(json.loads(lines[-1])['step'] if lines else 0)
+  return min(reached)
+
+
+def test_srun_two_processes_join_from_slurm_alone_and_match_one_process(cluster, reference, tmp_path):
+  """`srun -n 2 python launch.py ...`: no coordinator flags, the processes read SLURM's step variables."""
+  workdir = tmp_path / 'srun'
+  command = ['srun', '-n', '2', '--kill-on-bad-exit=1', sys.executable, 'launch.py', '--config', CONFIG]
+  done = subprocess.run(
+    [*command, '--workdir', str(workdir), *RUN], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
+  )
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert sorted(os.listdir(workdir / 'batches')) == ['process_0.jsonl', 'process_1.jsonl']  # two processes
+  _assert_same_run(workdir, reference)
+
+
+def test_sbatch_job_signalled_saves_on_every_task_requeues_itself_and_resumes_exactly(cluster, reference, tmp_path):
+  """scripts/slurm/train.sbatch with two tasks, sent SIGTERM as `--signal=TERM@<lead>` does before a time limit:
+  both processes stop at the step they agreed on (10) and save it, the job requeues itself, and the requeued job
+  (same job id) resumes there and ends with the uninterrupted run's losses, each process fed the same rows."""
+  workdir = tmp_path / 'sbatch'
+  log = tmp_path / 'job.out'
+  submit = ['sbatch', '--parsable', f'--output={log}', f'--chdir={ROOT}', 'scripts/slurm/train.sbatch']
+  job = subprocess.run([*submit, '--config', CONFIG, '--workdir', str(workdir), *RUN], cwd=ROOT, env=ENV, **_TEXT)
+  assert job.returncode == 0, job.stderr
+  job = job.stdout.strip().split(';')[0]
+  deadline = time.time() + 600
+  while _steps_fed(workdir) < 2:  # both processes are training (compiled; the next sync point is step 10)
+    assert time.time() < deadline and _squeue(job)[0] not in slurm.ENDED, log.read_text()[-3000:]
+    time.sleep(0.5)
+  subprocess.run(['scancel', '--signal=TERM', job], check=True, **_TEXT)
+  assert _wait_for_job(job) == 'COMPLETED', log.read_text()[-3000:]
+  text = log.read_text()
+  assert 'Stopped by a signal at step 10; checkpoint saved.' in text, text[-3000:]
+  assert f'requeueing job {job}' in text and '(requeued 1x)' in text, text[-3000:]
+  assert json.loads((workdir / slurm.REQUEUE_FILE).read_text()) == {'stops': [10]}
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '12']
+  resumed = [json.loads(line)['step'] for line in (workdir / 'batches' / 'process_1.jsonl').read_text().splitlines()]
+  assert resumed == [*range(1, 11), 11, 12]  # process 1 fed 1-10, then (after the requeue) 11-12
+  _assert_same_run(workdir, reference)
+
+
+def _checkpoint(workdir, step):
+  os.makedirs(os.path.join(workdir, 'checkpoints', str(step)), exist_ok=True)
+
+
+def test_requeue_cap_and_no_progress_stop_a_job_from_requeueing_forever(tmp_path):
+  workdir = str(tmp_path)
+  _checkpoint(workdir, 10)
+  os.makedirs(os.path.join(workdir, 'checkpoints', '20.orbax-checkpoint-tmp-1'))  # a save in flight: not a step
+  assert slurm.requeue_decision(workdir, restarts=0, max_requeues=3) == (True, '')
+  requeue, why = slurm.requeue_decision(workdir, restarts=1, max_requeues=3)  # stopped at 10 again
+  assert not requeue and 'Stopped at step 10 twice in a row' in why
+  _checkpoint(workdir, 20)
+  assert slurm.requeue_decision(workdir, restarts=1, max_requeues=3) == (True, '')
+  _checkpoint(workdir, 30)
+  requeue, why = slurm.requeue_decision(workdir, restarts=3, max_requeues=3)
+  assert not requeue and 'after 3 requeues' in why and 'max_requeues=3' in why
+  assert json.loads((tmp_path / slurm.REQUEUE_FILE).read_text()) == {'stops': [10, 20]}
+
+
+def test_after_a_job_records_its_outcome_and_requeues_only_a_stopped_run(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(slurm, '_slurm', lambda *command: calls.append(command) or '')
+  workdir = str(tmp_path)
+  (tmp_path / 'config.json').write_text(json.dumps({'train': {'num_steps': 20}}))
+  (tmp_path / slurm.STATUS_FILE).write_text(json.dumps({'job_id': '7', 'wall_s': 5.0, 'started': time.time()}))
+  env = {'SLURM_JOB_ID': '7'}
+  _checkpoint(workdir, 10)
+  assert slurm.after(workdir, 0, None, 3, sweep_run=True, env=env) == 0  # stopped early: requeued
+  assert calls == [('scontrol', 'requeue', '7')]
+  status = json.loads((tmp_path / slurm.STATUS_FILE).read_text())
+  assert (status['status'], status['job_id'], status['requeues']) == (results.QUEUED, '7', 1)
+  assert status['wall_s'] >= 5.0
+  assert slurm.after(workdir, 0, None, 3, sweep_run=True, env=dict(env, SLURM_RESTART_COUNT='1')) == 1
+  assert calls == [('scontrol', 'requeue', '7')]  # no progress since: not requeued
+  status = json.loads((tmp_path / slurm.STATUS_FILE).read_text())
+  assert status['status'] == results.INTERRUPTED and 'twice in a row' in status['error']
+  (tmp_path / slurm.LOG_FILE).write_text('=== start\nTraceback (most recent call last):\n  File "x"\nOSError: disk\n')
+  assert slurm.after(workdir, 1, None, 3, sweep_run=True, env=env) == 1
+  status = json.loads((tmp_path / slurm.STATUS_FILE).read_text())
+  assert (status['status'], status['error']) == (results.FAILED, 'OSError: disk')
+  _checkpoint(workdir, 20)
+  assert slurm.after(workdir, 0, None, 3, sweep_run=True, env=env) == 0
+  assert json.loads((tmp_path / slurm.STATUS_FILE).read_text())['status'] == results.FINISHED
+  assert len(calls) == 1
