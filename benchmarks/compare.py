@@ -25,8 +25,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import jax  # noqa: E402
 
 from experiments import bench as bench_configs  # noqa: E402
-from transformer import metrics  # noqa: E402
-from transformer.config import ModelConfig  # noqa: E402
+from transformer import metrics, setup  # noqa: E402
 from transformer.experiment import bench  # noqa: E402
 
 try:
@@ -195,6 +194,12 @@ def mfu_section(args, state):
   return rows
 
 
+def _resolved(config):
+  """(model config, train config) of an experiment config: the arguments `bench.compile_train_step` takes."""
+  resolved = setup.resolve(config)
+  return resolved.model_config, resolved.train_config
+
+
 def compile_section(args, state):
   """Lower + compile seconds of the scanned train step, 12 vs 2 layers (alternating, medians)."""
   jax.config.update('jax_enable_compilation_cache', False)
@@ -202,11 +207,11 @@ def compile_section(args, state):
   seconds = {n: [] for n in configs}
   for _ in range(2):
     for n, config in configs.items():
-      r = bench.compile_train_step(ModelConfig.from_config(config.model), config.train, 8, 256)
+      r = bench.compile_train_step(*_resolved(config), 8, 256)
       seconds[n].append(r['lower_s'] + r['compile_s'])
   s2, s12 = (statistics.median(seconds[n]) for n in (2, 12))
   unrolled = lm_config('lm', num_decoder_layers=12)
-  r = bench.compile_train_step(ModelConfig.from_config(unrolled.model), unrolled.train, 8, 256)
+  r = bench.compile_train_step(*_resolved(unrolled), 8, 256)
   return [
     row(
       'compile, scan_layers: 12 vs 2 layers',
@@ -225,7 +230,7 @@ def memory_section(args, state):
   out = {}
   for remat in ('none', 'full', 'dots'):
     config = lm_config('lm12', remat=remat)
-    out[remat] = bench.compile_train_step(ModelConfig.from_config(config.model), config.train, 8, 256)
+    out[remat] = bench.compile_train_step(*_resolved(config), 8, 256)
   mib = lambda b: f'{b / 2**20:,.0f} MiB'
   ratio = out['none']['temp_bytes'] / out['full']['temp_bytes']
   return [
@@ -314,7 +319,7 @@ def input_section(args, state):
 
 def decode_section(args, state):
   """Greedy decoding of 256 tokens after a 32-token prompt (lm shape): cached loop vs uncached."""
-  model_config = ModelConfig.from_config(lm_config().model)
+  model_config = setup.resolve(lm_config()).model_config
   rows = []
   for batch in (1, 8):
     times = bench.decode_times(model_config, batch=batch, prompt_len=32, decode_len=256, rounds=args.decode_rounds)
@@ -335,7 +340,7 @@ def decode_section(args, state):
 
 def beam_section(args, state):
   """Beam 4 vs greedy on the translation `tiny` shape, both forced to the same output length."""
-  model_config = ModelConfig.from_config(lm_config('translation').model)
+  model_config = setup.resolve(lm_config('translation')).model_config
   rows = []
   for batch in (1, 8):
     times = bench.decode_times(

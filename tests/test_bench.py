@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import tiny
 
-from transformer import decoding, models, summary
-from transformer.config import ConfigError, ModelConfig
+from transformer import decoding, models, setup, summary
+from transformer.config import ConfigError, TrainConfig
 from transformer.experiment import bench
 from transformer.tokens import EOS_ID, PAD_ID
 
@@ -40,7 +40,7 @@ def test_bench_mode_prints_a_table_then_json(capsys):
   for key in REQUIRED:
     assert key in result and result[key] >= 0, key
   assert result['tokens_per_sec'] > 0 and result['step_ms'] > 0 and 0 < result['mfu'] < 1
-  model = models.build_model(ModelConfig.from_config(config.model))
+  model = models.build_model(setup.resolve(config).model_config)
   assert result['params'] == summary.count_params(jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
   assert result['seq_len'] == config.data.seq_len and result['batch_size'] == config.train.batch_size
   assert 0 < result['data_wait_frac'] and np.isfinite(result['loss'])
@@ -56,7 +56,7 @@ def test_bench_decode_figures(capsys):
 
 
 def test_never_eos_forces_full_length_decodes():
-  model_config = ModelConfig.from_config(bench_configs.get_config('tiny').model)
+  model_config = setup.resolve(bench_configs.get_config('tiny')).model_config
   model, params, source = bench._decode_setup(model_config, batch=2, prompt_len=3)
   out = decoding.generate(model, params, max_len=12, **source)
   assert (np.asarray(out) != EOS_ID).all() and (np.asarray(out) != PAD_ID).all()
@@ -73,7 +73,7 @@ def test_unknown_bench_key_names_the_nearest():
 def test_memory_analysis_sees_remat():
   # Layers scanned: XLA's CPU buffer assignment keeps unrolled rematerialised layers' temporaries
   # about as large as without remat (README, Performance).
-  train_config = bench_configs.get_config('tiny').train
+  train_config = TrainConfig.from_config(bench_configs.get_config('tiny').train)
   temps = {}
   for remat in ('none', 'full'):
     stats = bench.compile_train_step(
@@ -101,7 +101,7 @@ def _torch_reference():
 @pytest.mark.parametrize('variant', ['tiny', 'lm', 'lm12'])
 def test_torch_reference_has_our_parameter_count(variant):
   torch_reference = _torch_reference()
-  model_config = ModelConfig.from_config(bench_configs.get_config(variant).model)
+  model_config = setup.resolve(bench_configs.get_config(variant)).model_config
   model = models.build_model(model_config)
   ours = summary.count_params(jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
   assert torch_reference.count_params(torch_reference.TorchLM(model_config)) == ours
@@ -112,7 +112,7 @@ def test_torch_reference_computes_our_logits():
   torch_reference = _torch_reference()
   import torch
 
-  model_config = ModelConfig.from_config(bench_configs.get_config('tiny').model)
+  model_config = setup.resolve(bench_configs.get_config('tiny')).model_config
   model = models.build_model(model_config)
   params = models.init_params(model, jax.random.key(0))
   reference = torch_reference.TorchLM(model_config)
@@ -145,8 +145,10 @@ def test_torch_reference_computes_our_logits():
 def test_torch_reference_trains():
   torch_reference = _torch_reference()
   config = bench_configs.get_config('tiny')
-  model_config = ModelConfig.from_config(config.model)
-  reference = torch_reference.TorchTrainBench(model_config, config.train, batch_size=4, seq_len=16)
+  model_config = setup.resolve(config).model_config
+  reference = torch_reference.TorchTrainBench(
+    model_config, setup.resolve(config).train_config, batch_size=4, seq_len=16
+  )
   reference.times(3)
   assert np.isfinite(reference.last_loss) and torch_reference.measure_matmul_flops(64, 2) > 0
 

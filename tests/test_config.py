@@ -10,7 +10,14 @@ import pytest
 from conftest import tiny
 
 from transformer import models, summary
-from transformer.config import ConfigError, ModelConfig, default_model_config
+from transformer.config import (
+  ConfigError,
+  MeshConfig,
+  ModelConfig,
+  TrainConfig,
+  default_model_config,
+  default_train_config,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,6 +64,39 @@ def test_wrong_type_names_the_expected_type():
   with pytest.raises(ConfigError, match="config.model.d_model='512' must be of type int"):
     ModelConfig.from_config({'d_model': '512'})
   assert ModelConfig.from_config({'dropout_rate': 0}).dropout_rate == 0.0  # ints are fine for floats
+
+
+@pytest.mark.parametrize(
+  'overrides,message',
+  [
+    (dict(lerning_rate=0.1), 'Unknown key config.train.lerning_rate. Did you mean config.train.learning_rate?'),
+    (dict(mesh=dict(tensr=2)), 'Unknown key config.train.mesh.tensr. Did you mean config.train.mesh.tensor?'),
+    (dict(batch_size='32'), "config.train.batch_size='32' must be of type int"),
+    (dict(log_batch_digests=1), 'config.train.log_batch_digests=1 must be of type bool'),
+    (dict(mesh=4), 'config.train.mesh=4 must be a mapping of data, fsdp, tensor'),
+    (dict(optimizer='sgd'), "config.train.optimizer='sgd' is not one of: adam, adamw"),
+    (dict(parallelism='tpu'), "config.train.parallelism='tpu' is not one of: jit, pmap"),
+    (dict(grad_accum_steps=0), 'config.train.grad_accum_steps=0 must be a positive integer'),
+    (dict(label_smoothing=1.0), r'config.train.label_smoothing=1.0 must be in \[0, 1\)'),
+    (dict(grad_clip=-1.0), 'config.train.grad_clip=-1.0 must be >= 0'),
+    (dict(mesh=dict(data=-1, fsdp=-1)), 'at most one may be -1'),
+    (dict(mesh=dict(tensor=0)), 'config.train.mesh.tensor=0: each mesh axis must be a positive size'),
+  ],
+)
+def test_bad_train_settings_name_the_key(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    default_train_config(**overrides)
+  with pytest.raises(ConfigError, match=message):
+    TrainConfig.from_config(overrides)
+
+
+def test_train_config_round_trips_through_the_experiment_file_format():
+  config = default_train_config(optimizer='adamw', learning_rate=1, mesh=dict(fsdp=2))
+  assert config.mesh.to_dict() == dict(data=-1, fsdp=2, tensor=1)  # the nested mapping, defaults filled in
+  typed = TrainConfig.from_config(config)
+  assert typed == TrainConfig(optimizer='adamw', learning_rate=1.0, mesh=MeshConfig(fsdp=2))
+  assert isinstance(typed.learning_rate, float)  # ints are fine for floats
+  assert default_train_config(**dataclasses.asdict(typed)).to_dict() == config.to_dict()
 
 
 def test_input_longer_than_learned_positions():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import synthetic  # noqa: E402
-from transformer import loop  # noqa: E402
+from transformer import loop, summary  # noqa: E402
 
 
 def small_config(num_steps, **train):
@@ -87,7 +88,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     '--config.train.num_steps=100000',
     '--config.train.log_every=1',
     '--config.train.checkpoint_every=100000',
-    '--config.train.eval_every=100000',
+    '--config.train.eval_every=2',  # one eval before the signal: its line is on stdout
+    '--config.train.num_samples=0',
+    '--config.data.num_eval=8',
     '--config.model.d_model=32',
     '--config.model.d_ff=64',
     '--config.model.num_encoder_layers=1',
@@ -102,6 +105,57 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   out, err = process.communicate(timeout=120)
   assert process.returncode == 0, err
   assert 'Stopped by a signal' in out
+  # What a newcomer sees: the eval's metrics on one line, the summary, and no library INFO logs.
+  evals = [row for row in read_metrics(workdir) if 'eval/loss' in row]
+  assert evals[0]['step'] == 2 and summary.eval_line(2, evals[0]) in out.splitlines()
+  assert f'Training stopped at step {max(losses(workdir))} of 100000.' in out
+  assert 'checkpoint_manager.py' not in err and not re.search(r'^I\d{4} ', out + err, re.MULTILINE)  # absl INFO
   last = max(losses(workdir))
   saved = [int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints')) if name.isdigit()]
   assert saved and max(saved) >= last
+
+
+def test_eval_line_shows_each_metric_readably():
+  results = {
+    'eval/loss': 3.4912,
+    'eval/perplexity': 32.82,
+    'eval/accuracy': 0.33912,
+    'eval/tokens': 12345.0,
+    'eval/bleu': 5.06,
+    'eval/chrf': 25.31,
+    'eval/novel': 0.123456,
+  }
+  assert (
+    summary.eval_line(500, results) == 'eval step 500: loss 3.49  accuracy 33.9%  bleu 5.1  chrf 25.3  novel 0.1235'
+  )
+  assert summary.eval_line(7, {'eval/exact_match': 0.5, 'eval/loss': 0.01234, 'eval/bits_per_byte': 1.23456}) == (
+    'eval step 7: loss 0.0123  exact_match 50.0%  bits_per_byte 1.235'
+  )
+
+
+def test_run_summary_names_the_best_eval_and_every_output(tmp_path):
+  workdir = str(tmp_path)
+  (tmp_path / 'samples.jsonl').write_text('{}\n')
+  evals = [
+    {'step': 200, 'eval/loss': 4.07, 'eval/accuracy': 0.2, 'eval/bleu': 1.8},
+    {'step': 400, 'eval/loss': 3.49, 'eval/accuracy': 0.339, 'eval/bleu': 5.1},
+    {'step': 600, 'eval/loss': 3.6, 'eval/accuracy': 0.33, 'eval/bleu': 5.3},
+  ]
+  assert summary.run_summary(workdir, 600, 600, evals, tensorboard=True) == '\n'.join(
+    [
+      'Training finished: step 600 of 600.',
+      'Best eval (lowest loss) at step 400: loss 3.49  accuracy 33.9%  bleu 5.1',
+      f'  metrics      {workdir}/metrics.jsonl',
+      f'  samples      {workdir}/samples.jsonl',
+      f'  TensorBoard  tensorboard --logdir {workdir}',
+      f'  checkpoints  {workdir}/checkpoints',
+    ]
+  )
+  assert summary.run_summary(workdir, 10, 600, [], tensorboard=False) == '\n'.join(
+    [
+      'Training stopped at step 10 of 600.',
+      f'  metrics      {workdir}/metrics.jsonl',
+      f'  samples      {workdir}/samples.jsonl',
+      f'  checkpoints  {workdir}/checkpoints',
+    ]
+  )

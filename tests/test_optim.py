@@ -8,7 +8,7 @@ import numpy as np
 from conftest import tiny
 
 from transformer import models, optim
-from transformer.config import default_train_config
+from transformer.config import TrainConfig
 
 
 def _leaf_name(path):
@@ -27,7 +27,7 @@ def test_weight_decay_on_kernels_and_embeddings_only_in_both_layouts():
   cfg = tiny(
     kind='encoder_decoder', positional='learned', tie_embeddings=False, norm_type='layernorm', activation='relu'
   )
-  train = default_train_config(
+  train = TrainConfig(
     optimizer='adamw', weight_decay=0.5, learning_rate=0.1, warmup_steps=1, num_steps=10, grad_clip=1.0
   )
   optimizer = optim.make_optimizer(train, cfg.d_model)

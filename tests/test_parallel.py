@@ -5,6 +5,7 @@ in XLA_FLAGS before JAX starts. Each subprocess trains several layouts, to start
 possible; the one-device references (the plain `train` functions) run in the pytest process meanwhile.
 """
 
+import dataclasses
 import json
 import os
 import pickle
@@ -12,13 +13,12 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from conftest import tiny
 
 from transformer import models, optim, parallel, train
-from transformer.config import ConfigError, default_train_config
+from transformer.config import ConfigError, MeshConfig, TrainConfig
 
 STEPS = 3
 BATCH = 16
@@ -31,16 +31,18 @@ def _setup(kind, parallelism='jit', mesh=(-1, 1, 1), dropout=0.0, accum=1):
   """(train_config, model, optimizer, schedule): the arguments of `parallel.make_runner`."""
   model = models.build_model(tiny(kind=kind, dropout_rate=dropout, attention_dropout_rate=dropout, **MODELS[kind]))
   # adamw (masked weight decay) chained after clipping: the optimizer state shardings must follow.
-  config = default_train_config(
-    batch_size=BATCH,
-    optimizer='adamw',
-    learning_rate=3e-3,
-    warmup_steps=1,
-    weight_decay=0.1,
-    grad_clip=1.0,
-    grad_accum_steps=accum,
-    parallelism=parallelism,
-    mesh=dict(zip(('data', 'fsdp', 'tensor'), mesh)),
+  config = TrainConfig.from_config(
+    dict(
+      batch_size=BATCH,
+      optimizer='adamw',
+      learning_rate=3e-3,
+      warmup_steps=1,
+      weight_decay=0.1,
+      grad_clip=1.0,
+      grad_accum_steps=accum,
+      parallelism=parallelism,
+      mesh=dict(zip(('data', 'fsdp', 'tensor'), mesh)),
+    )
   )
   d_model = model.config.d_model
   return config, model, optim.make_optimizer(config, d_model), optim.learning_rate_schedule(config, d_model)
@@ -220,7 +222,7 @@ def test_jit_meshes_on_8_devices_match_one_device(tmp_path):
 
 
 def _mesh(data, fsdp=1, tensor=1):
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+  return dict(data=data, fsdp=fsdp, tensor=tensor)
 
 
 @pytest.mark.parametrize(
@@ -234,11 +236,15 @@ def _mesh(data, fsdp=1, tensor=1):
 )
 def test_bad_mesh_names_the_keys_and_the_device_count(mesh, message):
   with pytest.raises(ConfigError, match=message):
-    parallel.make_mesh(mesh)
+    parallel.make_mesh(MeshConfig(**mesh))
 
 
 def test_mesh_fills_the_minus_one_axis():
-  assert dict(parallel.make_mesh(_mesh(1, -1)).shape) == {'data': 1, 'fsdp': jax.device_count(), 'tensor': 1}
+  assert dict(parallel.make_mesh(MeshConfig(**_mesh(1, -1))).shape) == {
+    'data': 1,
+    'fsdp': jax.device_count(),
+    'tensor': 1,
+  }
 
 
 @pytest.mark.parametrize(
@@ -251,9 +257,8 @@ def test_mesh_fills_the_minus_one_axis():
 )
 def test_bad_runner_settings(overrides, message):
   config, model, optimizer, schedule = _setup('decoder_only')
-  config.update(overrides)
-  with pytest.raises(ConfigError, match=message):
-    parallel.make_runner(config, model, optimizer, schedule)
+  with pytest.raises(ConfigError, match=message):  # parallelism is refused by TrainConfig, the rest by the runner
+    parallel.make_runner(dataclasses.replace(config, **overrides), model, optimizer, schedule)
 
 
 if __name__ == '__main__':

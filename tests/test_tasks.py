@@ -1,19 +1,24 @@
 """Translation and text tasks end to end: real corpora load, metrics are right, training logs BLEU /
 bits per byte and decoded samples, `--mode decode` writes outputs, bad settings fail clearly."""
 
+import importlib
+import inspect
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
 import sacrebleu
 
-from experiments import text as text_experiment
-from experiments import translation as translation_experiment
-from transformer import loop, tasks
-from transformer.config import ConfigError
-from transformer.tasks import translation
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the experiments package
+from experiments import synthetic as synthetic_experiment  # noqa: E402
+from experiments import text as text_experiment  # noqa: E402
+from experiments import translation as translation_experiment  # noqa: E402
+from transformer import loop, tasks  # noqa: E402
+from transformer.config import ConfigError  # noqa: E402
+from transformer.tasks import translation  # noqa: E402
 
 _WORDS = 'the a cat dog sees runs big small red green house tree'.split()
 _FRENCH = dict(zip(_WORDS, 'le un chat chien voit court grand petit rouge vert maison arbre'.split()))
@@ -66,6 +71,22 @@ def test_bleu_and_chrf_are_sacrebleus():
   assert translation.bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
   assert translation.chrf(hyps, refs) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
   assert translation.bleu(refs, refs) == pytest.approx(100.0)
+
+
+def test_translation_metrics_are_sacrebleus_on_its_translations(translation_config, monkeypatch):
+  """eval_metrics scores the task's translations of the BLEU pairs against their references, exactly as
+  sacrebleu does: outputs half right and half missing a word, so BLEU is far from both 0 and 100 and a
+  wrong formula, smoothing or pairing changes it."""
+  task = tasks.get_task(translation_config)
+  pairs = _pairs(8, 1)
+  references = [t for _, t in pairs]
+  outputs = [t if i % 2 else ' '.join(t.split()[1:]) for i, t in enumerate(references)]
+  translations = dict(zip([s for s, _ in pairs], outputs))
+  monkeypatch.setattr(task, 'translate', lambda predictor, sources: [translations[s] for s in sources])
+  scores = task.eval_metrics(None, {})
+  bleu = sacrebleu.corpus_bleu(outputs, [references]).score
+  assert scores == {'eval/bleu': bleu, 'eval/chrf': sacrebleu.corpus_chrf(outputs, [references]).score}
+  assert round(bleu, 1) == 84.6  # the figure this fixed set gives: neither 0 nor 100
 
 
 def test_translation_trains_logs_bleu_samples_and_decodes(translation_config, tmp_path):
@@ -161,4 +182,20 @@ def test_unknown_task_names_the_nearest():
   config = translation_experiment.get_config('tiny')
   config.task = 'translate'
   with pytest.raises(ConfigError, match="config.task='translate' is not a task \\(did you mean 'translation'\\?\\)"):
+    tasks.get_task(config)
+
+
+@pytest.mark.parametrize('name', sorted(tasks.TASKS))
+def test_every_task_has_the_protocols_signatures(name):
+  module, cls = tasks.TASKS[name].split(':')
+  task_class = getattr(importlib.import_module(module), cls)
+  for member in ('train_iter', 'eval_batches', 'eval_metrics', 'samples'):
+    assert inspect.signature(getattr(task_class, member)) == inspect.signature(getattr(tasks.Task, member)), member
+
+
+def test_synthetic_task_is_a_task_and_refuses_a_short_seq_len():
+  config = synthetic_experiment.get_config('reverse')
+  assert isinstance(tasks.get_task(config), tasks.Task)
+  config.data.seq_len = 16
+  with pytest.raises(ConfigError, match='config.data.seq_len=16 is too short for config.data.max_len=16'):
     tasks.get_task(config)

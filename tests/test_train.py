@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny
 
 from transformer import metrics, models, optim, train
-from transformer.config import default_train_config
+from transformer.config import TrainConfig
 
 
 def test_smoothed_loss_minimum_is_zero():
@@ -39,9 +39,7 @@ def test_z_loss_adds_log_z_squared():
 def _setup(kind='decoder_only', **train_overrides):
   cfg = tiny(kind=kind)
   model = models.build_model(cfg)
-  train_cfg = default_train_config(
-    optimizer='adamw', learning_rate=1e-2, warmup_steps=2, num_steps=50, **train_overrides
-  )
+  train_cfg = TrainConfig(optimizer='adamw', learning_rate=1e-2, warmup_steps=2, num_steps=50, **train_overrides)
   optimizer = optim.make_optimizer(train_cfg, cfg.d_model)
   schedule = optim.learning_rate_schedule(train_cfg, cfg.d_model)
   return model, optimizer, schedule, train_cfg
@@ -98,14 +96,14 @@ def test_tiny_model_overfits_one_batch():
 
 
 def test_paper_schedule_and_weight_decay_mask():
-  cfg = default_train_config(optimizer='adam', warmup_steps=4000, learning_rate=1.0)
+  cfg = TrainConfig(optimizer='adam', warmup_steps=4000, learning_rate=1.0)
   schedule = optim.learning_rate_schedule(cfg, 512)
   for step in (1, 100, 4000, 10000):  # optax counts from 0: count = step - 1
     expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
     np.testing.assert_allclose(schedule(step - 1), expected, rtol=1e-6)
   params = {'dense': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)}, 'norm': {'scale': jnp.ones(3)}}
   assert optim.decay_mask(params) == {'dense': {'kernel': True, 'bias': False}, 'norm': {'scale': False}}
-  cfg = default_train_config(optimizer='adamw', weight_decay=0.5, learning_rate=0.1, warmup_steps=1)
+  cfg = TrainConfig(optimizer='adamw', weight_decay=0.5, learning_rate=0.1, warmup_steps=1)
   optimizer = optim.make_optimizer(cfg, 8)
   zero = jax.tree.map(jnp.zeros_like, params)
   _, opt_state = optimizer.update(zero, optimizer.init(params), params)  # step 0 of warmup: lr 0

@@ -1,7 +1,9 @@
-"""`ModelConfig`: the one description of a model, validated with messages a user can act on.
+"""`ModelConfig` and `TrainConfig`: the one description of a model and of its training, validated with
+messages a user can act on.
 
-`config.model` in an experiment file is a `ConfigDict` with exactly these fields
-(`default_model_config()` builds it from the dataclass, so the two never drift apart).
+`config.model` and `config.train` in an experiment file are `ConfigDict`s with exactly these fields
+(`default_model_config()` and `default_train_config()` build them from the dataclasses, so the two never
+drift apart). The engine converts each once (`setup.resolve`) and passes the typed object down.
 """
 
 import dataclasses
@@ -20,6 +22,9 @@ ACTIVATIONS = ('relu', 'gelu', 'swiglu')
 ATTENTION_IMPLS = ('reference', 'xla', 'cudnn', 'auto')
 REMAT = ('none', 'full', 'dots')
 DTYPES = ('float32', 'bfloat16', 'float16')
+OPTIMIZERS = ('adam', 'adamw')
+PARALLELISM = ('jit', 'pmap')
+MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
 class ConfigError(ValueError):
@@ -115,70 +120,123 @@ class ModelConfig:
   @classmethod
   def from_config(cls, config: Any) -> 'ModelConfig':
     """From a `ConfigDict` or mapping; unknown keys are an error naming the nearest valid key."""
-    values = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-      if key not in fields:
-        hint = did_you_mean(key, fields, show='config.model.{}'.format, sentence=True)
-        raise ConfigError(f'Unknown key config.model.{key}.{hint} Valid keys: {", ".join(fields)}.')
-    for key, value in values.items():
-      expected = type(fields[key].default)
-      if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        values[key] = float(value)
-      elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f'config.model.{key}={value!r} must be of type {expected.__name__}.')
-    return cls(**values)
+    return _from_mapping(cls, config, 'config.model')
 
 
 def default_model_config(**overrides) -> ml_collections.ConfigDict:
   """`config.model` with every field at its default, then `overrides` (validated)."""
-  model = dataclasses.replace(ModelConfig(), **overrides)
-  return ml_collections.ConfigDict(dataclasses.asdict(model))
+  return ml_collections.ConfigDict(dataclasses.asdict(ModelConfig.from_config(overrides)))
 
 
-def _choice(key, value, choices):
+def _from_mapping(cls, config: Any, prefix: str):
+  """`cls` (a config dataclass) from a `ConfigDict` or mapping: missing keys take their defaults, an unknown
+  key is an error naming the nearest valid one, a value of the wrong type names the expected type, and a
+  field that is itself a config dataclass (`TrainConfig.mesh`) is read the same way from a nested mapping."""
+  values = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  for key in values:
+    if key not in fields:
+      hint = did_you_mean(key, fields, show=f'{prefix}.{{}}'.format, sentence=True)
+      raise ConfigError(f'Unknown key {prefix}.{key}.{hint} Valid keys: {", ".join(fields)}.')
+  for key, value in values.items():
+    expected = fields[key].type
+    if dataclasses.is_dataclass(expected):
+      if isinstance(value, expected):
+        continue
+      if not hasattr(value, 'keys'):
+        raise ConfigError(f'{prefix}.{key}={value!r} must be a mapping of {", ".join(expected.__dataclass_fields__)}.')
+      values[key] = _from_mapping(expected, value, f'{prefix}.{key}')
+    elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+      values[key] = float(value)
+    elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+      raise ConfigError(f'{prefix}.{key}={value!r} must be of type {expected.__name__}.')
+  return cls(**values)
+
+
+def _choice(key, value, choices, prefix='config.model'):
   if value not in choices:
-    raise ConfigError(f'config.model.{key}={value!r} is not one of: {", ".join(choices)}.')
+    raise ConfigError(f'{prefix}.{key}={value!r} is not one of: {", ".join(choices)}.')
 
 
-def _positive(key, value):
+def _positive(key, value, prefix='config.model'):
   if value <= 0:
-    raise ConfigError(f'config.model.{key}={value} must be a positive integer.')
+    raise ConfigError(f'{prefix}.{key}={value} must be a positive integer.')
 
 
 def _divisors(n):
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """`config.train.mesh`: devices along each axis of the ('data', 'fsdp', 'tensor') mesh (jit only).
+  One axis may be -1: all devices the others leave. Whether the sizes fit the devices is checked when
+  the mesh is made (`parallel.make_mesh`), where the device count is known."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = dataclasses.asdict(self)
+    if sum(size == -1 for size in sizes.values()) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+      given = ', '.join(f'config.train.mesh.{axis}={size}' for axis, size in sizes.items())
+      raise ConfigError(
+        f'{given}: each mesh axis must be a positive size, and at most one may be -1 (all remaining devices).'
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training engine's settings. The checks that need the devices (the batch against its shards, the
+  mesh against the device count) are the runner's (`parallel.make_runner`)."""
+
+  num_steps: int = 1000
+  batch_size: int = 32  # global, in sequences
+  optimizer: str = 'adam'  # 'adam': the paper's rsqrt warmup; 'adamw': warmup + cosine
+  learning_rate: float = 1.0  # adam: multiplies the paper's schedule; adamw: the peak rate
+  warmup_steps: int = 4000
+  weight_decay: float = 0.0  # adamw only; never on norms and biases
+  label_smoothing: float = 0.1
+  z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM); 0 disables
+  grad_clip: float = 0.0  # global-norm clipping; 0 disables
+  grad_accum_steps: int = 1  # micro-batches per step, accumulated inside the jitted step
+  seed: int = 0
+  parallelism: str = 'jit'  # 'jit': sharded over the mesh; 'pmap': classic data parallelism
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  log_every: int = 50
+  eval_every: int = 500
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  num_samples: int = 3  # eval examples decoded and logged at every eval (0: none)
+  decode_examples: int = 32  # --mode decode: eval examples decoded into the workdir
+  peak_flops: float = 0.0  # per device, for MFU; 0: the platform's table, measured on CPU
+  log_batch_digests: bool = False  # each process logs a hash of every row it feeds (workdir/batches/)
+
+  def __post_init__(self):
+    prefix = 'config.train'
+    _choice('optimizer', self.optimizer, OPTIMIZERS, prefix)
+    _choice('parallelism', self.parallelism, PARALLELISM, prefix)
+    for key in ('num_steps', 'batch_size', 'grad_accum_steps', 'log_every', 'eval_every', 'checkpoint_every'):
+      _positive(key, getattr(self, key), prefix)
+    for key in ('warmup_steps', 'keep_checkpoints', 'num_samples', 'decode_examples'):
+      if getattr(self, key) < 0:
+        raise ConfigError(f'{prefix}.{key}={getattr(self, key)} must be >= 0.')
+    for key in ('learning_rate', 'weight_decay', 'z_loss', 'grad_clip', 'peak_flops'):
+      if not getattr(self, key) >= 0:
+        raise ConfigError(f'{prefix}.{key}={getattr(self, key)} must be >= 0 (0 disables where that applies).')
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ConfigError(f'{prefix}.label_smoothing={self.label_smoothing} must be in [0, 1).')
+
+  @classmethod
+  def from_config(cls, config: Any) -> 'TrainConfig':
+    """From a `ConfigDict` or mapping (`mesh` a nested one); unknown keys are an error naming the nearest."""
+    return _from_mapping(cls, config, 'config.train')
+
+
 def default_train_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.train`: the training engine's settings, defaults first, then `overrides`."""
-  train = ml_collections.ConfigDict(
-    dict(
-      num_steps=1000,
-      batch_size=32,  # global, in sequences
-      optimizer='adam',  # 'adam': the paper's rsqrt warmup; 'adamw': warmup + cosine
-      learning_rate=1.0,  # adam: multiplies the paper's schedule; adamw: the peak rate
-      warmup_steps=4000,
-      weight_decay=0.0,  # adamw only; never on norms and biases
-      label_smoothing=0.1,
-      z_loss=0.0,  # coefficient of log(Z)^2 (PaLM); 0 disables
-      grad_clip=0.0,  # global-norm clipping; 0 disables
-      grad_accum_steps=1,  # micro-batches per step, accumulated inside the jitted step
-      seed=0,
-      parallelism='jit',  # 'jit': sharded over the mesh; 'pmap': classic data parallelism
-      mesh=dict(data=-1, fsdp=1, tensor=1),  # -1: all remaining devices
-      log_every=50,
-      eval_every=500,
-      checkpoint_every=500,
-      keep_checkpoints=3,
-      num_samples=3,  # eval examples decoded and logged at every eval (0: none)
-      decode_examples=32,  # --mode decode: eval examples decoded into the workdir
-      peak_flops=0.0,  # per device, for MFU; 0: the platform's table, measured on CPU
-      log_batch_digests=False,  # each process logs a hash of every row it feeds (workdir/batches/)
-    )
-  )
-  train.update(overrides)
-  return train
+  """`config.train` with every field at its default, then `overrides` (validated: a misspelt key is refused)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(TrainConfig.from_config(overrides)))
 
 
 def nearest(name: str, choices) -> str | None:

@@ -1,4 +1,4 @@
-"""The training loop: config -> task, model, runner -> steps, logs, evals and checkpoints."""
+"""The training loop: `setup.build(config)` -> runner -> steps, logs, evals and checkpoints."""
 
 import hashlib
 import json
@@ -10,22 +10,12 @@ import time
 import jax
 import numpy as np
 
-from transformer import checkpoint, metrics, models, optim, parallel, tasks
-from transformer.config import ConfigError, ModelConfig
+from transformer import checkpoint, metrics, parallel, setup, summary
+from transformer.config import ConfigError
 
 
 class NonFiniteLoss(FloatingPointError):
   """Training diverged; the message names the step. Checkpoints before it are kept."""
-
-
-def build(config):
-  """Task, model config (vocabulary from the task), model, optimizer and schedule."""
-  task = tasks.get_task(config)
-  model_config = ModelConfig.from_config({**config.model.to_dict(), 'vocab_size': task.vocab_size})
-  model = models.build_model(model_config)
-  optimizer = optim.make_optimizer(config.train, model_config.d_model)
-  schedule = optim.learning_rate_schedule(config.train, model_config.d_model)
-  return task, model, optimizer, schedule
 
 
 def evaluate(runner, task, state, batch_size):
@@ -52,15 +42,16 @@ def predictor(runner, model, state, step, seed):
   return Predictor(model, runner.to_checkpoint(state).params, step=step, seed=seed)
 
 
-def evaluate_all(runner, task, model, state, step, config, workdir):
+def evaluate_all(runner, built: setup.Setup, state, step, workdir):
   """Loss metrics, the task's own metrics (BLEU, bits per byte, ...) and decoded samples.
 
   Samples are printed, and appended to `<workdir>/samples.jsonl` so a reader can judge them later.
   """
+  task = built.task
   results = evaluate(runner, task, state, runner.local_batch_size())
-  pred = predictor(runner, model, state, step, config.train.seed)
+  pred = predictor(runner, built.model, state, step, built.train_config.seed)
   results.update(task.eval_metrics(pred, results))
-  num = config.train.num_samples
+  num = built.train_config.num_samples
   samples = task.samples(pred, num, workdir) if num else []
   if samples and jax.process_index() == 0:
     _write_samples(os.path.join(workdir, 'samples.jsonl'), [{'step': step, **s} for s in samples], 'a')
@@ -80,11 +71,13 @@ def _write_samples(path: str, samples, mode: str):
 
 
 def _prepare(config, workdir):
-  """What training and evaluation share: task, model, runner and the workdir's checkpoints."""
-  task, model, optimizer, schedule = build(config)
-  runner = parallel.make_runner(config.train, model, optimizer, schedule)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
-  return task, model, runner, ckpts
+  """What training and evaluation share: the built setup (task, typed configs, model, optimizer), the
+  runner and the workdir's checkpoints."""
+  built = setup.build(config)
+  train = built.train_config
+  runner = parallel.make_runner(train, built.model, built.optimizer, built.schedule)
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=train.keep_checkpoints)
+  return built, runner, ckpts
 
 
 def _restore(ckpts, runner):
@@ -111,11 +104,11 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   `stop_at` stops after that step as a preemption would (checkpoint, clean exit): for tests and for
   splitting a run into jobs of bounded length.
   """
-  task, model, runner, ckpts = _prepare(config, workdir)
-  train = config.train
+  built, runner, ckpts = _prepare(config, workdir)
+  task, model, train = built.task, built.model, built.train_config
   primary = jax.process_index() == 0
   rows = runner.local_rows()
-  train_iter = task.train_iter(int(train.batch_size), rows)
+  train_iter = task.train_iter(train.batch_size, rows)
   digests = BatchDigests(workdir, rows) if train.log_batch_digests else None
   from transformer import workdir as workdir_lib  # before restoring: refuses a config the checkpoints do not fit
 
@@ -144,6 +137,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   window_start = time.perf_counter()
   data_wait = 0.0  # seconds the loop waited for input batches in this window
   compile_s = None
+  step = start_step
   try:
     with checkpoint.PreemptionGuard() as guard:
       for step in range(start_step + 1, train.num_steps + 1):
@@ -188,8 +182,10 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
           progress.update(step, scalars['train/loss'], scalars['train/tokens_per_sec'], step_time)
           window, window_start, data_wait = [], time.perf_counter(), 0.0
         if step % train.eval_every == 0 or last:
-          eval_metrics = evaluate_all(runner, task, model, state, step, config, workdir)
+          eval_metrics = evaluate_all(runner, built, state, step, workdir)
           writer.write(step, eval_metrics)
+          if primary:
+            print(summary.eval_line(step, eval_metrics), flush=True)
           window_start, data_wait = time.perf_counter(), 0.0  # eval time is not step time
         stop = guard.should_stop(step) or step == stop_at
         if step % train.checkpoint_every == 0 or last or stop:
@@ -208,7 +204,18 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
     ckpts.wait()
     ckpts.close()
     writer.close()
+  if primary:
+    print(summary.run_summary(workdir, step, train.num_steps, _evals(workdir), writer.tensorboard), flush=True)
   return eval_metrics
+
+
+def _evals(workdir: str) -> list[dict]:
+  """The eval rows of `<workdir>/metrics.jsonl`, those of earlier (resumed) runs included."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [row for row in map(json.loads, f) if 'eval/loss' in row]
 
 
 def _test_kill(step: int) -> None:
@@ -245,20 +252,20 @@ class BatchDigests:
 
 
 def _prepare_latest(config, workdir, what):
-  task, model, runner, ckpts = _prepare(config, workdir)
+  built, runner, ckpts = _prepare(config, workdir)
   if ckpts.latest_step() is None:
     raise ConfigError(f'No checkpoint in {workdir}/checkpoints to {what}: train first (--mode train).')
   state, _, step = _restore(ckpts, runner)
-  return task, model, runner, ckpts, state, step
+  return built, runner, ckpts, state, step
 
 
 def decode_checkpoint(config, workdir: str):
   """Decodes `config.train.decode_examples` eval examples with the latest checkpoint into
   `<workdir>/decode/step_<N>.jsonl` (source, reference and output, or prompt and continuation)."""
-  task, model, runner, ckpts, state, step = _prepare_latest(config, workdir, 'decode')
+  built, runner, ckpts, state, step = _prepare_latest(config, workdir, 'decode')
   ckpts.close()
-  pred = predictor(runner, model, state, step, config.train.seed)
-  samples = task.samples(pred, config.train.decode_examples, workdir)
+  pred = predictor(runner, built.model, state, step, built.train_config.seed)
+  samples = built.task.samples(pred, built.train_config.decode_examples, workdir)
   if jax.process_index() == 0:
     path = os.path.join(workdir, 'decode', f'step_{step}.jsonl')
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -271,8 +278,8 @@ def decode_checkpoint(config, workdir: str):
 
 def evaluate_checkpoint(config, workdir: str):
   """Evaluates the latest checkpoint in `workdir` on the task's eval set and logs it."""
-  task, model, runner, ckpts, state, step = _prepare_latest(config, workdir, 'evaluate')
-  results = evaluate_all(runner, task, model, state, step, config, workdir)
+  built, runner, ckpts, state, step = _prepare_latest(config, workdir, 'evaluate')
+  results = evaluate_all(runner, built, state, step, workdir)
   writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, results)
   writer.close()

@@ -29,6 +29,11 @@ class MetricsWriter:
     except ImportError:
       self._tb = None
 
+  @property
+  def tensorboard(self) -> bool:
+    """Whether TensorBoard event files are written (tensorboardX installed, process 0)."""
+    return self.enabled and self._tb is not None
+
   def write(self, step: int, scalars: dict):
     if not self.enabled:
       return

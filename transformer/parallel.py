@@ -19,11 +19,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer import models, train
-from transformer.config import ConfigError
+from transformer.config import MESH_AXES, ConfigError, MeshConfig, TrainConfig
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both; FSDP is data parallel too
-PARALLELISM = ('jit', 'pmap')
 PMAP_AXIS = 'batch'
 
 # Logical axis name (see `models.logical_axes`) -> mesh axis; names not listed are replicated.
@@ -48,16 +46,13 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(mesh_config) -> Mesh:
-  """The ('data', 'fsdp', 'tensor') mesh over all devices; one axis may be -1 (all remaining devices)."""
-  sizes = {axis: int(getattr(mesh_config, axis)) for axis in MESH_AXES}
+def make_mesh(mesh_config: MeshConfig) -> Mesh:
+  """The ('data', 'fsdp', 'tensor') mesh over all devices; one axis may be -1 (all remaining devices).
+  `MeshConfig` checked the sizes themselves; here they are checked against the device count."""
+  sizes = {axis: getattr(mesh_config, axis) for axis in MESH_AXES}
   count = jax.device_count()
   given = ', '.join(f'config.train.mesh.{axis}={size}' for axis, size in sizes.items())
   fill = [axis for axis, size in sizes.items() if size == -1]
-  if len(fill) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
-    raise ConfigError(
-      f'{given}: each mesh axis must be a positive size, and at most one may be -1 (all remaining devices).'
-    )
   known = math.prod(size for size in sizes.values() if size != -1)
   if fill and count % known == 0:
     sizes[fill[0]] = count // known
@@ -143,15 +138,15 @@ class Runner:
   parallelism: str
   mesh: Mesh | None = None
 
-  def __init__(self, train_config, shards: int, shards_text: str, local_shards: int):
+  def __init__(self, train_config: TrainConfig, shards: int, shards_text: str, local_shards: int):
     """`shards`: the batch's splits over all devices (`shards_text` names them for the error);
     `local_shards`: the distinct row blocks this process feeds."""
     # Dropout masks must not depend on how the batch is sharded (the default since JAX 0.5).
     if not jax.config.jax_threefry_partitionable:
       jax.config.update('jax_threefry_partitionable', True)
-    self.batch_size = int(train_config.batch_size)
+    self.batch_size = train_config.batch_size
     self._shards, self._local_shards = shards, local_shards
-    accum = int(train_config.grad_accum_steps)
+    accum = train_config.grad_accum_steps
     if self.batch_size % (shards * accum):
       raise ConfigError(
         f'config.train.batch_size={self.batch_size} must be divisible by {shards_text} x '
@@ -221,7 +216,7 @@ class JitRunner(Runner):
 
   parallelism = 'jit'
 
-  def __init__(self, train_config, model, optimizer, schedule):
+  def __init__(self, train_config: TrainConfig, model, optimizer, schedule):
     self.mesh = make_mesh(train_config.mesh)
     shards = _axis_size(self.mesh, BATCH_AXES)
     self._batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
@@ -298,7 +293,7 @@ class PmapRunner(Runner):
 
   parallelism = 'pmap'
 
-  def __init__(self, train_config, model, optimizer, schedule):
+  def __init__(self, train_config: TrainConfig, model, optimizer, schedule):
     devices = jax.local_devices()
     count = jax.device_count()
     super().__init__(train_config, count, f'the device count ({count}, pmap)', len(devices))
@@ -345,10 +340,7 @@ class PmapRunner(Runner):
     return self._first(tree)
 
 
-def make_runner(train_config, model, optimizer, schedule) -> Runner:
+def make_runner(train_config: TrainConfig, model, optimizer, schedule) -> Runner:
   """The `Runner` for `train_config.parallelism` ('jit' or 'pmap'); it checks the batch size against its
   shards and `grad_accum_steps`."""
-  parallelism = train_config.parallelism
-  if parallelism not in PARALLELISM:
-    raise ConfigError(f'config.train.parallelism={parallelism!r} is not one of: {", ".join(PARALLELISM)}.')
-  return (JitRunner if parallelism == 'jit' else PmapRunner)(train_config, model, optimizer, schedule)
+  return (JitRunner if train_config.parallelism == 'jit' else PmapRunner)(train_config, model, optimizer, schedule)

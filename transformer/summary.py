@@ -1,6 +1,7 @@
-"""Parameter tables: where a model's parameters are, and how many."""
+"""What a run shows its reader: parameter tables, one line per eval, and the summary when training ends."""
 
 import math
+import os
 
 import jax
 
@@ -29,4 +30,57 @@ def param_table(params, depth: int = 4) -> str:
   lines += [f'{module:<{width}}  {count:>12,}  {shapes}' for module, shapes, count in rows]
   total = count_params(params)
   lines.append(f'Total parameters: {total:,} ({total / 1e6:.1f}M)')
+  return '\n'.join(lines)
+
+
+# How the eval line shows a metric (by its name after 'eval/'), in this order; others follow as '{:.4g}'.
+# Token counts and perplexity (exp of the loss) stay in metrics.jsonl: they add width, not news.
+_EVAL_FORMATS = {
+  'loss': '{:.3g}',
+  'accuracy': '{:.1%}',
+  'exact_match': '{:.1%}',
+  'bleu': '{:.1f}',
+  'chrf': '{:.1f}',
+  'bits_per_byte': '{:.3f}',
+  'bits_per_note': '{:.3f}',
+}
+_EVAL_HIDDEN = ('tokens', 'perplexity')
+
+
+def eval_metrics_text(results: dict) -> str:
+  """'loss 3.49  accuracy 33.9%  bleu 5.1  chrf 25.3' from `{'eval/loss': ..., ...}`."""
+  values = {k.removeprefix('eval/'): v for k, v in results.items() if k.startswith('eval/')}
+  names = [n for n in _EVAL_FORMATS if n in values] + [n for n in values if n not in _EVAL_FORMATS]
+  return '  '.join(
+    f'{name} {_EVAL_FORMATS.get(name, "{:.4g}").format(values[name])}' for name in names if name not in _EVAL_HIDDEN
+  )
+
+
+def eval_line(step: int, results: dict) -> str:
+  """The line the loop prints after each eval: 'eval step 500: loss 3.49  accuracy 33.9%  bleu 5.1'."""
+  return f'eval step {step}: {eval_metrics_text(results)}'
+
+
+def run_summary(workdir: str, step: int, num_steps: int, evals: list[dict], tensorboard: bool) -> str:
+  """What the loop prints when training ends: the best eval (lowest eval loss; `evals` are metrics.jsonl
+  rows with 'step'), and where the samples, TensorBoard events, metrics and checkpoints are."""
+  done = (
+    f'Training finished: step {step} of {num_steps}.'
+    if step >= num_steps
+    else f'Training stopped at step {step} of {num_steps}.'
+  )
+  lines = [done]
+  scored = [row for row in evals if 'eval/loss' in row]
+  if scored:
+    best = min(scored, key=lambda row: (row['eval/loss'], row['step']))
+    lines.append(f'Best eval (lowest loss) at step {best["step"]}: {eval_metrics_text(best)}')
+  where = [('metrics', os.path.join(workdir, 'metrics.jsonl'))]
+  for name in ('samples.jsonl', 'samples'):
+    if os.path.exists(os.path.join(workdir, name)):
+      where.append(('samples', os.path.join(workdir, name)))
+  if tensorboard:
+    where.append(('TensorBoard', f'tensorboard --logdir {workdir}'))
+  where.append(('checkpoints', os.path.join(workdir, 'checkpoints')))
+  width = max(len(label) for label, _ in where)
+  lines += [f'  {label:<{width}}  {path}' for label, path in where]
   return '\n'.join(lines)

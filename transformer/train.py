@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from transformer import models
+from transformer.config import TrainConfig
 from transformer.tokens import PAD_ID
 
 
@@ -144,7 +145,9 @@ def sharding_context(layout: MeshLayout | None):
   return stack
 
 
-def make_train_step(model, optimizer, schedule, train_config, axis_name=None, layout: MeshLayout | None = None):
+def make_train_step(
+  model, optimizer, schedule, train_config: TrainConfig, axis_name=None, layout: MeshLayout | None = None
+):
   """A pure `train_step(state, batch) -> (state, metrics)`.
 
   Gradients are of the *summed* loss, divided once by the number of real tokens in the whole batch
@@ -156,8 +159,8 @@ def make_train_step(model, optimizer, schedule, train_config, axis_name=None, la
   follow the layout's logical rules, and each batch shard keeps its own partial gradient until the
   last micro-batch, so gradients are reduced across devices once per step.
   """
-  accum = int(train_config.grad_accum_steps)
-  smoothing, z_loss = float(train_config.label_smoothing), float(train_config.z_loss)
+  accum = train_config.grad_accum_steps
+  smoothing, z_loss = train_config.label_smoothing, train_config.z_loss
   per_row = dropout_active(model.config)
   # On a mesh each batch shard's gradient is computed apart (vmap over shards) and summed after the
   # last micro-batch: one reduction across devices per step, not one per micro-batch (nor one per use

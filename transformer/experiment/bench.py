@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transformer import decoding, hlo_audit, metrics, models, optim, parallel, summary, train
-from transformer.config import ConfigError, ModelConfig, did_you_mean
+from transformer import decoding, hlo_audit, metrics, models, parallel, setup, summary, train
+from transformer.config import ConfigError, ModelConfig, TrainConfig, did_you_mean
 from transformer.tokens import EOS_ID
 
 # `config.bench` (all optional): how long to measure and what else to measure.
@@ -68,23 +68,20 @@ class TrainBench:
   """A compiled train step of `config` with its state, ready to be timed step by step.
 
   Kept as an object so a comparison can alternate it with another implementation in one process.
+  Synthetic batches need no task: the vocabulary is `config.model.vocab_size` (`setup.build` without one).
   """
 
-  def __init__(self, config, model_config: ModelConfig | None = None):
-    self.model_config = model_config or ModelConfig.from_config(config.model)
-    self.model = models.build_model(self.model_config)
-    self.train_config = config.train
-    optimizer = optim.make_optimizer(config.train, self.model_config.d_model)
-    schedule = optim.learning_rate_schedule(config.train, self.model_config.d_model)
-    self.runner = parallel.make_runner(config.train, self.model, optimizer, schedule)
+  def __init__(self, config):
+    built = setup.build(config, with_task=False)
+    self.model_config, self.model, self.train_config = built.model_config, built.model, built.train_config
+    self.runner = parallel.make_runner(self.train_config, self.model, built.optimizer, built.schedule)
     self.seq_len = seq_len_of(config)
-    self.batch = synthetic_batch(
-      self.model_config, self.runner.local_batch_size(), self.seq_len, int(config.train.seed)
-    )
-    self.state = self.runner.init_state(int(config.train.seed))
+    seed = self.train_config.seed
+    self.batch = synthetic_batch(self.model_config, self.runner.local_batch_size(), self.seq_len, seed)
+    self.state = self.runner.init_state(seed)
     jax.block_until_ready(self.state)
     self.params = summary.count_params(self.state.params)
-    self.tokens_per_step = int(config.train.batch_size) * self.seq_len
+    self.tokens_per_step = self.train_config.batch_size * self.seq_len
     self.compile_s = None
     self.last_loss = None
 
@@ -124,14 +121,13 @@ def time_input_pipeline(config, batch_size: int, count: int) -> float | None:
   return (time.perf_counter() - start) / count
 
 
-def compile_train_step(model_config: ModelConfig, train_config, batch_size: int, seq_len: int) -> dict:
+def compile_train_step(model_config: ModelConfig, train_config: TrainConfig, batch_size: int, seq_len: int) -> dict:
   """Lowers and compiles the train step for abstract inputs (nothing allocated or run) and returns
   the seconds each took and XLA's compiled memory analysis: bytes of temporaries (activations kept
   for the backward pass, workspace), of arguments, and the peak."""
-  model = models.build_model(model_config)
-  optimizer = optim.make_optimizer(train_config, model_config.d_model)
-  schedule = optim.learning_rate_schedule(train_config, model_config.d_model)
-  step = train.make_train_step(model, optimizer, schedule, train_config)
+  built = setup.build_model(model_config, train_config)
+  model, optimizer = built.model, built.optimizer
+  step = train.make_train_step(model, optimizer, built.schedule, train_config)
   abstract_state = jax.eval_shape(lambda: train.init_state(model, optimizer, 0))
   batch = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), synthetic_batch(model_config, batch_size, seq_len)
@@ -187,21 +183,20 @@ def audit_train_step(config, single_dot_flops: int | None = None) -> dict:
   its per-device matmul FLOPs over those of the same step compiled for one device, divided by the
   device count (1.0: the work is split evenly, none repeated). `single_dot_flops` (the one-device step's,
   from an earlier audit of the same model and batch) saves compiling that step again."""
-  model_config = ModelConfig.from_config(config.model)
-  model = models.build_model(model_config)
-  optimizer = optim.make_optimizer(config.train, model_config.d_model)
-  schedule = optim.learning_rate_schedule(config.train, model_config.d_model)
-  runner = parallel.make_runner(config.train, model, optimizer, schedule)
-  batch_size, seq_len = int(config.train.batch_size), seq_len_of(config)
+  built = setup.build(config, with_task=False)
+  model_config, model, optimizer, schedule = built.model_config, built.model, built.optimizer, built.schedule
+  train_config = built.train_config
+  runner = parallel.make_runner(train_config, model, optimizer, schedule)
+  batch_size, seq_len = train_config.batch_size, seq_len_of(config)
   batch = synthetic_batch(model_config, batch_size, seq_len)
   text = runner.lower_train_step(batch).compile().as_text()
   found = hlo_audit.collectives(text)
   if single_dot_flops is None:
-    single = jax.jit(train.make_train_step(model, optimizer, schedule, config.train)).lower(
+    single = jax.jit(train.make_train_step(model, optimizer, schedule, train_config)).lower(
       jax.eval_shape(lambda: train.init_state(model, optimizer, 0)), batch
     )
     single_dot_flops = hlo_audit.dot_flops(single.compile().as_text())
-  accum = int(config.train.grad_accum_steps)
+  accum = train_config.grad_accum_steps
   return {
     'layout': _layout(runner.mesh),
     'mesh': dict(runner.mesh.shape),
@@ -221,7 +216,7 @@ def measure_train(config, bench_settings: dict | None = None) -> dict:
   bench.times(int(s['warmup']))
   times = bench.times(max(int(s['steps']), 1))
   step_s = statistics.median(times)
-  peak, mfu_basis = metrics.peak_flops_basis(float(config.train.peak_flops))
+  peak, mfu_basis = metrics.peak_flops_basis(bench.train_config.peak_flops)
   peak *= jax.device_count()
   flops_per_token = metrics.flops_per_token(bench.model_config, bench.seq_len)
   tokens_per_sec = bench.tokens_per_step / step_s
@@ -235,7 +230,7 @@ def measure_train(config, bench_settings: dict | None = None) -> dict:
     'params': bench.params,
     'model_tflops_per_step': flops_per_token * bench.tokens_per_step / 1e12,
     'peak_gflops': peak / 1e9,
-    'batch_size': int(config.train.batch_size),
+    'batch_size': bench.train_config.batch_size,
     'seq_len': bench.seq_len,
     'steps': len(times),
     'devices': jax.device_count(),
@@ -360,7 +355,7 @@ def measure_decode(config, bench_settings: dict) -> dict:
   """`--mode bench` with `config.bench.decode`: greedy tokens/s of `decoding.generate`, and (with
   `config.bench.uncached`) of the uncached loop and the speed-up."""
   s = bench_settings
-  model_config = ModelConfig.from_config(config.model)
+  model_config = setup.resolve(config).model_config
   methods = ('cached', 'uncached') if s['uncached'] else ('cached',)
   batch, length = int(s['decode_batch']), int(s['decode_len'])
   times = decode_times(

@@ -38,9 +38,9 @@ def _main(argv):
   from transformer.config import ConfigError
 
   config = _CONFIG.value
+  quiet_library_logs()
   try:
     if _DRY_RUN.value:
-      logging.set_verbosity(logging.WARNING)  # no backend-discovery chatter around the table
       print(run.dry_run(config))
       return
     from transformer import distributed
@@ -50,6 +50,13 @@ def _main(argv):
     run.run(config, _MODE.value, workdir, command_line_overrides())
   except ConfigError as error:  # a user's mistake: one message, no traceback
     raise app.UsageError(str(error)) from None
+
+
+def quiet_library_logs():
+  """absl's own `--verbosity` / `-v` decides, when given; otherwise WARNING: the INFO lines of absl and orbax
+  (hundreds per run, some over 1,000 characters) would bury the progress and eval lines."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def command_line_overrides() -> tuple[str, ...]:

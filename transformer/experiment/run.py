@@ -13,11 +13,10 @@ def dry_run(config) -> str:
   """Builds the model abstractly (`jax.eval_shape`: nothing allocated) and tabulates its parameters."""
   import jax
 
-  from transformer import models, summary
-  from transformer.config import ModelConfig
+  from transformer import models, setup, summary
 
   start = time.perf_counter()
-  model_config = ModelConfig.from_config(config.model)
+  model_config = setup.resolve(config).model_config  # config.model.vocab_size: no tokenizer is trained
   model = models.build_model(model_config)
   params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
   seconds = time.perf_counter() - start

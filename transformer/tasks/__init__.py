@@ -1,23 +1,46 @@
-"""Tasks: each builds its tokenizer, data iterators, metrics and decoding from the config.
+"""Tasks: each builds its tokenizer, data iterators, metrics and decoding from the config, behind `Task`.
 
-A task object has:
-  vocab_size, seq_len                          the model's vocabulary and the training length
-  train_iter(batch_size, rows=None)            endless iterator of this process's rows (start, stop) of
-                                               the global batches of `batch_size` (the same examples for
-                                               any topology), `get_state()` / `set_state()` for checkpoints
-  eval_batches(batch_size, process_index, process_count)
-                                               the held-out set once, never packed, the same number
-                                               of batches on every process
-  eval_metrics(generator, losses) -> dict      task metrics beyond loss / accuracy / perplexity
-                                               (BLEU, bits per byte, ...); `generator` decodes
-  samples(generator, num) -> list[dict]        decoded examples for logs and `--mode decode`
-Batches are dicts of int32 `[batch, length]` arrays: `targets` (+ `_segment_ids`, `_positions` when
-packed) and, for encoder-decoder tasks, `inputs` (+ the same).
+Batches are dicts of int32 `[batch, length]` arrays: `targets` (+ `targets_segment_ids`, `targets_positions`
+when packed) and, for encoder-decoder tasks, `inputs` (+ the same). A user's mistake in `config.data` (a
+bad choice, a missing setting, a corpus with no examples) is a `ConfigError` naming the key.
 """
 
 import importlib
+from typing import Protocol, runtime_checkable
 
 from transformer.config import ConfigError, did_you_mean
+
+
+@runtime_checkable
+class Task(Protocol):
+  """What the training loop, `--mode eval` and `--mode decode` use of a task. `predictor` is a
+  `transformer.predictor.Predictor`: the model with a checkpoint's parameters, which decodes."""
+
+  vocab_size: int  # the model's vocabulary (the task's tokenizer or event vocabulary): `setup.build` uses it
+  seq_len: int  # the training length of a batch row
+
+  def train_iter(self, batch_size: int, rows: tuple[int, int] | None = None):
+    """An endless iterator of this process's `rows` (start, stop) of the global batches of `batch_size`
+    (all rows when None): the same examples for any topology. `get_state()` / `set_state()` save and
+    resume its position exactly (checkpoints)."""
+    ...
+
+  def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
+    """The held-out set once, never packed, as batches of `batch_size` rows; the same number of batches
+    on every process (padded with empty rows)."""
+    ...
+
+  def eval_metrics(self, predictor, losses: dict) -> dict:
+    """Metrics beyond the loop's loss / accuracy / perplexity (`losses`, keys `eval/...`): BLEU and chrF,
+    bits per byte or note, exact match. Keys start with `eval/`; {} when the task has none."""
+    ...
+
+  def samples(self, predictor, num: int, workdir: str | None = None) -> list[dict]:
+    """`num` decoded examples as flat dicts of text (source, reference, output; prompt, output; ...), for
+    the logs, `samples.jsonl` and `--mode decode`. With `workdir` a task may also write files there
+    (music: MIDI and piano rolls under `workdir/samples/`)."""
+    ...
+
 
 # config.task -> the class that builds it (imported on demand: a task's libraries load only when used).
 TASKS = {
@@ -29,7 +52,8 @@ TASKS = {
 }
 
 
-def get_task(config):
+def get_task(config) -> Task:
+  """The task `config.task` names, built from `config` (tokenizer trained or loaded from its cache)."""
   if config.task not in TASKS:
     raise ConfigError(
       f'config.task={config.task!r} is not a task{did_you_mean(config.task, TASKS)}; choose one of: {", ".join(TASKS)}.'

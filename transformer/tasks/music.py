@@ -66,22 +66,22 @@ class MusicTask(common.TokenizedTask):
     """Each piece's windows of at most `seq_len - 1` events, each + EOS."""
     return [{'targets': common.with_eos(ids)} for piece in pieces for ids in self.vocab.windows(piece, seq_len - 1)]
 
-  def eval_metrics(self, generator, losses):
+  def eval_metrics(self, predictor, losses: dict) -> dict:
     """Bits per note of the eval set (from the loop's loss; no decoding)."""
-    del generator
+    del predictor
     if 'eval/loss' not in losses or 'eval/tokens' not in losses or not self.eval_notes:
       return {}
     return {'eval/bits_per_note': common.bits_per_unit(losses, self.eval_notes)}
 
-  def generate(self, generator, num: int):
+  def generate(self, predictor, num: int):
     """`num` sampled id rows, each from BOS alone (a prompt of width 0)."""
     prompts = np.zeros((num, 0), np.int32)
-    return np.asarray(generator.generate(prompts=prompts, max_len=self.sample_len, method='sample', **self.sampling))
+    return np.asarray(predictor.generate(prompts=prompts, max_len=self.sample_len, method='sample', **self.sampling))
 
-  def samples(self, generator, num: int, workdir=None):
+  def samples(self, predictor, num: int, workdir: str | None = None) -> list[dict]:
     """`num` sampled pieces: their first events, note counts, and with `workdir` a MIDI file and a
     piano roll each in `workdir/samples/step_<step>_<i>.{mid,png}`."""
-    rows = self.generate(generator, num)
+    rows = self.generate(predictor, num)
     out = []
     for i, row in enumerate(rows):
       notes = self.vocab.decode(row)
@@ -95,9 +95,9 @@ class MusicTask(common.TokenizedTask):
       if workdir:
         folder = os.path.join(workdir, 'samples')
         os.makedirs(folder, exist_ok=True)
-        stem = os.path.join(folder, f'step_{int(getattr(generator, "step", 0))}_{i}')
+        stem = os.path.join(folder, f'step_{int(getattr(predictor, "step", 0))}_{i}')
         music.write_midi(notes, stem + '.mid', self.seconds_per_step)
-        music.piano_roll_png(notes, stem + '.png', title=f'sample {i} at step {getattr(generator, "step", 0)}')
+        music.piano_roll_png(notes, stem + '.png', title=f'sample {i} at step {getattr(predictor, "step", 0)}')
         sample['midi'] = stem + '.mid'
       out.append(sample)
     return out

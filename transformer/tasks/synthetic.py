@@ -8,6 +8,7 @@ by a tiny model in seconds: a loss near 0 means the model attends correctly.
 import grain
 import numpy as np
 
+from transformer.config import ConfigError
 from transformer.data import pipeline
 from transformer.data.batching import pad_batch
 from transformer.tasks.common import EVAL_SEED_OFFSET
@@ -29,7 +30,7 @@ class SyntheticTask:
     self.pack = bool(data.get('pack', False))
     needed = self.max_len + 1 if self.kind == 'encoder_decoder' else 2 * self.max_len + 2
     if needed > self.seq_len:
-      raise ValueError(
+      raise ConfigError(
         f'config.data.seq_len={self.seq_len} is too short for config.data.max_len='
         f'{self.max_len}: it needs at least {needed}.'
       )
@@ -86,13 +87,13 @@ class SyntheticTask:
     ]
     return sources, answers, outputs
 
-  def eval_metrics(self, predictor, losses):
+  def eval_metrics(self, predictor, losses: dict) -> dict:
     """Exact-match rate of greedy outputs: did the model learn the rule, not just most tokens."""
     del losses
     _, answers, outputs = self._greedy(predictor, _EXACT_MATCH_EXAMPLES)
     return {'eval/exact_match': float(np.mean([list(a) == o for a, o in zip(answers, outputs)]))}
 
-  def samples(self, predictor, num, workdir=None):
+  def samples(self, predictor, num: int, workdir: str | None = None) -> list[dict]:
     del workdir
     return [
       {'source': ' '.join(map(str, s)), 'answer': ' '.join(map(str, a)), 'output': ' '.join(map(str, o))}

@@ -48,7 +48,7 @@ class TextTask(common.TokenizedTask):
     self.sampling = {key: data[key] for key in ('temperature', 'top_k', 'top_p')}
     self.prompt_words, self.sample_len = int(data.prompt_words), int(data.sample_len)
 
-  def eval_metrics(self, predictor, losses):
+  def eval_metrics(self, predictor, losses: dict) -> dict:
     del predictor
     return {'eval/bits_per_byte': common.bits_per_unit(losses, max(self.eval_bytes, 1))}
 
@@ -61,7 +61,7 @@ class TextTask(common.TokenizedTask):
     tokens = predictor.generate(prompts=batch, max_len=self.sample_len, method='sample', **self.sampling)
     return [self.tokenizer.decode(row) for row in np.asarray(tokens)]
 
-  def samples(self, predictor, num: int, workdir=None):
+  def samples(self, predictor, num: int, workdir: str | None = None) -> list[dict]:
     """Continuations of the first words of `num` eval documents."""
     del workdir
     prompts = [' '.join(doc.split()[: self.prompt_words]) for doc in common.spread(self.eval_docs, num)]

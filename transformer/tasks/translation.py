@@ -85,7 +85,7 @@ class TranslationTask(common.TokenizedTask):
       outputs += [self.tokenizer.decode(row) for row in np.asarray(tokens)[: len(chunk)]]
     return outputs
 
-  def eval_metrics(self, predictor, losses):
+  def eval_metrics(self, predictor, losses: dict) -> dict:
     """BLEU and chrF of beam-search translations of `config.data.bleu_examples` eval pairs."""
     del losses
     if not self.bleu_pairs:
@@ -94,7 +94,7 @@ class TranslationTask(common.TokenizedTask):
     references = [t for _, t in self.bleu_pairs]
     return {'eval/bleu': bleu(hypotheses, references), 'eval/chrf': chrf(hypotheses, references)}
 
-  def samples(self, predictor, num: int, workdir=None):
+  def samples(self, predictor, num: int, workdir: str | None = None) -> list[dict]:
     del workdir
     pairs = self.eval_pairs[:num]
     outputs = self.translate(predictor, [s for s, _ in pairs])
