@@ -19,6 +19,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from transformer.config import ConfigError
 from transformer.data.batching import pad_batch
 
 OVERLONG = ('truncate', 'drop')
@@ -41,6 +42,10 @@ def report_overlong(examples: Sequence[dict], seq_len: int, overlong: str, name:
       'dropped' if overlong == 'drop' else 'truncated',
     )
   return count
+
+
+def _fits(example, seq_len: int) -> bool:
+  return all(len(v) <= seq_len for v in example.values())
 
 
 def _fit(example, seq_len: int):
@@ -72,7 +77,12 @@ def train_iter(
     raise ValueError(f'rows={rows} is not a non-empty range of a global batch of {batch_size} rows.')
   ds = _as_dataset(examples).shuffle(seed=seed).repeat()  # a new permutation every epoch
   if overlong == 'drop':
-    ds = ds.filter(lambda ex: all(len(v) <= seq_len for v in ex.values()))
+    if not any(_fits(ex, seq_len) for ex in _as_dataset(examples)):  # else an endless search for a batch
+      raise ConfigError(
+        f'Every training example is longer than seq_len={seq_len}, so overlong=drop leaves none: raise '
+        "config.data.seq_len or set config.data.overlong='truncate'."
+      )
+    ds = ds.filter(lambda ex: _fits(ex, seq_len))
   ds = ds.map(lambda ex: _fit(ex, seq_len)).to_iter_dataset()
   if pack:
     first = _fit(_as_dataset(examples)[0], seq_len)
