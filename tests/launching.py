@@ -126,3 +126,27 @@ def checkpoint_params(workdir, step: int) -> dict[str, np.ndarray]:
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
     tree = checkpointer.restore(path, restore_args=as_numpy)
   return {'/'.join(k): np.asarray(v) for k, v in ocp.tree.to_flat_dict(tree['params']).items()}
+
+
+def wait_for_log(workdir, text: str, index: int = 0, timeout: float = 600, procs=()) -> None:
+  """Waits until `text` appears in process `index`'s log; fails early if one of `procs` exits first."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.exists(os.path.join(workdir, f'log.{index}.txt')) and text in log_tail(workdir, index, 10**6):
+      return
+    exited = [p.returncode for p in procs if p.poll() is not None]
+    assert not exited, f'launch.py exited ({exited}) before logging {text!r}:\n{log_tail(workdir, index)}'
+    time.sleep(0.2)
+  raise AssertionError(f'{text!r} not logged within {timeout}s:\n{log_tail(workdir, index)}')
+
+
+def partial_checkpoints(workdir) -> list[str]:
+  """orbax's temporary folders of unfinished saves under `<workdir>/checkpoints`."""
+  directory = os.path.join(workdir, 'checkpoints')
+  return sorted(name for name in os.listdir(directory) if '.orbax-checkpoint-tmp' in name)
+
+
+def run_starts(workdir) -> list[int]:
+  """The first step of each run in the workdir (the step that logged `train/compile_s`), in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r['step'] for r in map(json.loads, f) if 'train/compile_s' in r]

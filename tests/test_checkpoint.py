@@ -264,7 +264,7 @@ def test_no_complete_step_left_is_a_clear_error_not_a_fresh_start(state, tmp_pat
   with Checkpoints(str(tmp_path), async_save=False) as ckpt:
     ckpt.save(3, state)
   corrupt(tmp_path / '3', 'truncated')
-  expected = rf'No complete checkpoint is left in {tmp_path}: .*steps 3 .*delete {tmp_path}/damaged'
+  expected = rf'No complete checkpoint is left in {tmp_path}: .*damaged \(step 3, .*delete {tmp_path}/damaged'
   with Checkpoints(str(tmp_path)) as ckpt:
     with pytest.raises(CheckpointError, match=expected):
       ckpt.restore(abstract(state))

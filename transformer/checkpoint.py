@@ -20,6 +20,7 @@ from scratch.
 import dataclasses
 import glob
 import json
+import logging as std_logging
 import os
 import re
 import signal
@@ -134,6 +135,7 @@ class Checkpoints:
     }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._saving = None  # the step of the save in flight, named if it fails
+    _quiet_orbax_tracebacks()
 
   def latest_step(self) -> int | None:
     """The newest complete step; None for a directory without checkpoints. A CheckpointError when only
@@ -238,9 +240,9 @@ class Checkpoints:
     damaged = ', '.join(self.damaged_steps())
     where = os.path.join(self.directory, DAMAGED)
     return (
-      f'No complete checkpoint is left in {self.directory}: the checkpoints of steps {damaged} are damaged and '
-      f'were moved to {where} (kept for inspection). To train from scratch, delete {where} or use a new '
-      f'--workdir; to try one again, move it back to {self.directory}/<step>.'
+      f'No complete checkpoint is left in {self.directory}: every checkpoint there is damaged (step {damaged}, '
+      f'moved to {where} for inspection). To train from scratch, delete {where} or use a new --workdir; to try '
+      f'a step again, move it back to {self.directory}/<step>.'
     )
 
   def _failed_save_is_clear(self, step):
@@ -348,6 +350,23 @@ class _SaveErrors:
       f'Saving the checkpoint of step {self.step} to {self.checkpoints.directory} failed ({_reason(error)}); '
       f'{kept}. Free space there (or make it writable) and re-run to resume, or choose another --workdir.'
     ) from None
+
+
+class _NoOrbaxTracebacks(std_logging.Filter):
+  """orbax logs a failed save's traceback several times from its threads (and a failed read's); Checkpoints
+  raises that error once, as a message naming the step, so the tracebacks go (orbax's one-line messages
+  stay)."""
+
+  def filter(self, record):
+    if record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_orbax_tracebacks() -> None:
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoOrbaxTracebacks())
 
 
 _STORAGE_ERRORS = ('No space left', 'Read-only file system', 'Permission denied', 'Disk quota exceeded')

@@ -9,16 +9,33 @@ new values: the model (shapes, kind, positions, norms, dropout, ...), `config.ta
 corpus, tokenizer and lengths, the seed, the optimizer, the batch size, a key added or removed. Such a
 config is a different experiment and belongs in a new --workdir. A workdir without checkpoints has
 nothing to resume: its config.json is simply replaced.
+
+Before a run trains, `locked` makes it the workdir's only writer and `check_writable` proves the checkpoint
+folder takes a file and has room for a checkpoint: each a clear error before any step instead of a failure
+at the first save.
 """
 
+import contextlib
+import fcntl
 import fnmatch
 import json
 import os
+import shutil
+import socket
+import time
+
+from absl import logging
 
 from transformer.config import ConfigError, flatten
 from transformer.files import write_atomic
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = 'lock'
+
+
+class WorkdirError(ConfigError):
+  """The workdir cannot take this run (in use, read-only, full): the message says what to do."""
+
 
 # Keys (fnmatch patterns over dotted paths) that may differ between a workdir's config.json and a resume.
 RESUMABLE = (
@@ -123,3 +140,77 @@ def save_config(config, workdir: str, model_config=None, write: bool = True) -> 
   if model_config is not None and isinstance(tree.get('model'), dict):
     tree['model']['vocab_size'] = model_config.vocab_size
   write_atomic(os.path.join(workdir, CONFIG_FILE), json.dumps(tree, indent=2))  # never a half-written config.json
+
+
+@contextlib.contextmanager
+def locked(workdir: str, primary: bool = True):
+  """Holds an exclusive `flock` on `<workdir>/lock` while the block runs, so a second run on the same workdir
+  is refused with a WorkdirError naming the holder (host, pid, start time). Only `primary` (process 0 of a
+  run) takes it: the other processes of a multi-host run share the workdir. The kernel releases the lock
+  when its holder exits, however it exits, so a killed run never blocks its own resume. On a filesystem
+  that refuses locks the run goes on with a warning."""
+  if not primary or '://' in workdir:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as error:
+    raise WorkdirError(_unwritable(workdir, error)) from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode(errors='replace').strip() or 'a run that has not yet written its name'
+      raise WorkdirError(
+        f'{workdir} is in use by another run ({holder}). Wait for it to finish or stop it, or choose another '
+        f'--workdir. (The kernel releases {path} when that run exits.)'
+      ) from None
+    except OSError as error:  # e.g. ENOLCK: a network filesystem without a lock service
+      logging.warning('Cannot lock %s (%s): a second run on this workdir would not be refused.', path, error)
+    else:
+      started = time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())
+      holder = f'host {socket.gethostname()}, pid {os.getpid()}, started {started}'
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, holder.encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def check_writable(workdir: str, checkpoint_bytes: int = 0) -> None:
+  """A WorkdirError unless `workdir` and `workdir/checkpoints` take a new file (a probe, written, synced and
+  removed) and the checkpoint folder has `checkpoint_bytes` free (one checkpoint's size). Remote paths are
+  not probed."""
+  if '://' in workdir:
+    return
+  directory = os.path.join(workdir, 'checkpoints')
+  for folder in (workdir, directory):
+    try:
+      os.makedirs(folder, exist_ok=True)
+      probe = os.path.join(folder, f'.probe-{socket.gethostname()}-{os.getpid()}')
+      try:
+        with open(probe, 'wb') as f:
+          f.write(bytes(4096))
+          f.flush()
+          os.fsync(f.fileno())
+      finally:
+        if os.path.exists(probe):
+          os.remove(probe)
+    except OSError as error:
+      raise WorkdirError(_unwritable(folder, error)) from None
+  free = shutil.disk_usage(directory).free
+  if free < checkpoint_bytes:
+    raise WorkdirError(
+      f'{directory} has {_mb(free)} free, but one checkpoint of this model takes about {_mb(checkpoint_bytes)} '
+      '(parameters and optimizer state): free space there or choose another --workdir.'
+    )
+
+
+def _unwritable(folder: str, error: OSError) -> str:
+  return f'Cannot write to {folder} ({error.strerror or error}): choose a writable --workdir, or free space there.'
+
+
+def _mb(count: int) -> str:
+  return f'{count / 2**20:.1f} MiB'
