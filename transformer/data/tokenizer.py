@@ -27,7 +27,7 @@ from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 UNK_ID = 3
 MODEL_TYPES = ('bpe', 'unigram', 'char', 'word')
 DEFAULT_MAX_SENTENCES = 2_000_000  # beyond this, an evenly spaced subset trains the vocabulary
-_CACHE_FORMAT = 1  # bump when the training recipe changes, so old cache files are not reused
+_CACHE_FORMAT = 2  # bump when the training recipe changes, so old cache files are not reused
 
 
 def default_cache_dir() -> str:
@@ -192,6 +192,9 @@ def train_tokenizer(
       model_type=model_type,
       character_coverage=character_coverage,
       normalization_rule_name=normalization,
+      # 'identity' promises byte-exact text: SentencePiece would still collapse runs of spaces and drop
+      # leading and trailing ones.
+      remove_extra_whitespaces=normalization != 'identity',
       byte_fallback=byte_fallback,
       pad_id=PAD_ID,
       bos_id=BOS_ID,
