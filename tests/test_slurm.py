@@ -4,6 +4,7 @@ starts it). Without an answering SLURM these tests skip, except under CI=true, w
 Every run is the tiny decoder-only copy task; the reference is the same run on one process, and runs on two
 processes must match it step for step (the losses, and the examples each process fed: batch digests)."""
 
+import csv
 import json
 import os
 import subprocess
@@ -180,7 +181,8 @@ def test_after_a_job_records_its_outcome_and_requeues_only_a_stopped_run(tmp_pat
   assert calls == [('scontrol', 'requeue', '7')]  # no progress since: not requeued
   status = json.loads((tmp_path / slurm.STATUS_FILE).read_text())
   assert status['status'] == results.INTERRUPTED and 'twice in a row' in status['error']
-  (tmp_path / slurm.LOG_FILE).write_text('=== start\nTraceback (most recent call last):\n  File "x"\nOSError: disk\n')
+  log = '=== start\nTraceback (most recent call last):\n  File "x"\nOSError: disk\nsrun: error: vm: task 0: Exited\n'
+  (tmp_path / slurm.LOG_FILE).write_text(log)
   assert slurm.after(workdir, 1, None, 3, sweep_run=True, env=env) == 1
   status = json.loads((tmp_path / slurm.STATUS_FILE).read_text())
   assert (status['status'], status['error']) == (results.FAILED, 'OSError: disk')
@@ -188,3 +190,75 @@ def test_after_a_job_records_its_outcome_and_requeues_only_a_stopped_run(tmp_pat
   assert slurm.after(workdir, 0, None, 3, sweep_run=True, env=env) == 0
   assert json.loads((tmp_path / slurm.STATUS_FILE).read_text())['status'] == results.FINISHED
   assert len(calls) == 1
+
+
+SWEEP_FILE = """
+from transformer.experiment import sweep
+
+
+def get_config(arg=None):
+  return sweep.sweep_config(
+    base={base!r},
+    variants=sweep.variant('base') + sweep.variant('diverges', **{{'train.learning_rate': 1e30}}),
+    overrides={overrides!r},
+  )
+"""
+
+
+def test_sweep_on_slurm_submits_each_run_once_waits_and_aggregates_like_a_local_sweep(cluster, tmp_path):
+  """`--mode sweep --config.sweep.executor=slurm`: one job per variant x seed, the command returning once they
+  are queued; the same command again while they are queued or running, and after they ended, submits nothing;
+  with `--config.sweep.wait=True` it waits and writes results.csv / results.md / results.png, the diverged run
+  with its log's last line."""
+  overrides = {
+    'model.d_model': 32,
+    'model.d_ff': 64,
+    'model.num_heads': 2,
+    'model.num_decoder_layers': 1,
+    'data.num_eval': 16,
+    'train.batch_size': 8,
+    'train.warmup_steps': 1,
+    'train.num_samples': 0,
+    'train.num_steps': 4,
+    'train.log_every': 1,
+    'train.eval_every': 2,
+    'train.checkpoint_every': 4,
+  }
+  path = tmp_path / 'sweep_file.py'
+  path.write_text(SWEEP_FILE.format(base=os.path.join(ROOT, CONFIG), overrides=overrides))
+  workdir = tmp_path / 'sweep'
+  command = [sys.executable, 'launch.py', '--config', str(path), '--mode', 'sweep', '--workdir', str(workdir)]
+  command.append('--config.sweep.executor=slurm')
+
+  def sweep(*extra):
+    done = subprocess.run([*command, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+  def jobs():
+    return {name: json.loads((workdir / name / 'seed0' / 'status.json').read_text()) for name in ('base', 'diverges')}
+
+  out = sweep()
+  submitted = {name: status['job_id'] for name, status in jobs().items()}
+  assert '2 jobs submitted, 0 already queued' in out, out
+  assert all(f'job {job}' in out for job in submitted.values()), out
+  out = sweep()  # at once: both jobs are still queued or running
+  assert '0 jobs submitted, 2 already queued' in out and out.count('not submitted again') == 2, out
+  out = sweep('--config.sweep.wait=True')
+  assert '0 jobs submitted, 2 already queued' in out, out
+  statuses = jobs()
+  assert {name: status['job_id'] for name, status in statuses.items()} == submitted
+  assert statuses['base']['status'] == results.FINISHED
+  assert statuses['diverges']['status'] == results.DIVERGED and 'NonFiniteLoss' in statuses['diverges']['error']
+  error = statuses['diverges']['error'].splitlines()[-1]  # the error, not srun's lines after it
+  assert error.startswith('transformer.loop.NonFiniteLoss: The training loss became'), error
+  assert f'[sweep] diverged diverges/seed0: {error}' in out, out
+
+  with open(workdir / 'results.csv') as f:
+    rows = {row['variant']: row for row in csv.DictReader(f) if row['seed'] == '0'}
+  final = launching.metrics(workdir / 'base' / 'seed0')[4]['eval/loss']
+  assert (rows['base']['status'], float(rows['base']['final eval/loss'])) == (results.FINISHED, final)
+  assert rows['diverges']['status'] == results.DIVERGED and 'NonFiniteLoss' in rows['diverges']['error']
+  assert (workdir / 'results.md').exists() and (workdir / 'results.png').stat().st_size > 0
+  out = sweep()  # after they ended: nothing to submit
+  assert 'submitted' not in out and {n: s['job_id'] for n, s in jobs().items()} == submitted, out

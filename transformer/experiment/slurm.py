@@ -204,7 +204,7 @@ def _record_lost_job(run, job: str, state: str | None) -> None:
   """A job that left the queue while its status still said queued or running: killed before its `after`
   (a time limit without a signal, scancel, a node failure). Recorded as failed with its log's last lines."""
   reason = f'SLURM job {job} ended ({state or "no longer in squeue"}) without recording an outcome.'
-  tail = results.log_tail(os.path.join(run.directory, LOG_FILE))
+  tail = error_tail(os.path.join(run.directory, LOG_FILE))
   _update_status(run.directory, status=results.FAILED, error=f'{reason}\n{tail}'.strip())
   print(f'[sweep] failed {run.label}: {reason}', flush=True)
 
@@ -267,6 +267,13 @@ def requeue_decision(workdir: str, restarts: int, max_requeues: int) -> tuple[bo
   return True, ''
 
 
+def error_tail(path: str) -> str:
+  """The run's error at the end of its log, without srun's own lines about the failed task (which follow it)."""
+  tail = results.log_tail(path)
+  own = [line for line in tail.splitlines() if not line.startswith('srun: ')]
+  return '\n'.join(own) if own else tail
+
+
 def started(workdir: str) -> None:
   _update_status(workdir, status=results.RUNNING, started=time.time())
 
@@ -281,9 +288,9 @@ def after(workdir: str, returncode: int, num_steps: int | None, max_requeues: in
   if returncode == 0 and step == num_steps:
     outcome = results.FINISHED
   elif returncode:
-    outcome, error = results.FAILED, results.log_tail(os.path.join(workdir, LOG_FILE))
-    if 'NonFiniteLoss' in error:
-      outcome = getattr(results, 'DIVERGED', outcome)
+    outcome, error = results.FAILED, error_tail(os.path.join(workdir, LOG_FILE))
+    if 'NonFiniteLoss: ' in error:  # transformer.loop's error for a NaN or infinite loss
+      outcome = results.DIVERGED
   else:
     requeue, error = requeue_decision(workdir, int(env.get('SLURM_RESTART_COUNT', '0')), max_requeues)
     outcome = results.QUEUED if requeue else results.INTERRUPTED

@@ -37,12 +37,14 @@ import ml_collections
 from transformer.config import ConfigError, ModelConfig, did_you_mean, flatten
 from transformer.experiment import overrides as overrides_lib
 from transformer.experiment import results
+from transformer.experiment import slurm as slurm_executor
 from transformer.files import write_atomic
 
 STATUS_FILE = 'status.json'
 LOG_FILE = 'log.txt'
 # Metrics where larger is better; any other metric is minimised unless the sweep says otherwise.
 HIGHER_IS_BETTER = ('accuracy', 'bleu')
+EXECUTORS = ('local', 'slurm')  # config.sweep.executor: processes on this machine, or jobs (slurm.py)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,13 +90,18 @@ def sweep_config(
   overrides: dict | None = None,
   stall_timeout: float = 1800.0,
   retry: str = 'failed,stalled',
+  executor: str = 'local',
+  slurm: dict | None = None,
+  wait: bool = False,
 ) -> ml_collections.ConfigDict:
   """The base experiment's config (`'experiments/text.py:tiny'`) plus a `sweep` section. `overrides` apply
   to every variant (a variant's own setting wins); change the base only through them, as each run loads the
   base file afresh. Each key is resolved to its full path and its value checked against the base config;
   `higher_is_better` defaults from the metric's name (accuracy, bleu: higher). A run with no new step or
   checkpoint for `stall_timeout` seconds (startup and evals included; 0: never) is killed as stalled;
-  `retry` names the outcomes a re-run retries (comma-separated from failed, stalled, diverged, or 'all')."""
+  `retry` names the outcomes a re-run retries (comma-separated from failed, stalled, diverged, or 'all').
+  `executor='slurm'` submits each run as a SLURM job with the resources `slurm` sets (see
+  `slurm.resources`) and returns once they are queued, or with `wait` when they have ended."""
   near = sys._getframe(1).f_globals.get('__file__')  # the sweep file: its base resolves from there too
   config = overrides_lib.load_config(base, near)
   if 'sweep' in config:
@@ -123,6 +130,9 @@ def sweep_config(
       higher_is_better=bool(higher_is_better),
       stall_timeout=float(stall_timeout),
       retry=str(retry),
+      executor=str(executor),
+      slurm=slurm_executor.resources(**(slurm or {})),
+      wait=bool(wait),
     )
   )
   check_retry(config.sweep.retry)
@@ -240,6 +250,9 @@ def plan(config, workdir: str, overrides=()) -> list[Run]:
   check_retry(spec.retry)
   if spec.stall_timeout < 0:
     raise ConfigError(f'config.sweep.stall_timeout={spec.stall_timeout:g} must be >= 0 seconds (0: never).')
+  if spec.executor not in EXECUTORS:
+    hint = did_you_mean(spec.executor, EXECUTORS)
+    raise ConfigError(f'config.sweep.executor={spec.executor!r}{hint}: choose one of {", ".join(EXECUTORS)}.')
   command_line = [flag for flag in overrides if not _split_override(flag)[0].startswith('sweep.')]
   varied = {path for v in spec.variants for path in v['overrides']}
   for flag in command_line:
@@ -299,12 +312,12 @@ def run_sweep(config, workdir: str, overrides=()) -> list[dict]:
     )
   retry = check_retry(spec.retry)
   todo = [run for run in runs if run.to_run(retry)]
-  left = [run for run in runs if not run.finished() and run not in todo]
+  left = {run.label: run.status()['status'] for run in runs if not run.finished() and run not in todo}
   if left:
-    outcomes = sorted({run.status()['status'] for run in left})
+    asks = ','.join(status for status in results.PROBLEMS if status in retry or status in left.values())
+    which = ', '.join(f'{label} ({status})' for label, status in left.items())
     print(
-      f'[sweep] not retrying {len(left)} {"/".join(outcomes)} runs ({", ".join(r.label for r in left)}); '
-      f'--config.sweep.retry={",".join(sorted({*retry, *outcomes}, key=results.PROBLEMS.index))} retries them.',
+      f'[sweep] not retried (config.sweep.retry={spec.retry!r}): {which}; --config.sweep.retry={asks} retries them.',
       flush=True,
     )
   if todo:
@@ -313,9 +326,12 @@ def run_sweep(config, workdir: str, overrides=()) -> list[dict]:
       f'{spec.parallel} at a time; logs in <run>/{LOG_FILE}',
       flush=True,
     )
-    stopped_by = execute(todo, spec.parallel, stall_timeout=spec.stall_timeout)
+    if spec.executor == 'slurm':
+      stopped_by = slurm_executor.submit(todo, spec)
+    else:
+      stopped_by = execute(todo, spec.parallel, stall_timeout=spec.stall_timeout)
   else:
-    done = f'all {len(runs)} runs finished' if not left else f'{len(runs) - len(left)} runs finished'
+    done = f'all {len(runs)} runs finished' if not left else f'nothing to run ({len(runs) - len(left)} finished)'
     print(f'[sweep] {done}: aggregating only.', flush=True)
     stopped_by = None
   rows = results.write_results(workdir, runs, spec.metric, spec.higher_is_better)
@@ -367,7 +383,7 @@ class _Progress:
   changed. Log output does not count: a hung run may still print (e.g. retries of a lost connection)."""
 
   def __init__(self, directory: str):
-    self.directory = directory
+    self.directory = directory  # read by the sweep on the run's own filesystem: also for remote executors
     self.mark = self._mark()
     self.since = time.monotonic()
 
@@ -434,7 +450,11 @@ def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1, stall
         run, start, previous, progress = started[label]
         if process.poll() is None:
           if stall_timeout and label not in stalled and progress.idle_seconds() > stall_timeout:
-            stalled[label] = _kill_stalled(run, process, stall_timeout)
+            stalled[label] = stall_report(run, stall_timeout)
+            try:  # SIGKILL: a hung run would never reach the step where a SIGTERM makes it save
+              os.killpg(process.pid, signal.SIGKILL)  # it leads its own session: its helpers die with it
+            except ProcessLookupError:  # it ended meanwhile
+              pass
           continue
         del running[label]
         status, error = outcome(run, process.returncode, forwarder.received, stalled.get(label))
@@ -442,20 +462,15 @@ def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1, stall
   return forwarder.received
 
 
-def _kill_stalled(run: Run, process, stall_timeout: float) -> str:
-  """Kills a stalled run's process group (SIGKILL: a hung process would never reach the step where a
-  SIGTERM makes it save; its re-run resumes from its last checkpoint). Returns the reason (which its log also
-  gets) and the log's last lines."""
+def stall_report(run: Run, stall_timeout: float) -> str:
+  """Why a run is being killed as stalled (its log gets this too), and the last lines it wrote. Its re-run
+  resumes from its last checkpoint."""
   steps = results.read_metrics(run.directory)
   newest = f'after step {max(steps)}' if steps else 'before its first step'
   reason = (
     f'No new step or checkpoint for {stall_timeout:g} s ({newest}): killed as stalled. If a step, an eval or '
     'the start can take that long, raise config.sweep.stall_timeout (0 disables the check).'
   )
-  try:
-    os.killpg(process.pid, signal.SIGKILL)  # the child leads its own session: its helpers die with it
-  except ProcessLookupError:  # it ended meanwhile
-    pass
   path = os.path.join(run.directory, LOG_FILE)
   said = results.last_lines(path)
   with open(path, 'a') as log:
@@ -463,25 +478,28 @@ def _kill_stalled(run: Run, process, stall_timeout: float) -> str:
   return f'{reason}\nLast lines of its log:\n{said}'
 
 
-# A diverged run's log ends with transformer.loop.NonFiniteLoss's message (its class name, then the step).
-_DIVERGED = re.compile(r'^(\w+\.)*NonFiniteLoss: ', re.MULTILINE)
+# The line a diverged run's traceback ends with: transformer.loop.NonFiniteLoss's name, then its message.
+_DIVERGED = re.compile(r'^(\w+\.)*NonFiniteLoss: ')
 
 
 def outcome(run: Run, returncode: int, stop_signal: int | None, stall_reason: str | None) -> tuple[str, str]:
   """How a run that exited ended: (status, error text for the tables). Stalled if the sweep killed it for
-  that; finished if it exited 0 with its last checkpoint saved; diverged if its log ends with the NaN-loss
-  error; interrupted if a signal stopped it (the sweep's, forwarded; or one sent to the run itself, which
-  saves and exits 0, or dies of it before its first checkpoint); failed otherwise."""
+  that; finished if it exited 0 with its last checkpoint saved; diverged if it failed with the NaN-loss
+  error (transformer.loop.NonFiniteLoss); interrupted if a signal stopped it (the sweep's, forwarded; or one
+  sent to the run itself, which saves and exits 0, or dies of it before its first checkpoint); failed
+  otherwise. Executors other than the local one reuse this with their job's exit code."""
   if stall_reason is not None:
     return results.STALLED, stall_reason
   if returncode == 0 and os.path.isdir(os.path.join(run.directory, 'checkpoints', str(run.num_steps))):
     return results.FINISHED, ''
-  error = results.log_tail(os.path.join(run.directory, LOG_FILE)) if returncode else ''
-  if _DIVERGED.search(error):
-    return results.DIVERGED, error
+  log = os.path.join(run.directory, LOG_FILE)
+  if returncode:  # searched for in the whole attempt: whatever the run printed after its traceback
+    diverged = [line for line in results.attempt_lines(log) if _DIVERGED.match(line)]
+    if diverged:
+      return results.DIVERGED, diverged[-1]
   if stop_signal is not None or returncode == 0 or returncode in (-signal.SIGTERM, -signal.SIGINT):
     return results.INTERRUPTED, ''
-  return results.FAILED, error
+  return results.FAILED, results.log_tail(log)
 
 
 def _earlier_wall(previous: dict) -> float:
