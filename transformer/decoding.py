@@ -161,6 +161,7 @@ def _check(model, inputs, prompts, max_len, lengths):
       raise ConfigError('A decoder-only model has no `inputs`: pass the prefix as `prompts` [batch, length].')
     batch, width = (1 if lengths is None else len(lengths)), 0  # no prompt: start from BOS alone
     if prompts is not None:
+      _check_right_padded(prompts)
       prompts = jnp.asarray(prompts, jnp.int32)
       batch, width = prompts.shape
       prompts = prompts if width else None
@@ -184,6 +185,23 @@ def _check(model, inputs, prompts, max_len, lengths):
         raise ConfigError(f'lengths must be {batch} integers in [1, max_len={max_len}]; got {values.tolist()}.')
     lengths = jnp.asarray(lengths, jnp.int32)
   return inputs, prompts, lengths
+
+
+def _check_right_padded(prompts):
+  """A prompt's length is its count of real tokens, so a PAD before a token would shift its positions."""
+  try:
+    values = np.asarray(prompts)
+  except jax.errors.TracerArrayConversionError:  # under jit: the caller's own concern
+    return
+  if values.ndim != 2:
+    raise ConfigError(f'prompts must be [batch, length] token ids; got shape {values.shape}.')
+  holes = (values[:, :-1] == PAD_ID) & (values[:, 1:] != PAD_ID)
+  if holes.any():
+    row = int(np.flatnonzero(holes.any(axis=1))[0])
+    raise ConfigError(
+      f'prompts row {row} has padding (id {PAD_ID}) before a token: {values[row].tolist()}. Prompts must be '
+      'right-padded, each row its tokens first and padding only at the end.'
+    )
 
 
 def _prompt_lengths(prompts):
