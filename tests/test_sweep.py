@@ -384,6 +384,21 @@ def test_a_re_run_resumes_and_retries_failed_and_stalled_runs_and_diverged_ones_
     sweep.plan(config, str(tmp_path))
 
 
+def test_a_re_run_leaves_diverged_runs_alone_and_says_how_to_retry_them(tmp_path, capsys):
+  config = sweep.sweep_config(BASE, sweep.product(min_len=[4, 6]))
+  runs = sweep.plan(config, str(tmp_path))
+  for run, status in zip(runs, ('finished', 'diverged')):
+    os.makedirs(run.directory)
+    run.write_status(status=status, num_steps=run.num_steps)
+  rows = sweep.run_sweep(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert (
+    "[sweep] not retried (config.sweep.retry='failed,stalled'): min_len=6/seed0 (diverged); "
+    '--config.sweep.retry=failed,stalled,diverged retries them.\n[sweep] nothing to run (1 finished): aggregating only.'
+  ) in out
+  assert '[sweep] started' not in out and [row['status'] for row in rows] == ['finished', 'diverged']
+
+
 def fake_finished_run(tmp_path, variant, seed, status, losses):
   run = sweep.Run(variant, seed, str(tmp_path / variant / f'seed{seed}'), [], 20)
   os.makedirs(run.directory)
@@ -438,17 +453,19 @@ from transformer.experiment import sweep
 def get_config(arg=None):
   return sweep.sweep_config(
       base='experiments/synthetic.py:reverse',
-      # 'resumed' and 'reference' differ only in when they save: equal losses. 'stalls' is frozen by the test.
-      variants=(sweep.variant('resumed') + sweep.variant('stalls', checkpoint_every=5)
-                + sweep.variant('reference', checkpoint_every=20)
+      # The test freezes 'stalls' at its start; retried, it is the uninterrupted twin of 'resumed' (it only
+      # saves at other steps). Two at a time: 'stalls' hangs while the others run one after another.
+      variants=(sweep.variant('stalls', checkpoint_every=20)
                 + sweep.variant('crashes', grad_accum_steps=3)  # batch_size 8: refused when the run starts
-                + sweep.variant('diverges', learning_rate=1e9)),
+                + sweep.variant('diverges', learning_rate=1e9)
+                + sweep.variant('resumed')),
       parallel=2, stall_timeout=STALL_TIMEOUT,
       overrides=dict(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
                      eval_every=10, log_every=5, checkpoint_every=10, batch_size=8, num_eval=16,
                      seq_len=12, num_samples=0, num_steps=20, **{'data.max_len': 8}))
 """
-# Longer than a healthy tiny run's longest silence (its start: imports and the first compile) on a loaded CI machine.
+# Longer than a healthy tiny run's longest silence (its start: imports and the first compile) on a loaded CI
+# machine; the frozen run costs this much idle time.
 STALL_TIMEOUT = 60
 
 
@@ -459,61 +476,69 @@ def wait_for(condition, what, timeout=300):
     time.sleep(0.02)
 
 
+def sweep_table(workdir):
+  rows = list(csv.DictReader(open(os.path.join(workdir, 'results.csv'))))
+  errors = {r['variant']: r['error'] for r in rows if r['seed'].isdigit()}
+  return [(r['variant'], r['seed'], r['status']) for r in rows], errors
+
+
 def test_sweep_survives_sigterm_crash_nan_and_stall_and_resumes_to_the_uninterrupted_losses(tmp_path):
   sweep_file, workdir = str(tmp_path / 'faults.py'), str(tmp_path / 'sweep')
   with open(sweep_file, 'w') as f:
     f.write(FAULTS_SWEEP_FILE.replace('STALL_TIMEOUT', str(STALL_TIMEOUT)))
   command = [sys.executable, 'launch.py', '--config', sweep_file, '--mode', 'sweep', '--workdir', workdir]
-  run_dir = {name: os.path.join(workdir, name, 'seed0') for name in ('resumed', 'stalls', 'reference')}
+  run_dirs = {name: os.path.join(workdir, name, 'seed0') for name in ('stalls', 'crashes', 'diverges', 'resumed')}
+  stalls, resumed = run_dirs['stalls'], run_dirs['resumed']
 
-  # 1. SIGTERM once 'resumed' (alone: one at a time) has logged a step; its eval at step 10 holds it long
-  # enough for the signal to land before its end.
-  first = subprocess.Popen([*command, '--config.sweep.parallel=1'], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-  metrics = os.path.join(run_dir['resumed'], 'metrics.jsonl')
-  wait_for(lambda: os.path.exists(metrics) and 'train/loss' in open(metrics).read(), 'a logged step')
-  first.send_signal(signal.SIGTERM)
-  out, _ = first.communicate(timeout=300)
-  assert first.returncode == 0, out
-  assert '[sweep] stopped by SIGTERM: re-run the same command to resume.' in out
-  assert [r['status'] for r in csv.DictReader(open(os.path.join(workdir, 'results.csv')))][:5] == [
-    'interrupted',
-    *['queued'] * 4,
-  ]
-  saved = [int(step) for step in os.listdir(os.path.join(run_dir['resumed'], 'checkpoints')) if step.isdigit()]
-  assert saved and max(saved) < 20  # it saved where it stopped
-
-  # 2. The same command again: 'resumed' resumes, 'stalls' hangs (frozen) and is killed, the others end.
-  second = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-  status_file = os.path.join(run_dir['stalls'], 'status.json')
+  # 1. 'stalls' hangs from its start (the test freezes it); 'crashes' and 'diverges' end; once 'resumed' has
+  # logged a step, SIGTERM the sweep: 'resumed' saves and exits (its eval at step 10 holds it long enough for
+  # the signal to land before its end); 'stalls', deaf to the forwarded signal, is killed when its time is up.
+  first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  status_file, metrics = os.path.join(stalls, 'status.json'), os.path.join(resumed, 'metrics.jsonl')
   wait_for(lambda: os.path.exists(status_file) and 'pid' in json.load(open(status_file)), 'the run to freeze')
   frozen = json.load(open(status_file))['pid']
   try:
     os.kill(frozen, signal.SIGSTOP)
-    out, _ = second.communicate(timeout=600)
+    wait_for(lambda: os.path.exists(metrics) and 'train/loss' in open(metrics).read(), 'a logged step')
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=600)
   finally:
     try:  # never leave a stopped process behind, whatever failed
       os.kill(frozen, signal.SIGKILL)
     except ProcessLookupError:
       pass
-  assert second.returncode == 0, out
-  rows = list(csv.DictReader(open(os.path.join(workdir, 'results.csv'))))
-  assert [(r['variant'], r['status']) for r in rows] == [
-    ('resumed', 'finished'),
-    ('stalls', 'stalled'),
-    ('reference', 'finished'),
-    ('crashes', 'failed'),
-    ('diverges', 'diverged'),
-    *[(v, s) for v, s in [('resumed', '1/1'), ('stalls', '0/1 (1 stalled)'), ('reference', '1/1')] for _ in '..'],
-    *[(v, s) for v, s in [('crashes', '0/1 (1 failed)'), ('diverges', '0/1 (1 diverged)')] for _ in '..'],
+  assert first.returncode == 0, out
+  assert out.rstrip().endswith('[sweep] stopped by SIGTERM: re-run the same command to resume.')
+  table, errors = sweep_table(workdir)
+  assert table == [
+    ('stalls', '0', 'stalled'),
+    ('crashes', '0', 'failed'),
+    ('diverges', '0', 'diverged'),
+    ('resumed', '0', 'interrupted'),
+    *[('stalls', stat, '0/1 (1 stalled)') for stat in ('mean', 'std')],
+    *[('crashes', stat, '0/1 (1 failed)') for stat in ('mean', 'std')],
+    *[('diverges', stat, '0/1 (1 diverged)') for stat in ('mean', 'std')],
+    *[('resumed', stat, '0/1 (1 interrupted)') for stat in ('mean', 'std')],
   ]
-  errors = {r['variant']: r['error'] for r in rows[:5]}
   assert errors['stalls'].startswith(f'No new step or checkpoint for {STALL_TIMEOUT} s (before its first step)')
-  assert 'config.train.batch_size=8 must be divisible by' in errors['crashes']
+  assert errors['crashes'].startswith('config.train.batch_size=8 must be divisible by')
   assert errors['diverges'].startswith('transformer.loop.NonFiniteLoss: The training loss became nan at step')
   assert '| diverges | 0/1 (1 diverged) |' in open(os.path.join(workdir, 'results.md')).read()
-  assert json.load(open(os.path.join(run_dir['resumed'], 'status.json')))['attempts'] == 2
-  evals = {
-    name: {step: v['eval/loss'] for step, v in results.read_metrics(run_dir[name]).items() if 'eval/loss' in v}
-    for name in ('resumed', 'reference')
-  }
-  assert list(evals['reference']) == [10, 20] and evals['resumed'] == evals['reference']
+  saved = [int(step) for step in os.listdir(os.path.join(resumed, 'checkpoints')) if step.isdigit()]
+  assert saved and max(saved) < 20  # it saved where it stopped
+  assert not os.path.exists(os.path.join(stalls, 'checkpoints', '20'))  # its retry runs all 20 steps
+
+  # 2. The same command again: 'resumed' resumes, 'stalls' and 'crashes' are retried, 'diverges' is not.
+  second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+  assert '--config.sweep.retry=failed,stalled,diverged retries them.' in second.stdout
+  table, errors = sweep_table(workdir)
+  assert [row[2] for row in table] == ['finished', 'failed', 'diverged', 'finished'] + [
+    status for status in ('1/1', '0/1 (1 failed)', '0/1 (1 diverged)', '1/1') for _ in 'ms'
+  ]
+  attempts = {name: json.load(open(os.path.join(d, 'status.json')))['attempts'] for name, d in run_dirs.items()}
+  assert attempts == {'stalls': 2, 'crashes': 2, 'diverges': 1, 'resumed': 2}
+  evals = [
+    {step: v['eval/loss'] for step, v in results.read_metrics(d).items() if 'eval/loss' in v} for d in (stalls, resumed)
+  ]
+  assert list(evals[0]) == [10, 20] and evals[1] == evals[0]

@@ -39,15 +39,20 @@ def read_metrics(directory: str) -> dict[int, dict]:
   return dict(sorted(by_step.items()))
 
 
+def attempt_lines(path: str) -> list[str]:
+  """The lines a run's log got from its last attempt (each attempt starts with a '=== ' line), as a
+  terminal would show them."""
+  if not os.path.exists(path):
+    return []
+  with open(path, errors='replace') as f:
+    text = f.read().split('\n=== ')[-1]
+  return [line.split('\r')[-1].rstrip() for line in text.splitlines()[1:]]
+
+
 def log_tail(path: str, max_lines: int = 12) -> str:
   """The error at the end of a run's log: its last paragraph without absl log lines and, for a Python
   traceback, only the exception after the last frame; at most `max_lines` lines."""
-  if not os.path.exists(path):
-    return ''
-  with open(path, errors='replace') as f:
-    text = f.read().split('\n=== ')[-1]  # this attempt only
-  lines = [line.split('\r')[-1].rstrip() for line in text.splitlines()[1:]]
-  lines = [line for line in lines if not _LOG_LINE.match(line)]
+  lines = [line for line in attempt_lines(path) if not _LOG_LINE.match(line)]
   while lines and not lines[-1]:
     lines.pop()
   paragraph = []
@@ -65,11 +70,7 @@ def log_tail(path: str, max_lines: int = 12) -> str:
 
 def last_lines(path: str, max_lines: int = 6) -> str:
   """The last non-empty lines of a run's log as written, absl lines included: what a stalled run said last."""
-  if not os.path.exists(path):
-    return ''
-  with open(path, errors='replace') as f:
-    lines = [line.split('\r')[-1].rstrip() for line in f.read().split('\n=== ')[-1].splitlines()[1:]]
-  return '\n'.join([line for line in lines if line][-max_lines:])
+  return '\n'.join([line for line in attempt_lines(path) if line][-max_lines:])
 
 
 @functools.lru_cache(maxsize=None)

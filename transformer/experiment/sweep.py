@@ -312,12 +312,12 @@ def run_sweep(config, workdir: str, overrides=()) -> list[dict]:
     )
   retry = check_retry(spec.retry)
   todo = [run for run in runs if run.to_run(retry)]
-  left = [run for run in runs if not run.finished() and run not in todo]
+  left = {run.label: run.status()['status'] for run in runs if not run.finished() and run not in todo}
   if left:
-    outcomes = sorted({run.status()['status'] for run in left})
+    asks = ','.join(status for status in results.PROBLEMS if status in retry or status in left.values())
+    which = ', '.join(f'{label} ({status})' for label, status in left.items())
     print(
-      f'[sweep] not retrying {len(left)} {"/".join(outcomes)} runs ({", ".join(r.label for r in left)}); '
-      f'--config.sweep.retry={",".join(sorted({*retry, *outcomes}, key=results.PROBLEMS.index))} retries them.',
+      f'[sweep] not retried (config.sweep.retry={spec.retry!r}): {which}; --config.sweep.retry={asks} retries them.',
       flush=True,
     )
   if todo:
@@ -331,7 +331,7 @@ def run_sweep(config, workdir: str, overrides=()) -> list[dict]:
     else:
       stopped_by = execute(todo, spec.parallel, stall_timeout=spec.stall_timeout)
   else:
-    done = f'all {len(runs)} runs finished' if not left else f'{len(runs) - len(left)} runs finished'
+    done = f'all {len(runs)} runs finished' if not left else f'nothing to run ({len(runs) - len(left)} finished)'
     print(f'[sweep] {done}: aggregating only.', flush=True)
     stopped_by = None
   rows = results.write_results(workdir, runs, spec.metric, spec.higher_is_better)
@@ -378,12 +378,12 @@ class _SignalForwarder:
       signal.signal(sig, handler)
 
 
-class _Progress:
+class Progress:
   """When a run last made progress: its metrics.jsonl grew (a logged step, an eval) or its checkpoints
   changed. Log output does not count: a hung run may still print (e.g. retries of a lost connection)."""
 
   def __init__(self, directory: str):
-    self.directory = directory
+    self.directory = directory  # files only: any executor whose runs write where the sweep can read may use it
     self.mark = self._mark()
     self.since = time.monotonic()
 
@@ -407,7 +407,7 @@ class _Progress:
 
 def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1, stall_timeout: float = 0.0) -> int | None:
   """Runs `runs`, `parallel` at a time, each appending its output to `<directory>/log.txt` and ending with a
-  `status.json` that says how it ended (see `outcome`). A run with no progress (`_Progress`) for
+  `status.json` that says how it ended (see `outcome`). A run with no progress (`Progress`) for
   `stall_timeout` seconds (0: never) is killed with its process group. No run's end stops the others.
   Returns the signal that stopped the sweep, or None."""
   import subprocess  # noqa: PLC0415 -- only the sweep process starts others
@@ -435,7 +435,7 @@ def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1, stall
         )
         running[run.label] = process
         log.close()  # the child holds its own copy of the descriptor
-        started[run.label] = (run, time.time(), previous, _Progress(run.directory))
+        started[run.label] = (run, time.time(), previous, Progress(run.directory))
         run.write_status(
           status=results.RUNNING,
           num_steps=run.num_steps,
@@ -450,7 +450,11 @@ def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1, stall
         run, start, previous, progress = started[label]
         if process.poll() is None:
           if stall_timeout and label not in stalled and progress.idle_seconds() > stall_timeout:
-            stalled[label] = _kill_stalled(run, process, stall_timeout)
+            stalled[label] = stall_report(run, stall_timeout)
+            try:  # SIGKILL: a hung run would never reach the step where a SIGTERM makes it save
+              os.killpg(process.pid, signal.SIGKILL)  # it leads its own session: its helpers die with it
+            except ProcessLookupError:  # it ended meanwhile
+              pass
           continue
         del running[label]
         status, error = outcome(run, process.returncode, forwarder.received, stalled.get(label))
@@ -458,46 +462,44 @@ def execute(runs: list[Run], parallel: int = 1, poll_seconds: float = 0.1, stall
   return forwarder.received
 
 
-def _kill_stalled(run: Run, process, stall_timeout: float) -> str:
-  """Kills a stalled run's process group (SIGKILL: a hung process would never reach the step where a
-  SIGTERM makes it save; its re-run resumes from its last checkpoint). Returns the reason (which its log also
-  gets) and the log's last lines."""
+def stall_report(run: Run, stall_timeout: float) -> str:
+  """Why a run is being killed as stalled (its log gets this too), and the last lines it wrote. Its re-run
+  resumes from its last checkpoint."""
   steps = results.read_metrics(run.directory)
   newest = f'after step {max(steps)}' if steps else 'before its first step'
   reason = (
     f'No new step or checkpoint for {stall_timeout:g} s ({newest}): killed as stalled. If a step, an eval or '
     'the start can take that long, raise config.sweep.stall_timeout (0 disables the check).'
   )
-  try:
-    os.killpg(process.pid, signal.SIGKILL)  # the child leads its own session: its helpers die with it
-  except ProcessLookupError:  # it ended meanwhile
-    pass
   path = os.path.join(run.directory, LOG_FILE)
-  said = results.last_lines(path)
+  said = results.last_lines(path) or '(nothing)'
   with open(path, 'a') as log:
     log.write(f'\n[sweep] {reason}\n')
   return f'{reason}\nLast lines of its log:\n{said}'
 
 
-# A diverged run's log ends with transformer.loop.NonFiniteLoss's message (its class name, then the step).
-_DIVERGED = re.compile(r'^(\w+\.)*NonFiniteLoss: ', re.MULTILINE)
+# The line a diverged run's traceback ends with: transformer.loop.NonFiniteLoss's name, then its message.
+_DIVERGED = re.compile(r'^(\w+\.)*NonFiniteLoss: ')
 
 
 def outcome(run: Run, returncode: int, stop_signal: int | None, stall_reason: str | None) -> tuple[str, str]:
   """How a run that exited ended: (status, error text for the tables). Stalled if the sweep killed it for
-  that; finished if it exited 0 with its last checkpoint saved; diverged if its log ends with the NaN-loss
-  error; interrupted if a signal stopped it (the sweep's, forwarded; or one sent to the run itself, which
-  saves and exits 0, or dies of it before its first checkpoint); failed otherwise."""
+  that; finished if it exited 0 with its last checkpoint saved; diverged if it failed with the NaN-loss
+  error (transformer.loop.NonFiniteLoss); interrupted if a signal stopped it (the sweep's, forwarded; or one
+  sent to the run itself, which saves and exits 0, or dies of it before its first checkpoint); failed
+  otherwise. Executors other than the local one reuse this with their job's exit code."""
   if stall_reason is not None:
     return results.STALLED, stall_reason
   if returncode == 0 and os.path.isdir(os.path.join(run.directory, 'checkpoints', str(run.num_steps))):
     return results.FINISHED, ''
-  error = results.log_tail(os.path.join(run.directory, LOG_FILE)) if returncode else ''
-  if _DIVERGED.search(error):
-    return results.DIVERGED, error
+  log = os.path.join(run.directory, LOG_FILE)
+  if returncode:  # searched for in the whole attempt: whatever the run printed after its traceback
+    diverged = [line for line in results.attempt_lines(log) if _DIVERGED.match(line)]
+    if diverged:
+      return results.DIVERGED, diverged[-1]
   if stop_signal is not None or returncode == 0 or returncode in (-signal.SIGTERM, -signal.SIGINT):
     return results.INTERRUPTED, ''
-  return results.FAILED, error
+  return results.FAILED, results.log_tail(log)
 
 
 def _earlier_wall(previous: dict) -> float:
