@@ -7,6 +7,7 @@ processes must match it step for step (the losses, and the examples each process
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from transformer.experiment import results, slurm
 
 ROOT = launching.ROOT
 CONFIG = 'experiments/synthetic.py:lm_copy'
-STEPS = 12  # past 10: two processes agree on a signal every 10 steps (checkpoint.PreemptionGuard)
+STEPS = 12  # two processes agree on a signal after an eval (step 6) and every 10 steps (checkpoint.PreemptionGuard)
 TINY = (
   '--config.model.d_model=32',
   '--config.model.d_ff=64',
@@ -34,8 +35,8 @@ TINY = (
 RUN = (
   *TINY,
   f'--config.train.num_steps={STEPS}',
-  '--config.train.eval_every=6',  # the eval's compilation at step 6 holds the run well before step 10
-  f'--config.train.checkpoint_every={STEPS}',  # a checkpoint at 10 can only be the signal's
+  '--config.train.eval_every=6',  # the eval's compilation holds the run at step 6, a step it may stop at
+  f'--config.train.checkpoint_every={STEPS}',  # a checkpoint before the last step can only be the signal's
   '--config.train.log_batch_digests=True',
 )
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHON=sys.executable, PYTHONUNBUFFERED='1')
@@ -121,8 +122,8 @@ def test_srun_two_processes_join_from_slurm_alone_and_match_one_process(cluster,
 
 def test_sbatch_job_signalled_saves_on_every_task_requeues_itself_and_resumes_exactly(cluster, reference, tmp_path):
   """scripts/slurm/train.sbatch with two tasks, sent SIGTERM as `--signal=TERM@<lead>` does before a time limit:
-  both processes stop at the step they agreed on (10) and save it, the job requeues itself, and the requeued job
-  (same job id) resumes there and ends with the uninterrupted run's losses, each process fed the same rows."""
+  both processes stop at the step they agreed on (6 or 10) and save it, the job requeues itself, and the requeued
+  job (same job id) resumes there and ends with the uninterrupted run's losses, each process fed the same rows."""
   workdir = tmp_path / 'sbatch'
   log = tmp_path / 'job.out'
   submit = ['sbatch', '--parsable', f'--output={log}', f'--chdir={ROOT}', 'scripts/slurm/train.sbatch']
@@ -130,18 +131,23 @@ def test_sbatch_job_signalled_saves_on_every_task_requeues_itself_and_resumes_ex
   assert job.returncode == 0, job.stderr
   job = job.stdout.strip().split(';')[0]
   deadline = time.time() + 600
-  while _steps_fed(workdir) < 2:  # both processes are training (compiled; the next sync point is step 10)
+  while _steps_fed(workdir) < 2:  # both processes are training (compiled; the next sync point is step 6)
     assert time.time() < deadline and _squeue(job)[0] not in slurm.ENDED, log.read_text()[-3000:]
     time.sleep(0.5)
   subprocess.run(['scancel', '--signal=TERM', job], check=True, **_TEXT)
   assert _wait_for_job(job) == 'COMPLETED', log.read_text()[-3000:]
   text = log.read_text()
-  assert 'Stopped by a signal at step 10; checkpoint saved.' in text, text[-3000:]
-  assert f'requeueing job {job}' in text and '(requeued 1x)' in text, text[-3000:]
-  assert json.loads((workdir / slurm.REQUEUE_FILE).read_text()) == {'stops': [10]}
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '12']
-  resumed = [json.loads(line)['step'] for line in (workdir / 'batches' / 'process_1.jsonl').read_text().splitlines()]
-  assert resumed == [*range(1, 11), 11, 12]  # process 1 fed 1-10, then (after the requeue) 11-12
+  stopped = [int(step) for step in re.findall(r'Stopped by a signal at step (\d+); checkpoint saved\.', text)]
+  assert len(stopped) == 1 and stopped[0] in (6, 10), text[-3000:]
+  stop = stopped[0]
+  assert f'stopped at step {stop} of {STEPS}: requeueing job {job}' in text and '(requeued 1x)' in text, text[-3000:]
+  assert json.loads((workdir / slurm.REQUEUE_FILE).read_text()) == {'stops': [stop]}
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == [str(stop), str(STEPS)]
+  for index in (0, 1):  # each process fed steps 1..stop, then (after the requeue) the rest, each once
+    fed = [
+      json.loads(line)['step'] for line in (workdir / 'batches' / f'process_{index}.jsonl').read_text().splitlines()
+    ]
+    assert fed == list(range(1, STEPS + 1)), (index, fed)
   _assert_same_run(workdir, reference)
 
 
@@ -207,9 +213,9 @@ def get_config(arg=None):
 
 def test_sweep_on_slurm_submits_each_run_once_waits_and_aggregates_like_a_local_sweep(cluster, tmp_path):
   """`--mode sweep --config.sweep.executor=slurm`: one job per variant x seed, the command returning once they
-  are queued; the same command again while they are queued or running, and after they ended, submits nothing;
-  with `--config.sweep.wait=True` it waits and writes results.csv / results.md / results.png, the diverged run
-  with its log's last line."""
+  are queued; the same command again while they are queued, and after they ended, submits nothing; with
+  `--config.sweep.wait=True` it waits for them and writes results.csv / results.md / results.png, the diverged
+  run with its log's last line. (The jobs ask to begin in an hour, so they stay queued until the test lets them.)"""
   overrides = {
     'model.d_model': 32,
     'model.d_ff': 64,
@@ -228,29 +234,46 @@ def test_sweep_on_slurm_submits_each_run_once_waits_and_aggregates_like_a_local_
   path.write_text(SWEEP_FILE.format(base=os.path.join(ROOT, CONFIG), overrides=overrides))
   workdir = tmp_path / 'sweep'
   command = [sys.executable, 'launch.py', '--config', str(path), '--mode', 'sweep', '--workdir', str(workdir)]
-  command.append('--config.sweep.executor=slurm')
+  command += ['--config.sweep.executor=slurm', '--config.sweep.slurm.extra=--begin=now+3600']
 
   def sweep(*extra):
     done = subprocess.run([*command, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
-  def jobs():
+  def statuses():
     return {name: json.loads((workdir / name / 'seed0' / 'status.json').read_text()) for name in ('base', 'diverges')}
 
   out = sweep()
-  submitted = {name: status['job_id'] for name, status in jobs().items()}
-  assert '2 jobs submitted, 0 already queued' in out, out
-  assert all(f'job {job}' in out for job in submitted.values()), out
-  out = sweep()  # at once: both jobs are still queued or running
+  jobs = {name: status['job_id'] for name, status in statuses().items()}
+  assert '2 jobs submitted, 0 already queued' in out and all(f'job {job}' in out for job in jobs.values()), out
+  assert {name: status['status'] for name, status in statuses().items()} == dict.fromkeys(jobs, results.QUEUED)
+  assert [_squeue(job) for job in jobs.values()] == [('PENDING', 'BeginTime')] * 2
+  out = sweep()  # the same command while they are queued
   assert '0 jobs submitted, 2 already queued' in out and out.count('not submitted again') == 2, out
-  out = sweep('--config.sweep.wait=True')
-  assert '0 jobs submitted, 2 already queued' in out, out
-  statuses = jobs()
-  assert {name: status['job_id'] for name, status in statuses.items()} == submitted
-  assert statuses['base']['status'] == results.FINISHED
-  assert statuses['diverges']['status'] == results.DIVERGED and 'NonFiniteLoss' in statuses['diverges']['error']
-  error = statuses['diverges']['error'].splitlines()[-1]  # the error, not srun's lines after it
+
+  waiting = subprocess.Popen(
+    [*command, '--config.sweep.wait=True'],
+    cwd=ROOT,
+    env=ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  said = []
+  for line in waiting.stdout:  # it found both jobs queued and waits for them: let them start
+    said.append(line)
+    if '0 jobs submitted, 2 already queued' in line:
+      break
+  for job in jobs.values():
+    subprocess.run(['scontrol', 'update', f'JobId={job}', 'StartTime=now'], check=True, **_TEXT)
+  out = ''.join(said) + waiting.communicate(timeout=900)[0]
+  assert waiting.returncode == 0, out[-3000:]
+  status = statuses()
+  assert {name: s['job_id'] for name, s in status.items()} == jobs
+  assert status['base']['status'] == results.FINISHED and '[sweep] finished base/seed0' in out, out
+  error = status['diverges']['error'].splitlines()[-1]  # the error, not srun's lines after it
+  assert status['diverges']['status'] == results.DIVERGED, status['diverges']
   assert error.startswith('transformer.loop.NonFiniteLoss: The training loss became'), error
   assert f'[sweep] diverged diverges/seed0: {error}' in out, out
 
@@ -261,4 +284,4 @@ def test_sweep_on_slurm_submits_each_run_once_waits_and_aggregates_like_a_local_
   assert rows['diverges']['status'] == results.DIVERGED and 'NonFiniteLoss' in rows['diverges']['error']
   assert (workdir / 'results.md').exists() and (workdir / 'results.png').stat().st_size > 0
   out = sweep()  # after they ended: nothing to submit
-  assert 'submitted' not in out and {n: s['job_id'] for n, s in jobs().items()} == submitted, out
+  assert 'submitted' not in out and {n: s['job_id'] for n, s in statuses().items()} == jobs, out
