@@ -23,6 +23,8 @@ STATUSES = (FINISHED, INTERRUPTED, FAILED, STALLED, DIVERGED, RUNNING, QUEUED)  
 PROBLEMS = (FAILED, STALLED, DIVERGED)  # the outcomes config.sweep.retry chooses from
 
 _LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')  # absl's log lines: never the error itself
+# The line a diverged run's traceback ends with: transformer.loop.NonFiniteLoss's name, then its message.
+_DIVERGED = re.compile(r'^(\w+\.)*NonFiniteLoss: ')
 _NUMERIC = ('steps', 'final', 'best', 'params', 'tokens/s', 'wall s')
 
 
@@ -66,6 +68,12 @@ def log_tail(path: str, max_lines: int = 12) -> str:
   if len(paragraph) > max_lines:  # a long message: its start says what, its end what to do
     paragraph = paragraph[: max_lines - 2] + ['...', paragraph[-1]]
   return '\n'.join(paragraph)
+
+
+def diverged_error(path: str) -> str:
+  """The NaN-loss error of the log's last attempt ('' if none), wherever it is: a run may print more after
+  its traceback (orbax finishing a save)."""
+  return next((line for line in reversed(attempt_lines(path)) if _DIVERGED.match(line)), '')
 
 
 def last_lines(path: str, max_lines: int = 6) -> str:

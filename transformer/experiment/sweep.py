@@ -26,7 +26,6 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -478,25 +477,20 @@ def stall_report(run: Run, stall_timeout: float) -> str:
   return f'{reason}\nLast lines of its log:\n{said}'
 
 
-# The line a diverged run's traceback ends with: transformer.loop.NonFiniteLoss's name, then its message.
-_DIVERGED = re.compile(r'^(\w+\.)*NonFiniteLoss: ')
-
-
 def outcome(run: Run, returncode: int, stop_signal: int | None, stall_reason: str | None) -> tuple[str, str]:
   """How a run that exited ended: (status, error text for the tables). Stalled if the sweep killed it for
   that; finished if it exited 0 with its last checkpoint saved; diverged if it failed with the NaN-loss
   error (transformer.loop.NonFiniteLoss); interrupted if a signal stopped it (the sweep's, forwarded; or one
   sent to the run itself, which saves and exits 0, or dies of it before its first checkpoint); failed
-  otherwise. Executors other than the local one reuse this with their job's exit code."""
+  otherwise."""
   if stall_reason is not None:
     return results.STALLED, stall_reason
   if returncode == 0 and os.path.isdir(os.path.join(run.directory, 'checkpoints', str(run.num_steps))):
     return results.FINISHED, ''
   log = os.path.join(run.directory, LOG_FILE)
-  if returncode:  # searched for in the whole attempt: whatever the run printed after its traceback
-    diverged = [line for line in results.attempt_lines(log) if _DIVERGED.match(line)]
-    if diverged:
-      return results.DIVERGED, diverged[-1]
+  diverged = results.diverged_error(log) if returncode else ''
+  if diverged:
+    return results.DIVERGED, diverged
   if stop_signal is not None or returncode == 0 or returncode in (-signal.SIGTERM, -signal.SIGINT):
     return results.INTERRUPTED, ''
   return results.FAILED, results.log_tail(log)
