@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from transformer import checkpoint, metrics, parallel, setup, summary
+from transformer import workdir as workdir_lib
 from transformer.config import ConfigError
 
 
@@ -18,10 +19,13 @@ class NonFiniteLoss(FloatingPointError):
   """Training diverged; the message names the step. Checkpoints before it are kept."""
 
 
-def evaluate(runner, task, state, batch_size):
-  """Token-weighted eval loss (no smoothing), perplexity and accuracy over the whole eval set."""
+def evaluate(runner, task, state, batch_size, stop=None):
+  """Token-weighted eval loss (no smoothing), perplexity and accuracy over the whole eval set. `stop`, called
+  on every process before each batch, ends the eval early when it returns True: the result is then None."""
   totals = None
   for batch in task.eval_batches(batch_size, jax.process_index(), jax.process_count()):
+    if stop is not None and stop():
+      return None
     sums = runner.eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
@@ -42,13 +46,17 @@ def predictor(runner, model, state, step, seed):
   return Predictor(model, runner.to_checkpoint(state).params, step=step, seed=seed)
 
 
-def evaluate_all(runner, built: setup.Setup, state, step, workdir):
+def evaluate_all(runner, built: setup.Setup, state, step, workdir, stop=None):
   """Loss metrics, the task's own metrics (BLEU, bits per byte, ...) and decoded samples.
 
-  Samples are printed, and appended to `<workdir>/samples.jsonl` so a reader can judge them later.
+  Samples are printed, and appended to `<workdir>/samples.jsonl` so a reader can judge them later. `stop`
+  as in `evaluate`: None when it ended the eval early.
   """
+  _test_signal_in_eval(step)
   task = built.task
-  results = evaluate(runner, task, state, runner.local_batch_size())
+  results = evaluate(runner, task, state, runner.local_batch_size(), stop)
+  if results is None or (stop is not None and stop()):
+    return None
   pred = predictor(runner, built.model, state, step, built.train_config.seed)
   results.update(task.eval_metrics(pred, results))
   num = built.train_config.num_samples
@@ -102,16 +110,21 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last eval metrics.
 
   `stop_at` stops after that step as a preemption would (checkpoint, clean exit): for tests and for
-  splitting a run into jobs of bounded length.
+  splitting a run into jobs of bounded length. While it runs, a second run on `workdir` is refused.
   """
+  with workdir_lib.locked(workdir, primary=jax.process_index() == 0):  # before anything is written
+    return _train(config, workdir, stop_at)
+
+
+def _train(config, workdir: str, stop_at: int | None):
   built, runner, ckpts = _prepare(config, workdir)
   task, model, train = built.task, built.model, built.train_config
   primary = jax.process_index() == 0
   rows = runner.local_rows()
   train_iter = task.train_iter(train.batch_size, rows)
   digests = BatchDigests(workdir, rows) if train.log_batch_digests else None
-  from transformer import workdir as workdir_lib  # before restoring: refuses a config the checkpoints do not fit
-
+  workdir_lib.check_writable(workdir, checkpoint.size_bytes(runner.abstract_state()))  # not at the first save
+  # before restoring: refuses a config the checkpoints do not fit
   workdir_lib.save_config(config, workdir, model.config, write=primary)
   if ckpts.latest_step() is not None:
     state, data_state, start_step = _restore(ckpts, runner)
@@ -181,13 +194,14 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None):
           writer.write(step, scalars)
           progress.update(step, scalars['train/loss'], scalars['train/tokens_per_sec'], step_time)
           window, window_start, data_wait = [], time.perf_counter(), 0.0
-        if step % train.eval_every == 0 or last:
+        evaluated = step % train.eval_every == 0 or last
+        if evaluated:  # a signal during the eval is kept: the checkpoint below follows right after it
           eval_metrics = evaluate_all(runner, built, state, step, workdir)
           writer.write(step, eval_metrics)
           if primary:
             print(summary.eval_line(step, eval_metrics), flush=True)
           window_start, data_wait = time.perf_counter(), 0.0  # eval time is not step time
-        stop = guard.should_stop(step) or step == stop_at
+        stop = guard.should_stop(step, sync=evaluated) or step == stop_at
         if step % train.checkpoint_every == 0 or last or stop:
           if pending is not None:  # never checkpoint a state whose loss was not checked
             _check_finite(step, jax.device_get(pending[1]))
@@ -216,6 +230,13 @@ def _evals(workdir: str) -> list[dict]:
     return []
   with open(path) as f:
     return [row for row in map(json.loads, f) if 'eval/loss' in row]
+
+
+def _test_signal_in_eval(step: int) -> None:
+  """Tests of fault tolerance: `TRANSFORMER_TEST_SIGTERM_IN_EVAL=<step>` sends this process SIGTERM as the
+  eval of that step starts, as a preemption notice arriving during a long eval would."""
+  if os.environ.get('TRANSFORMER_TEST_SIGTERM_IN_EVAL') == str(step):
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _test_kill(step: int) -> None:
@@ -279,7 +300,13 @@ def decode_checkpoint(config, workdir: str):
 def evaluate_checkpoint(config, workdir: str):
   """Evaluates the latest checkpoint in `workdir` on the task's eval set and logs it."""
   built, runner, ckpts, state, step = _prepare_latest(config, workdir, 'evaluate')
-  results = evaluate_all(runner, built, state, step, workdir)
+  with checkpoint.PreemptionGuard() as guard:  # a signal ends the eval between batches, writing nothing
+    results = evaluate_all(runner, built, state, step, workdir, stop=lambda: guard.should_stop(sync=True))
+  if results is None:
+    ckpts.close()
+    if jax.process_index() == 0:
+      print(f'Stopped by a signal during the eval of step {step}: nothing written. Re-run to evaluate it.', flush=True)
+    return {}
   writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, results)
   writer.close()
