@@ -11,6 +11,7 @@ import os
 import re
 
 import ml_collections
+from absl import flags
 
 from transformer.config import ConfigError, did_you_mean, flatten
 
@@ -85,9 +86,22 @@ def _type_name(value) -> str:
   return {bool: 'a bool (true or false)', int: 'an int', float: 'a float', str: 'a string'}[type(value)]
 
 
+def _refuse_section(path: str, current, how: str):
+  # config_flags and ConfigDict would replace the whole section: every key not named is lost.
+  if isinstance(current, ml_collections.ConfigDict):
+    keys = list(current.keys())
+    example = f'config.{path}.{keys[0]}' if keys else f'config.{path}.<key>'
+    raise ConfigError(
+      f'config.{path} is a section, not a value: set its keys one by one ({how.format(example)}); '
+      f'its keys: {", ".join(keys)}.'
+    )
+
+
 def parse_text(path: str, current, text: str):
-  """The command-line `text` for config.`path` as the type of its `current` value; a ConfigError if
-  it is not one. Types config_flags parses in its own way (tuples, None, sections) pass through."""
+  """The command-line `text` for config.`path` as the type of its `current` value, parsed as config_flags
+  parses it (absl's parsers); a ConfigError if it is not one, or if `path` is a whole section. Types
+  config_flags parses in its own way (tuples, None) pass through."""
+  _refuse_section(path, current, '--{}=...')
   if type(current) not in (bool, int, float, str):
     return text
   try:
@@ -95,8 +109,8 @@ def parse_text(path: str, current, text: str):
       if text.lower() not in _TRUE + _FALSE:
         raise ValueError(text)
       return text.lower() in _TRUE
-    if isinstance(current, int):
-      return int(text, 0)
+    if isinstance(current, int):  # absl's rule: decimal, 0x hex, 0o octal (not int(text, 0): '010', '0b1')
+      return flags.IntegerParser().parse(text)
     if isinstance(current, float):
       return float(text)
     return text
@@ -108,8 +122,10 @@ def parse_text(path: str, current, text: str):
 
 def check_value(path: str, current, value):
   """A Python `value` for config.`path` (a sweep's override), converted like config_flags would: an int
-  where a float is expected is fine, anything else of the wrong type is a ConfigError."""
-  if type(current) not in (bool, int, float, str) or value is None:
+  where a float is expected is fine, anything else of the wrong type (None included) or a whole section is
+  a ConfigError."""
+  _refuse_section(path, current, "'{}': value")
+  if type(current) not in (bool, int, float, str):
     return value
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
@@ -132,7 +148,10 @@ def set_value(config, path: str, value):
   node = config
   for parent in parents:
     node = node[parent]
-  node[key] = value
+  try:
+    node[key] = value
+  except TypeError as error:  # a type check_value leaves to ConfigDict (tuples, other objects)
+    raise ConfigError(f'config.{path}={value!r}: {error}') from None
 
 
 def split_argv(argv) -> tuple[str | None, list[tuple[str, str | None, int]]]:
@@ -170,8 +189,15 @@ def check_argv(argv) -> None:
     return
   for path, text, index in found:
     current = lookup(config, path)
+    if _OVERRIDE.match(argv[index]).group(1) and (not isinstance(current, bool) or '=' in argv[index]):
+      raise ConfigError(
+        f'{argv[index].partition("=")[0]}: only a boolean is negated, as --noconfig.<key> without a value; '
+        f'config.{path} has {current!r}: use --config.{path}=<value>.'
+      )
     if text is None:  # `--config.flag` alone: a boolean, or absl takes the next argument as the value
       if isinstance(current, bool):
         continue
-      text = argv[index + 1] if index + 1 < len(argv) else ''
+      if index + 1 >= len(argv):
+        raise ConfigError(f'--config.{path} needs a value: --config.{path}=<value> (the config has {current!r}).')
+      text = argv[index + 1]
     parse_text(path, current, text)
