@@ -72,7 +72,8 @@ ReturnToService=2
 KillWait=60
 MinJobAge=300
 $node State=UNKNOWN
-PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+# Jobs may share cores (up to 4 per core): tests running side by side do not queue behind each other.
+PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
   mv "$CONF.new" "$CONF"
 }
