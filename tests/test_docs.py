@@ -23,6 +23,10 @@ _EXPERIMENT = re.compile(r'(?<![\w/.])(experiments/[\w/]+\.py)(?::(\w+))?')
 _SOURCE = re.compile(r'(?<![\w/.])((?:transformer|tests|benchmarks|scripts)/[\w/]+\.(?:py|sh))\b')
 _FROM_IMPORT = re.compile(r'\bfrom (transformer(?:\.\w+)*) import ([\w, ]+)')
 _RUN_MODULE = re.compile(r'python3? -m (transformer(?:\.\w+)*)')
+_DOTTED = re.compile(r'(?<![\w.])(\w+(?:\.\w+)+)')
+# `train.num_steps`, `config.model`, `metrics.jsonl`: config paths and file names, not a module's attributes.
+_NOT_MODULES = {'config', 'train', 'data', 'model', 'bench'}
+_FILE_SUFFIXES = {'py', 'sh', 'md', 'json', 'jsonl', 'csv', 'png', 'txt', 'mid'}
 
 
 def prose_lines(text: str):
@@ -80,6 +84,42 @@ def named(pattern: re.Pattern, paths=DOCS) -> dict[tuple, str]:
       for match in pattern.finditer(line):
         found.setdefault(match.groups(), f'{path.relative_to(REPO)}:{number}')
   return found
+
+
+def defines(file: Path, name: str) -> bool:
+  """Whether a module's source defines `name` at its top level or in a class (def, class or assignment)."""
+  return re.search(rf'^\s*(?:def|class) {name}\b|^{name}\s*[:=]', file.read_text(), re.M) is not None
+
+
+def module_file(dotted: str, root: Path = REPO) -> Path | None:
+  """transformer/a/b.py or transformer/a/b/__init__.py for `transformer.a.b`; None when neither exists."""
+  base = root.joinpath(*dotted.split('.'))
+  for file in (base.with_suffix('.py'), base / '__init__.py'):
+    if file.is_file():
+      return file
+  return None
+
+
+def undefined_names(text: str, root: Path = REPO) -> list[str]:
+  """Dotted names in `text` that the code does not define: `transformer.a.b[.name]` (a module, then at most
+  one name defined in it) and `module.name` for a module of transformer/ (`decoding.generate`)."""
+  modules = {}
+  for file in sorted((root / 'transformer').rglob('*.py')):
+    modules.setdefault(file.parent.name if file.stem == '__init__' else file.stem, []).append(file)
+  problems = []
+  for dotted in dict.fromkeys(_DOTTED.findall(text)):
+    parts = dotted.split('.')
+    if parts[-1] in _FILE_SUFFIXES:
+      continue
+    if parts[0] == 'transformer':
+      found = next((n for n in range(len(parts), 0, -1) if module_file('.'.join(parts[:n]), root)), 0)
+      rest = parts[found:]
+      if len(rest) > 1 or (rest and not defines(module_file('.'.join(parts[:found]), root), rest[0])):
+        problems.append(dotted)
+    elif parts[0] in modules and parts[0] not in _NOT_MODULES:
+      if not any(defines(file, parts[1]) for file in modules[parts[0]]):
+        problems.append(dotted)
+  return problems
 
 
 def load_config(file: Path, variant: str | None):
@@ -147,6 +187,22 @@ def test_imports_and_modules_named_in_the_docs_exist():
     if importlib.util.find_spec(f'{module_name}.__main__') is None:
       problems.append(f'{where}: python -m {module_name} has no __main__')
   assert problems == []
+
+
+def test_functions_and_modules_named_in_the_docs_exist():
+  assert {path.name: undefined_names(path.read_text()) for path in DOCS} == {path.name: [] for path in DOCS}
+
+
+def test_name_check_reports_what_the_code_does_not_define():
+  text = (
+    '`decoding.generate` `decoding.no_such_loop` `transformer.experiment.cli.main` `transformer.experiment.nothing`'
+    ' `transformer.config.ModelConfig.extra` `metrics.jsonl` `train.num_steps` `jax.nn.dot_product_attention`'
+  )
+  assert undefined_names(text) == [
+    'decoding.no_such_loop',
+    'transformer.experiment.nothing',
+    'transformer.config.ModelConfig.extra',
+  ]
 
 
 def test_readme_test_command_is_what_ci_runs():
