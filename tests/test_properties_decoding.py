@@ -133,3 +133,19 @@ def test_a_prompt_with_padding_before_a_token_is_refused(prompts, row, hole):
   prompts[row, hole], prompts[row, -1] = PAD_ID, FIRST_FREE_ID
   with pytest.raises(ConfigError, match=f'row {row} .*right-padded'):
     decoding.generate(model, params, prompts=prompts, max_len=MAX_LEN)
+
+
+@settings(PROFILE, max_examples=10)
+@given(
+  kind=st.sampled_from(['decoder_only', 'encoder_decoder']),
+  tokens=right_padded(min_length=1),
+  place=st.tuples(st.integers(0, BATCH - 1), st.integers(0, WIDTH - 1)),
+  bad=st.sampled_from([-1, VOCAB, VOCAB + 100]),
+)
+def test_token_ids_outside_the_vocabulary_are_refused(kind, tokens, place, bad):
+  """The embedding lookup would clamp them: the model would silently read other tokens."""
+  model, params = _params(kind, 0, 1.0)
+  tokens[place[0], : place[1] + 1] = np.maximum(tokens[place[0], : place[1] + 1], FIRST_FREE_ID)  # stay right-padded
+  tokens[place] = bad
+  with pytest.raises(ConfigError, match=rf'\[{place[0]}, {place[1]}\] = {bad} is not a token id'):
+    decoding.generate(model, params, max_len=MAX_LEN, **_data(kind, tokens))

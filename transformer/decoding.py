@@ -154,6 +154,7 @@ def _check(model, inputs, prompts, max_len, lengths):
       raise ConfigError(
         'An encoder-decoder model decodes from `inputs` (source tokens [batch, length]) and takes no `prompts`.'
       )
+    _check_ids('inputs', inputs, cfg.vocab_size)
     inputs = jnp.asarray(inputs, jnp.int32)
     batch, width = inputs.shape[0], 0
   else:
@@ -161,6 +162,7 @@ def _check(model, inputs, prompts, max_len, lengths):
       raise ConfigError('A decoder-only model has no `inputs`: pass the prefix as `prompts` [batch, length].')
     batch, width = (1 if lengths is None else len(lengths)), 0  # no prompt: start from BOS alone
     if prompts is not None:
+      _check_ids('prompts', prompts, cfg.vocab_size)
       _check_right_padded(prompts)
       prompts = jnp.asarray(prompts, jnp.int32)
       batch, width = prompts.shape
@@ -187,14 +189,37 @@ def _check(model, inputs, prompts, max_len, lengths):
   return inputs, prompts, lengths
 
 
-def _check_right_padded(prompts):
-  """A prompt's length is its count of real tokens, so a PAD before a token would shift its positions."""
+def _concrete(x):
+  """`x` as numpy, or None under jit or for an array spread over hosts (values not here: the caller's concern)."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.is_fully_addressable:
+    return None
   try:
-    values = np.asarray(prompts)
-  except jax.errors.TracerArrayConversionError:  # under jit: the caller's own concern
+    return np.asarray(x)
+  except jax.errors.TracerArrayConversionError:
+    return None
+
+
+def _check_ids(name, tokens, vocab_size):
+  """Token ids outside the vocabulary would be clamped by the embedding lookup: silently other tokens."""
+  values = _concrete(tokens)
+  if values is None:
     return
   if values.ndim != 2:
-    raise ConfigError(f'prompts must be [batch, length] token ids; got shape {values.shape}.')
+    raise ConfigError(f'{name} must be [batch, length] token ids; got shape {values.shape}.')
+  bad = (values < 0) | (values >= vocab_size)
+  if bad.any():
+    row, col = (int(i[0]) for i in np.nonzero(bad))
+    raise ConfigError(
+      f'{name}[{row}, {col}] = {values[row, col]} is not a token id of this model (0 to '
+      f'vocab_size - 1 = {vocab_size - 1}): encode with the tokenizer the model was trained with.'
+    )
+
+
+def _check_right_padded(prompts):
+  """A prompt's length is its count of real tokens, so a PAD before a token would shift its positions."""
+  values = _concrete(prompts)
+  if values is None:
+    return
   holes = (values[:, :-1] == PAD_ID) & (values[:, 1:] != PAD_ID)
   if holes.any():
     row = int(np.flatnonzero(holes.any(axis=1))[0])
