@@ -81,3 +81,12 @@ def test_decode_stops_at_eos_and_skips_pad_and_bos(tokenizers, text, tail, noise
   for place in noise:  # PAD and BOS anywhere before EOS change nothing
     noisy.insert(place % (len(noisy) + 1), PAD_ID if place % 2 else BOS_ID)
   assert tok.decode(noisy + [EOS_ID] + tail) == tok.decode(ids)
+
+
+@settings(PROFILE, max_examples=60)
+@given(ids=st.lists(st.integers(-(2**40), 2**40) | st.integers(-3, 130), max_size=10))
+def test_decode_reads_any_id_outside_the_vocabulary_as_unknown(tokenizers, ids):
+  """Model outputs past a rounded-up vocabulary, or a negative fill (-1, -100), never crash decoding."""
+  tok = tokenizers['default']
+  known = [i if 0 <= i < tok.vocab_size else tokenizer.UNK_ID for i in ids]
+  assert tok.decode(ids) == tok.decode(known)

@@ -62,8 +62,8 @@ class Tokenizer:
     return self.processor.encode(list(texts), out_type=int)
 
   def decode(self, ids) -> str:
-    """Text of `ids` up to the first EOS; PAD and BOS are dropped, ids past the vocabulary (a model
-    whose vocab was rounded up) read as unknown."""
+    """Text of `ids` up to the first EOS; PAD and BOS are dropped, ids outside the vocabulary (past it: a
+    model whose vocab was rounded up; negative: e.g. an ignore-index fill) read as unknown."""
     pieces = []
     for token in ids:
       token = int(token)
@@ -71,7 +71,7 @@ class Tokenizer:
         break
       if token in (PAD_ID, BOS_ID):
         continue
-      pieces.append(token if token < self.vocab_size else UNK_ID)
+      pieces.append(token if 0 <= token < self.vocab_size else UNK_ID)
     return self.processor.decode(pieces)
 
   def decode_batch(self, rows) -> list[str]:
