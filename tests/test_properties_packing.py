@@ -127,3 +127,35 @@ def test_padded_rows_are_each_epoch_once(examples, seq_len, batch_size, overlong
     order.append(example)
   for epoch in range(epochs):
     assert sorted(order[epoch * len(kept) : (epoch + 1) * len(kept)]) == kept
+
+
+@settings(PROFILE, max_examples=40)
+@given(
+  examples=example_sets(),
+  seq_len=st.sampled_from([4, 16]),
+  batch_size=st.integers(1, 3),
+  process_count=st.integers(1, 4),
+)
+def test_eval_batches_give_each_process_its_examples_in_order_and_equal_counts(
+  examples, seq_len, batch_size, process_count
+):
+  """Process p gets examples p, p + P, ... padded (never packed), then all-padding rows and batches up to
+  the count every process shares; together the processes hold each example once. Fewer examples than
+  processes included."""
+  count = math.ceil(math.ceil(len(examples) / process_count) / batch_size)
+  for process in range(process_count):
+    batches = list(
+      pipeline.eval_batches(
+        examples, seq_len=seq_len, batch_size=batch_size, process_index=process, process_count=process_count
+      )
+    )
+    assert len(batches) == count
+    mine = examples[process::process_count]
+    for side in examples[0]:
+      rows = np.concatenate([batch[side] for batch in batches])
+      expected = np.zeros((count * batch_size, seq_len), np.int32)
+      for row, example in enumerate(mine):
+        fitted = example[side][:seq_len]
+        expected[row, : len(fitted)] = fitted
+      np.testing.assert_array_equal(rows, expected)
+      assert rows.dtype == np.int32

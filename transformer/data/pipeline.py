@@ -110,8 +110,12 @@ def eval_batches(examples, *, seq_len: int, batch_size: int, process_index: int 
   Every process yields the same number of batches (collectives in the eval step need all of them):
   missing rows and batches are all padding, which the loss weights ignore.
   """
-  ds = _as_dataset(examples)[process_index::process_count].map(lambda ex: _fit(ex, seq_len))
-  batches = ds.batch(batch_size, batch_fn=lambda rows: pad_batch(rows, batch_size, seq_len))
-  count = math.ceil(math.ceil(len(_as_dataset(examples)) / process_count) / batch_size)
-  empty = {key: np.zeros_like(value) for key, value in batches[0].items()}
+  whole = _as_dataset(examples)
+  if not len(whole):
+    raise ConfigError('There are no evaluation examples: check config.data.')
+  ds = whole[process_index::process_count].map(lambda ex: _fit(ex, seq_len))
+  # A process may get no example at all (fewer examples than processes): then every batch is padding.
+  batches = ds.batch(batch_size, batch_fn=lambda rows: pad_batch(rows, batch_size, seq_len)) if len(ds) else []
+  count = math.ceil(math.ceil(len(whole) / process_count) / batch_size)
+  empty = {key: np.zeros((batch_size, seq_len), np.int32) for key in whole[0]}
   return (batches[i] if i < len(batches) else empty for i in range(count))
