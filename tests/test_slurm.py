@@ -13,10 +13,12 @@ import sys
 import time
 
 import launching
+import ml_collections
 import numpy as np
 import pytest
 
-from transformer.experiment import results, slurm
+from transformer.config import ConfigError
+from transformer.experiment import results, slurm, sweep
 
 ROOT = launching.ROOT
 CONFIG = 'experiments/synthetic.py:lm_copy'
@@ -285,3 +287,48 @@ def test_sweep_on_slurm_submits_each_run_once_waits_and_aggregates_like_a_local_
   assert (workdir / 'results.md').exists() and (workdir / 'results.png').stat().st_size > 0
   out = sweep()  # after they ended: nothing to submit
   assert 'submitted' not in out and {n: s['job_id'] for n, s in statuses().items()} == jobs, out
+
+
+def test_sweep_resources_become_the_jobs_sbatch_options_and_a_misspelt_executor_is_refused():
+  spec = slurm.resources(partition='gpu', nodes=2, tasks_per_node=8, gpus_per_task=1, time='4:00:00', extra='--qos=hi')
+  assert slurm.sbatch_options(spec, '/runs/a/seed0', 'sweep:a/seed0') == [
+    '--job-name=sweep:a/seed0',
+    '--output=/runs/a/seed0/log.txt',
+    '--open-mode=append',
+    '--requeue',
+    '--signal=TERM@120',
+    '--nodes=2',
+    '--ntasks-per-node=8',
+    '--cpus-per-task=1',
+    '--gpus-per-task=1',
+    '--partition=gpu',
+    '--time=4:00:00',
+    '--qos=hi',
+  ]
+  config = sweep.sweep_config(base=os.path.join(ROOT, CONFIG), variants=sweep.variant('base'))
+  assert (config.sweep.executor, config.sweep.wait, config.sweep.slurm.max_requeues) == ('local', False, 3)
+  config.sweep.executor = 'slrum'
+  with pytest.raises(ConfigError, match=r"executor='slrum' \(did you mean 'slurm'\?\): choose one of local, slurm"):
+    sweep.plan(config, '/tmp/unused')
+
+
+def test_a_job_gone_without_an_outcome_is_recorded_failed_and_submitted_again(tmp_path, monkeypatch, capsys):
+  """A job killed before its `after` (a time limit without the signal, scancel) left status 'running'; the
+  next sweep command finds it out of the queue, reports it with its log's last line and submits a new job."""
+  commands = []
+
+  def fake_slurm(*command):
+    commands.append(command[0])
+    return {'squeue': '5 TIMEOUT\n', 'sbatch': '6\n'}.get(command[0], '')
+
+  monkeypatch.setattr(slurm, '_slurm', fake_slurm)
+  (tmp_path / slurm.STATUS_FILE).write_text(json.dumps({'status': results.RUNNING, 'job_id': '5', 'attempts': 1}))
+  (tmp_path / slurm.LOG_FILE).write_text('=== start\nstep 3/9\nslurmstepd: *** JOB 5 CANCELLED DUE TO TIME LIMIT ***\n')
+  run = sweep.Run('a', 0, str(tmp_path), ['python', '-m', 'transformer.experiment'], 9)
+  slurm.submit([run], ml_collections.ConfigDict(dict(slurm=slurm.resources(), wait=False)))
+  out = capsys.readouterr().out
+  assert '[sweep] failed a/seed0: SLURM job 5 ended (TIMEOUT) without recording an outcome.' in out, out
+  assert commands == ['squeue', 'sbatch', 'scontrol']  # submitted held, then released
+  status = json.loads((tmp_path / slurm.STATUS_FILE).read_text())
+  assert (status['status'], status['job_id'], status['attempts']) == (results.QUEUED, '6', 2)
+  assert '--requeue' in (tmp_path / slurm.SCRIPT_FILE).read_text()
