@@ -332,3 +332,8 @@ def test_a_job_gone_without_an_outcome_is_recorded_failed_and_submitted_again(tm
   status = json.loads((tmp_path / slurm.STATUS_FILE).read_text())
   assert (status['status'], status['job_id'], status['attempts']) == (results.QUEUED, '6', 2)
   assert '--requeue' in (tmp_path / slurm.SCRIPT_FILE).read_text()
+
+
+def test_a_job_slurm_refuses_is_one_message_naming_the_setting(cluster):
+  with pytest.raises(slurm.SlurmError, match=r'(?s)invalid partition.*Check config\.sweep\.slurm \(partition'):
+    slurm._slurm('sbatch', '--partition=no_such_partition', '--wrap', 'true')

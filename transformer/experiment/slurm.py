@@ -24,6 +24,7 @@ import time
 
 import ml_collections
 
+from transformer.config import ConfigError
 from transformer.experiment import results
 from transformer.files import write_atomic
 
@@ -111,17 +112,22 @@ def job_script(run, spec) -> str:
 # The scheduler.
 
 
+class SlurmError(ConfigError):
+  """SLURM refused or is missing (a partition that does not exist, no sbatch here): one message, no traceback."""
+
+
 def _slurm(*command: str) -> str:
   """Runs a SLURM command; its stdout, or one clear error."""
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
   except FileNotFoundError:
-    raise RuntimeError(
+    raise SlurmError(
       f'{command[0]} is not installed here: run SLURM sweeps on a cluster login node (or start a local one: '
       'scripts/local_slurm.sh start), or use --config.sweep.executor=local.'
     ) from None
   if done.returncode:
-    raise RuntimeError(f'`{shlex.join(command)}` failed: {done.stderr.strip() or done.stdout.strip()}')
+    hint = ' Check config.sweep.slurm (partition, time, extra, ...).' if command[0] == 'sbatch' else ''
+    raise SlurmError(f'`{shlex.join(command)}` failed: {done.stderr.strip() or done.stdout.strip()}{hint}')
   return done.stdout
 
 
