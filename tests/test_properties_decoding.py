@@ -149,3 +149,24 @@ def test_token_ids_outside_the_vocabulary_are_refused(kind, tokens, place, bad):
   tokens[place] = bad
   with pytest.raises(ConfigError, match=rf'\[{place[0]}, {place[1]}\] = {bad} is not a token id'):
     decoding.generate(model, params, max_len=MAX_LEN, **_data(kind, tokens))
+
+
+@settings(PROFILE, max_examples=40)
+@given(
+  temperature=st.floats(allow_nan=True) | st.sampled_from([0.0, 0.7, 1.0]),
+  top_k=st.integers(-2, 50) | st.floats(-1, 5),
+  top_p=st.floats(allow_nan=True) | st.sampled_from([0.5, 1.0]),
+  alpha=st.floats(allow_nan=True) | st.sampled_from([0.0, 0.6]),
+)
+def test_sampling_and_beam_options_are_checked_before_anything_runs(temperature, top_k, top_p, alpha):
+  """NaN or infinite temperatures and penalties, fractional top_k: one ConfigError, not NaN scores or a
+  silently rounded option. Valid options get past the check: the next error is the deliberate bad token."""
+  model, params = _params('decoder_only', 0, 1.0)
+  bad_prompt = np.full((1, 1), VOCAB)  # past the vocabulary: refused right after the options are checked
+  valid = np.isfinite(temperature) and temperature >= 0 and top_k >= 0 and top_k == int(top_k) and 0 < top_p <= 1
+  sample = dict(method='sample', rng=jax.random.key(0), temperature=temperature, top_k=top_k, top_p=top_p)
+  with pytest.raises(ConfigError, match='is not a token id' if valid else 'Sampling needs'):
+    decoding.generate(model, params, prompts=bad_prompt, max_len=MAX_LEN, **sample)
+  valid = np.isfinite(alpha) and alpha >= 0
+  with pytest.raises(ConfigError, match='is not a token id' if valid else 'alpha=.* must be finite'):
+    decoding.beam_search(model, params, prompts=bad_prompt, max_len=MAX_LEN, alpha=alpha)

@@ -14,6 +14,7 @@ Compiled loops are cached by jit on (model, static options, shapes): the model i
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +52,13 @@ def generate(
     raise ConfigError(f'Decoding method {method!r} is unknown: choose one of {", ".join(METHODS)}.')
   if method == 'sample' and rng is None:
     raise ConfigError("method='sample' needs an `rng` key (e.g. jax.random.key(seed)).")
-  if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+  if (
+    not (math.isfinite(temperature) and temperature >= 0)
+    or not (top_k >= 0 and top_k == int(top_k))
+    or not 0 < top_p <= 1
+  ):
     raise ConfigError(
-      f'Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1 '
+      f'Sampling needs a finite temperature >= 0, an integer top_k >= 0 and 0 < top_p <= 1 '
       f'(got temperature={temperature}, top_k={top_k}, top_p={top_p}).'
     )
   inputs, prompts, lengths = _check(model, inputs, prompts, max_len, lengths)
@@ -88,9 +93,9 @@ def beam_search(
   """
   if beam_size < 1:
     raise ConfigError(f'beam_size={beam_size} must be >= 1.')
-  if alpha < 0:
+  if not (math.isfinite(alpha) and alpha >= 0):
     raise ConfigError(
-      f'alpha={alpha} must be >= 0 (a negative length penalty rewards short outputs '
+      f'alpha={alpha} must be finite and >= 0 (a negative length penalty rewards short outputs '
       'without bound, and early stopping would be wrong).'
     )
   inputs, prompts, lengths = _check(model, inputs, prompts, max_len, lengths)
