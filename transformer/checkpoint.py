@@ -347,7 +347,7 @@ class _SaveErrors:
     saved = self.checkpoints.all_steps()
     kept = f'the checkpoint of step {saved[-1]} is intact' if saved else 'no earlier checkpoint exists'
     raise CheckpointError(
-      f'Saving the checkpoint of step {self.step} to {self.checkpoints.directory} failed ({_reason(error)}); '
+      f'Saving the checkpoint of step {self.step} to {self.checkpoints.directory} failed ({_storage_reason(error)}); '
       f'{kept}. Free space there (or make it writable) and re-run to resume, or choose another --workdir.'
     ) from None
 
@@ -369,11 +369,20 @@ def _quiet_orbax_tracebacks() -> None:
     absl_logger.addFilter(_NoOrbaxTracebacks())
 
 
-_STORAGE_ERRORS = ('No space left', 'Read-only file system', 'Permission denied', 'Disk quota exceeded')
+_STORAGE_ERRORS = ('No space left on device', 'Read-only file system', 'Permission denied', 'Disk quota exceeded')
 
 
 def _is_storage_error(error: BaseException) -> bool:
   return any(isinstance(e, OSError) or any(s in str(e) for s in _STORAGE_ERRORS) for e in _chain(error))
+
+
+def _storage_reason(error: BaseException) -> str:
+  """The operating system's words (e.g. 'No space left on device') rather than tensorstore's long preamble."""
+  for e in _chain(error):
+    for phrase in _STORAGE_ERRORS:
+      if phrase in str(e):
+        return phrase
+  return _reason(error)
 
 
 def _chain(error: BaseException):
