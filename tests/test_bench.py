@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny
 
 from transformer import decoding, models, setup, summary
-from transformer.config import ConfigError, TrainConfig
+from transformer.config import ConfigError
 from transformer.experiment import bench
 from transformer.tokens import EOS_ID, PAD_ID
 
@@ -73,7 +73,7 @@ def test_unknown_bench_key_names_the_nearest():
 def test_memory_analysis_sees_remat():
   # Layers scanned: XLA's CPU buffer assignment keeps unrolled rematerialised layers' temporaries
   # about as large as without remat (README, Performance).
-  train_config = TrainConfig.from_config(bench_configs.get_config('tiny').train)
+  train_config = setup.resolve(bench_configs.get_config('tiny')).train_config
   temps = {}
   for remat in ('none', 'full'):
     stats = bench.compile_train_step(

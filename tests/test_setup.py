@@ -20,6 +20,8 @@ def test_resolve_types_both_configs_and_trains_no_tokenizer(tmp_path, monkeypatc
   assert resolved.train_config.mesh == MeshConfig(**config.train.mesh)
   assert resolved.train_config == TrainConfig(**{**config.train.to_dict(), 'mesh': MeshConfig(**config.train.mesh)})
   assert setup.resolve(config, vocab_size=77).model_config.vocab_size == 77
+  saved = {'d_model': 64, 'num_heads': 4}  # e.g. the model of a workdir's config.json
+  assert setup.resolve_model(saved, vocab_size=50) == ModelConfig(d_model=64, num_heads=4, vocab_size=50)
   assert os.listdir(tmp_path) == []
 
 

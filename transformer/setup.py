@@ -39,10 +39,15 @@ class Setup:
 def resolve(config, vocab_size: int | None = None) -> Resolved:
   """The typed `config.model` (with `vocab_size` when given) and `config.train`; misspelt keys and bad
   values are a `ConfigError` naming the key."""
-  model = config.model.to_dict()
+  return Resolved(resolve_model(config.model, vocab_size), TrainConfig.from_config(config.train))
+
+
+def resolve_model(model, vocab_size: int | None = None) -> ModelConfig:
+  """`config.model` alone (a `ConfigDict` or mapping, e.g. the `model` of a workdir's config.json), typed."""
+  values = dict(model.to_dict() if hasattr(model, 'to_dict') else model)
   if vocab_size is not None:
-    model['vocab_size'] = int(vocab_size)
-  return Resolved(ModelConfig.from_config(model), TrainConfig.from_config(config.train))
+    values['vocab_size'] = int(vocab_size)
+  return ModelConfig.from_config(values)
 
 
 def build(config, with_task: bool = True) -> Setup:
