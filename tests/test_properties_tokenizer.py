@@ -9,6 +9,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from transformer.config import ConfigError
 from transformer.data import tokenizer
 from transformer.tokens import BOS_ID, EOS_ID, FIRST_FREE_ID, PAD_ID
 
@@ -90,3 +91,30 @@ def test_decode_reads_any_id_outside_the_vocabulary_as_unknown(tokenizers, ids):
   tok = tokenizers['default']
   known = [i if 0 <= i < tok.vocab_size else tokenizer.UNK_ID for i in ids]
   assert tok.decode(ids) == tok.decode(known)
+
+
+@settings(PROFILE, max_examples=40)
+@given(
+  texts=st.lists(st.text(max_size=30) | st.lists(st.sampled_from(WORDS), max_size=20).map(' '.join), max_size=6),
+  vocab_size=st.integers(6, 40) | st.integers(-1, 300),
+  model_type=st.sampled_from(tokenizer.MODEL_TYPES),
+  byte_fallback=st.booleans(),
+)
+def test_training_on_any_corpus_gives_a_tokenizer_or_one_clear_error(
+  tmp_path_factory, texts, vocab_size, model_type, byte_fallback
+):
+  """Empty, blank or tiny corpora and any vocabulary size: a tokenizer that encodes its own training text
+  without special ids, or one ConfigError naming what to change (never SentencePiece's internal check)."""
+  cache = str(tmp_path_factory.mktemp('corpus', numbered=True))
+  try:
+    tok = tokenizer.train_tokenizer(texts, vocab_size, model_type, cache, byte_fallback=byte_fallback)
+  except ConfigError as error:
+    message = str(error)
+    assert 'INTERNAL' not in message and '.cc(' not in message, message
+    assert 'vocab_size' in message or 'the training data is empty' in message, message
+    return
+  # bpe / unigram make exactly the pieces asked for (or refuse); char / word models have one piece per
+  # distinct character / word, so the size asked for is their cap.
+  assert tok.vocab_size == vocab_size if model_type in ('bpe', 'unigram') else tok.vocab_size <= vocab_size
+  for text in texts:
+    _no_special_ids(tok.encode(text))

@@ -138,6 +138,11 @@ def _rephrase(error: RuntimeError, vocab_size: int, num_texts: int) -> ConfigErr
       f'just for its characters and the 4 special ids. Raise the vocabulary size above '
       f'{too_low.group(2)} or lower character_coverage.'
     )
+  if re.search(r'model_trainer\.cc\(\d+\) \[\(vocab_size\) >= \(0\)\]', message):  # char / word, byte_fallback
+    return ConfigError(
+      f'vocab_size={vocab_size} is too small: byte_fallback takes 256 pieces and the special ids 4 before any '
+      f'character or word. Raise the vocabulary size above 260 or set byte_fallback=False.'
+    )
   return ConfigError(f'SentencePiece could not train a {vocab_size}-piece tokenizer: {message}')
 
 
