@@ -16,7 +16,7 @@ def test_resolve_types_both_configs_and_trains_no_tokenizer(tmp_path, monkeypatc
   monkeypatch.setenv('TRANSFORMER_CACHE', str(tmp_path))  # where a trained tokenizer would be cached
   config = translation.get_config('tiny')
   resolved = setup.resolve(config)
-  assert resolved.model_config == ModelConfig.from_config(config.model)
+  assert resolved.model_config == ModelConfig(**config.model.to_dict())
   assert resolved.train_config.mesh == MeshConfig(**config.train.mesh)
   assert resolved.train_config == TrainConfig(**{**config.train.to_dict(), 'mesh': MeshConfig(**config.train.mesh)})
   assert setup.resolve(config, vocab_size=77).model_config.vocab_size == 77
