@@ -54,7 +54,7 @@ def _apply(cfg):
   return jax.jit(lambda params, x, y, mask: MultiHeadAttention(cfg).apply({'params': params}, x, y, mask))
 
 
-@settings(PROFILE, max_examples=20)
+@settings(PROFILE, max_examples=12)
 @given(layout=head_layouts())
 def test_every_valid_layout_builds_with_the_right_shapes(layout):
   cfg = tiny(**layout)

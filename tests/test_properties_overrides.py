@@ -6,6 +6,7 @@ import copy
 import os
 
 import hypothesis.strategies as st
+import ml_collections
 import pytest
 from absl import flags
 from hypothesis import HealthCheck, given, settings
@@ -158,3 +159,28 @@ def test_sweep_values_are_set_exactly_or_refused_once(path, value):
   got = flatten(config)
   assert type(got[path]) is type(current) and got[path] == value
   assert {k for k, v in got.items() if v != BASE_FLAT[k]} <= {path}
+
+
+MIXED = ml_collections.ConfigDict(
+  dict(model=dict(d_ff=48, rate=0.1, kind='x'), train=dict(eval_lengths=(16, 32), flag=True, nothing=None))
+)
+MIXED_PATHS = sorted(flatten(MIXED)) + ['model', 'train']
+
+
+@settings(PROFILE, max_examples=150)
+@given(path=st.sampled_from(MIXED_PATHS), value=PYTHON_VALUES.filter(lambda v: not isinstance(v, dict)))
+def test_sweep_values_for_tuples_none_and_sections_are_set_exactly_or_refused_once(path, value):
+  """Keys config_flags types in its own way (tuples, None) and whole sections: set exactly as given, or one
+  ConfigError (ConfigDict's own TypeError included), the config untouched."""
+  config = copy.deepcopy(MIXED)
+  try:
+    overrides.set_value(config, path, value)
+  except ConfigError:
+    assert config.to_dict() == MIXED.to_dict()
+    return
+  assert path not in ('model', 'train')  # a section is never replaced: its other keys would be lost
+  got, current = overrides.lookup(config, path), flatten(MIXED)[path]
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)  # ConfigDict keeps a tuple key a tuple, as config_flags parses '[16]' for it
+  assert got == value and (type(got) is type(value) or isinstance(got, float))
+  assert {k for k, v in flatten(config).items() if v != flatten(MIXED)[k]} <= {path}
