@@ -87,13 +87,16 @@ _TEXT = dict(capture_output=True, text=True, timeout=60)
 
 def _wait_for_job(job: str, timeout: float = 900) -> str:
   """Waits until the job is over and returns its last state. A requeued job waits ~2 minutes before it may
-  start again (SLURM's hold after a requeue); the test lets it start at once."""
-  deadline = time.time() + timeout
+  start again (SLURM's hold after a requeue); the test lets it start after 5 s (at once, slurmd may still
+  refuse its launch, within the second its previous run was revoked: "Job credential revoked")."""
+  deadline, held_since = time.time() + timeout, None
   while time.time() < deadline:
     state, reason = _squeue(job)
     if state in slurm.ENDED or not state:
       return state
-    if state == 'PENDING' and reason == 'BeginTime':
+    held = state == 'PENDING' and reason == 'BeginTime'
+    held_since = (held_since or time.time()) if held else None
+    if held and time.time() - held_since > 5:
       subprocess.run(['scontrol', 'update', f'JobId={job}', 'StartTime=now'], **_TEXT)
     time.sleep(1)
   subprocess.run(['scancel', job], **_TEXT)
