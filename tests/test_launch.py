@@ -11,8 +11,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import synthetic  # noqa: E402
-from transformer import loop, workdir  # noqa: E402
-from transformer.config import ConfigError, ModelConfig  # noqa: E402
+from transformer import loop, setup, workdir  # noqa: E402
+from transformer.config import ConfigError  # noqa: E402
 from transformer.experiment import overrides  # noqa: E402
 
 CONFIG = 'experiments/synthetic.py:reverse'
@@ -147,7 +147,7 @@ def small_config(num_steps):
 def test_resume_refuses_model_and_task_changes_and_allows_more_steps(tmp_path):
   """The loop checks before it restores anything (test_sweep's sweep also meets the refusal through launch.py)."""
   run = str(tmp_path / 'run')
-  workdir.save_config(small_config(2), run, ModelConfig.from_config({**small_config(2).model, 'vocab_size': 32}))
+  workdir.save_config(small_config(2), run, setup.resolve(small_config(2), vocab_size=32).model_config)
   assert json.load(open(os.path.join(run, 'config.json')))['model']['vocab_size'] == 32  # the model's, as built
   os.makedirs(os.path.join(run, 'checkpoints', '2'))  # what a trained run leaves; never read: refused first
   wider = small_config(2)

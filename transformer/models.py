@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -346,10 +345,8 @@ class DecoderOnly(nn.Module):
     return self.decoder(tokens, positions, segment_ids, deterministic=deterministic, decode=decode)
 
 
-def build_model(config: Any) -> nn.Module:
-  """The model `config` (a `ModelConfig` or `config.model`) describes."""
-  if not isinstance(config, ModelConfig):
-    config = ModelConfig.from_config(config)
+def build_model(config: ModelConfig) -> nn.Module:
+  """The model `config` describes (`setup.resolve` types an experiment's `config.model`)."""
   return EncoderDecoder(config) if config.kind == 'encoder_decoder' else DecoderOnly(config)
 
 

@@ -85,10 +85,9 @@ def last_lines(path: str, max_lines: int = 6) -> str:
 def _count_params(model_json: str) -> int:
   import jax  # noqa: PLC0415 -- only when a table is made
 
-  from transformer import models, summary  # noqa: PLC0415
-  from transformer.config import ModelConfig  # noqa: PLC0415
+  from transformer import models, setup, summary  # noqa: PLC0415
 
-  model = models.build_model(ModelConfig.from_config(json.loads(model_json)))
+  model = models.build_model(setup.resolve_model(json.loads(model_json)))
   return summary.count_params(jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
 
 

@@ -33,7 +33,8 @@ import time
 
 import ml_collections
 
-from transformer.config import ConfigError, ModelConfig, did_you_mean, flatten
+from transformer import setup
+from transformer.config import ConfigError, did_you_mean, flatten
 from transformer.experiment import overrides as overrides_lib
 from transformer.experiment import results
 from transformer.experiment import slurm as slurm_executor
@@ -266,7 +267,7 @@ def plan(config, workdir: str, overrides=()) -> list[Run]:
     for path, value in v['overrides'].items():
       overrides_lib.set_value(resolved, path, value)
     try:
-      ModelConfig.from_config(resolved.model)
+      setup.resolve(resolved)  # the model and train settings, cheaply: no tokenizer, no compile
     except ConfigError as error:
       raise ConfigError(f'Variant {v["name"]!r}: {error}') from None
     flags = [
