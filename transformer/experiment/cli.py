@@ -11,19 +11,18 @@ from ml_collections import config_flags
 from transformer.experiment import run
 from transformer.experiment.run import MODES
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant]; every mode but status.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and samples; default runs/<config>-<variant>.')
 _MODE = flags.DEFINE_enum(
   'mode',
   'train',
   list(MODES),
-  'train (resumes), eval / decode (latest checkpoint), sweep, bench.',
+  "train (resumes), eval / decode (latest checkpoint), sweep, bench, status (a sweep's or run's workdir).",
 )
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print its parameters, exit.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "Multi-host: this process's index.")
-flags.mark_flags_as_required(['config'])
 
 
 def default_workdir(config_arg: str) -> str:
@@ -39,6 +38,15 @@ def _main(argv):
 
   config = _CONFIG.value
   quiet_library_logs()
+  if _MODE.value == 'status':  # before the library and distributed start-up: it only reads files
+    _status(config)
+    return
+  if config is None:
+    what = '--dry_run' if _DRY_RUN.value else f'--mode {_MODE.value}'
+    raise app.UsageError(
+      f'{what} needs --config <experiment file>[:variant], e.g. --config experiments/translation.py:tiny '
+      '(only --mode status goes without one).'
+    )
   try:
     if _DRY_RUN.value:
       print(run.dry_run(config))
@@ -49,6 +57,19 @@ def _main(argv):
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
     run.run(config, _MODE.value, workdir, command_line_overrides())
   except ConfigError as error:  # a user's mistake: one message, no traceback
+    raise app.UsageError(str(error)) from None
+
+
+def _status(config):
+  """--mode status: the --workdir given, or the default one of --config."""
+  from transformer.config import ConfigError
+
+  if _WORKDIR.value is None and config is None:
+    raise app.UsageError('--mode status needs --workdir <the workdir of a sweep or a run>.')
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
+  try:
+    run.run(config, 'status', workdir)
+  except ConfigError as error:
     raise app.UsageError(str(error)) from None
 
 

@@ -153,8 +153,20 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def count_text(summary: dict) -> str:
   """'2/3 (1 diverged)': the finished runs the means are over, of all, and how the others ended."""
-  others = [f'{n} {status}' for status, n in summary['counts'].items() if n and status != FINISHED]
-  return f'{summary["done"]}/{summary["runs"]}' + (f' ({", ".join(others)})' if others else '')
+  others = counts_text({status: n for status, n in summary['counts'].items() if status != FINISHED})
+  return f'{summary["done"]}/{summary["runs"]}' + (f' ({others})' if others else '')
+
+
+def counts_text(counts: dict[str, int]) -> str:
+  """'3 finished, 1 running, 1 diverged': the non-zero counts of {status: count}, in the tables' order."""
+  return ', '.join(f'{counts[status]} {status}' for status in STATUSES if counts.get(status))
+
+
+def error_line(status: str, error: str) -> str:
+  """The one line of a run's error a listing shows: a stalled run's first (why it was killed; its log's last
+  lines follow), any other's last (the exception)."""
+  lines = error.strip().splitlines()
+  return (lines[0] if status == STALLED else lines[-1]) if lines else ''
 
 
 def write_results(workdir: str, runs, metric: str, higher_is_better: bool) -> list[dict]:

@@ -6,7 +6,7 @@ flags, and `--help` stays fast."""
 import os
 import time
 
-MODES = ('train', 'eval', 'decode', 'sweep', 'bench')
+MODES = ('train', 'eval', 'decode', 'sweep', 'bench', 'status')
 
 
 def dry_run(config) -> str:
@@ -41,8 +41,13 @@ def enable_compilation_cache():
 
 
 def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
-  """Runs `mode` on a resolved config. `overrides` are the command line's `--config.*` flags, which a
-  sweep passes on to every variant."""
+  """Runs `mode` on a resolved config (None for 'status'). `overrides` are the command line's `--config.*`
+  flags, which a sweep passes on to every variant."""
+  if mode == 'status':  # files and the scheduler only: no config needed, JAX not started
+    from transformer.experiment import status
+
+    print(status.status_text(workdir), flush=True)
+    return None
   from transformer.config import ConfigError
 
   enable_compilation_cache()

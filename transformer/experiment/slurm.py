@@ -193,6 +193,7 @@ def submit(runs, spec) -> None:
       wall_s=0.0 if status.get('status') == results.FINISHED else float(status.get('wall_s', 0.0)),
       command=run.command,
       error='',
+      max_requeues=int(spec.slurm.max_requeues),  # for the sweep's status: `requeue_cap_reached`
     )
     _slurm('scontrol', 'release', job)
     print(f'[sweep] submitted {run.label}: job {job}', flush=True)
@@ -209,10 +210,25 @@ def submit(runs, spec) -> None:
 def _record_lost_job(run, job: str, state: str | None) -> None:
   """A job that left the queue while its status still said queued or running: killed before its `after`
   (a time limit without a signal, scancel, a node failure). Recorded as failed with its log's last lines."""
-  reason = f'SLURM job {job} ended ({state or "no longer in squeue"}) without recording an outcome.'
+  reason = lost_job_reason(job, state)
   tail = error_tail(os.path.join(run.directory, LOG_FILE))
   _update_status(run.directory, status=results.FAILED, error=f'{reason}\n{tail}'.strip())
   print(f'[sweep] failed {run.label}: {reason}', flush=True)
+
+
+def lost_job_reason(job: str, state: str | None) -> str:
+  """Why a run whose status still says queued or running is failed: its job left the queue (`state`: its last
+  squeue state, None once squeue has forgotten it)."""
+  return f'SLURM job {job} ended ({state or "no longer in squeue"}) without recording an outcome.'
+
+
+def requeue_cap_reached(status: dict) -> int | None:
+  """The cap, when a run's job stopped early and was not requeued because it had been requeued
+  `max_requeues` times (see `requeue_decision`); else None. `status` is the run's status.json."""
+  cap = status.get('max_requeues')
+  if status.get('status') == results.INTERRUPTED and cap is not None and int(status.get('requeues', 0)) >= cap:
+    return int(cap)
+  return None
 
 
 def wait(runs, poll_seconds: float = 2.0) -> None:
