@@ -96,6 +96,8 @@ def test_a_local_sweep_in_every_state_is_one_table_the_counts_and_the_problems_e
   train(pre0, {10: 9.5, 11: float('nan')})
   end_local(pre0, 1, TRACEBACK + 'transformer.loop.NonFiniteLoss: The training loss became nan at step 11.\n')
   train(pre1, {10: 3.3, 15: 3.125}, {10: 3.5})
+  with open(os.path.join(pre1.directory, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 16, "train/lo')  # a line the running process is writing right now
   start_local(pre1, os.getpid())  # a process that is alive: running
   start_local(wide0, gone_pid())  # the sweep died (SIGKILL) before it recorded how its run ended
   capsys.readouterr()  # the sweep's own lines

@@ -29,14 +29,19 @@ _NUMERIC = ('steps', 'final', 'best', 'params', 'tokens/s', 'wall s')
 
 
 def read_metrics(directory: str) -> dict[int, dict]:
-  """{step: {tag: value}} from metrics.jsonl; a step logged again after a resume keeps its latest values."""
+  """{step: {tag: value}} from metrics.jsonl; a step logged again after a resume keeps its latest values. A line
+  that is not whole JSON is left out: one still being written (a running run, read by `--mode status`) or cut
+  by a killed process."""
   path = os.path.join(directory, 'metrics.jsonl')
   by_step = {}
   if os.path.exists(path):
     with open(path) as f:
       for line in f:
         if line.strip():
-          record = json.loads(line)
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            continue
           by_step.setdefault(int(record.pop('step')), {}).update(record)
   return dict(sorted(by_step.items()))
 

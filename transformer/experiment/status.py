@@ -49,7 +49,7 @@ def sweep_status(workdir: str) -> SweepStatus:
   """The rows of a sweep's runs, in the sweep's order (variants, then seeds)."""
   with open(os.path.join(workdir, SWEEP_FILE)) as f:
     spec = json.load(f)
-  runs = [
+  runs = [  # only their directories and status files are read: no command, and the steps come from status.json
     sweep.Run(v['name'], int(seed), os.path.join(workdir, sweep.directory_name(v['name']), f'seed{seed}'), [], 0)
     for v in spec['variants']
     for seed in spec['seeds']
