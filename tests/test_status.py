@@ -242,8 +242,12 @@ def test_launch_status_prints_the_table_and_refuses_a_missing_workdir_or_a_confi
   no_config = launch('--mode', 'train', '--workdir', str(tmp_path / 'train'))
   out, err = table.communicate(timeout=120)
   assert table.returncode == 0, err
-  assert out == status.status_text(workdir) + '\n'
-  assert out.splitlines()[-1] == '2 runs: 1 finished, 1 queued'
+  assert out.splitlines() == [
+    'variant  seed  state     step   train/loss  eval/loss  attempts',
+    'base     0     finished  20/20  2.25        2.5 @20    1',
+    'base     1     queued    -/?    -           -          0',
+    '2 runs: 1 finished, 1 queued',
+  ]
   out, err = missing.communicate(timeout=120)
   assert missing.returncode == 1
   assert (
