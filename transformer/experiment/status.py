@@ -103,7 +103,11 @@ def _row(run: sweep.Run, status: dict, metric: str, states: dict[str, str] | Non
 def _scheduler(row: Row, status: dict, states: dict[str, str] | None) -> None:
   """The SLURM columns, and the state corrected by the queue: a queued run whose job runs is running, and a
   queued or running one whose job left the queue failed (as the next sweep command records it)."""
-  row.requeues, row.max_requeues, row.job = int(status.get('requeues', 0)), status.get('max_requeues'), status['job_id']
+  row.requeues, row.max_requeues, row.job = (
+    int(status.get('requeues', 0)),
+    status.get('max_requeues'),
+    str(status.get('job_id', '')),
+  )
   if states is None:  # squeue failed
     row.scheduler = '?'
     return
