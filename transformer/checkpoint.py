@@ -343,7 +343,6 @@ class _SaveErrors:
   def __exit__(self, kind, error, traceback):
     if error is None or isinstance(error, ConfigError) or not _is_storage_error(error):
       return False
-    self.checkpoints._saving = None  # reported once
     saved = self.checkpoints.all_steps()
     kept = f'the checkpoint of step {saved[-1]} is intact' if saved else 'no earlier checkpoint exists'
     raise CheckpointError(

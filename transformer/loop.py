@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from transformer import checkpoint, metrics, parallel, setup, summary
 from transformer import workdir as workdir_lib
@@ -151,6 +152,7 @@ def _train(config, workdir: str, stop_at: int | None):
   data_wait = 0.0  # seconds the loop waited for input batches in this window
   compile_s = None
   step = start_step
+  closers = [progress.close, *([digests.close] if digests is not None else []), ckpts.wait, ckpts.close, writer.close]
   try:
     with checkpoint.PreemptionGuard() as guard:
       for step in range(start_step + 1, train.num_steps + 1):
@@ -211,13 +213,10 @@ def _train(config, workdir: str, stop_at: int | None):
           if primary and guard.requested:
             print(f'\nStopped by a signal at step {step}; checkpoint saved. Re-run to resume.', flush=True)
           break
-  finally:  # a failing run still finishes the saves it started
-    progress.close()
-    if digests is not None:
-      digests.close()
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
+  except BaseException:
+    _close_all(True, *closers)  # a failing run still finishes the saves it started
+    raise
+  _close_all(False, *closers)
   if primary:
     print(summary.run_summary(workdir, step, train.num_steps, _evals(workdir), writer.tensorboard), flush=True)
   return eval_metrics
@@ -230,6 +229,23 @@ def _evals(workdir: str) -> list[dict]:
     return []
   with open(path) as f:
     return [row for row in map(json.loads, f) if 'eval/loss' in row]
+
+
+def _close_all(failing: bool, *closers) -> None:
+  """Calls each of `closers` (wait for the checkpoints, close files). When the run is `failing`, an error on the way
+  (a full disk that also stops the metrics writer) is logged, not raised: it must not hide the run's own
+  error, which says what happened. Otherwise the first such error is raised, after closing the rest."""
+  errors = []
+  for close in closers:
+    try:
+      close()
+    except Exception as error:  # noqa: BLE001 -- reported below, after the rest is closed
+      errors.append(error)
+  if errors and failing:
+    for error in errors:
+      logging.warning('While stopping after an error: %s', error)
+  elif errors:
+    raise errors[0]
 
 
 def _test_signal_in_eval(step: int) -> None:
