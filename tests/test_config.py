@@ -60,6 +60,22 @@ def test_unknown_key_suggests_the_nearest():
     ModelConfig.from_config(config)
 
 
+@pytest.mark.parametrize(
+  'overrides,message',
+  [
+    (dict(rope_base=float('nan')), 'config.model.rope_base=nan must be a positive finite number'),
+    (dict(rope_base=0.0), 'config.model.rope_base=0.0 must be a positive finite number'),
+    (dict(norm_epsilon=-1e-6), 'config.model.norm_epsilon=-1e-06 must be a positive finite number'),
+    (dict(norm_epsilon=float('inf')), 'config.model.norm_epsilon=inf must be a positive finite number'),
+    (dict(vocab_size=3), 'config.model.vocab_size=3 leaves no id for tokens'),
+  ],
+)
+def test_bad_model_numbers_name_the_key(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    ModelConfig.from_config(overrides)
+  assert ModelConfig.from_config({'vocab_size': 4, 'rope_base': 1.5, 'norm_epsilon': 1e-9}).vocab_size == 4
+
+
 def test_wrong_type_names_the_expected_type():
   with pytest.raises(ConfigError, match="config.model.d_model='512' must be of type int"):
     ModelConfig.from_config({'d_model': '512'})
@@ -78,7 +94,9 @@ def test_wrong_type_names_the_expected_type():
     (dict(parallelism='tpu'), "config.train.parallelism='tpu' is not one of: jit, pmap"),
     (dict(grad_accum_steps=0), 'config.train.grad_accum_steps=0 must be a positive integer'),
     (dict(label_smoothing=1.0), r'config.train.label_smoothing=1.0 must be in \[0, 1\)'),
-    (dict(grad_clip=-1.0), 'config.train.grad_clip=-1.0 must be >= 0'),
+    (dict(grad_clip=-1.0), 'config.train.grad_clip=-1.0 must be a finite number >= 0'),
+    (dict(learning_rate=float('inf')), 'config.train.learning_rate=inf must be a finite number >= 0'),
+    (dict(weight_decay=float('nan')), 'config.train.weight_decay=nan must be a finite number >= 0'),
     (dict(mesh=dict(data=-1, fsdp=-1)), 'at most one may be -1'),
     (dict(mesh=dict(tensor=0)), 'config.train.mesh.tensor=0: each mesh axis must be a positive size'),
   ],

@@ -8,11 +8,12 @@ drift apart). The engine converts each once (`setup.resolve`) and passes the typ
 
 import dataclasses
 import difflib
+import math
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
+
+from transformer.tokens import FIRST_FREE_ID
 
 KINDS = ('encoder_decoder', 'decoder_only')
 POSITIONAL = ('sinusoidal', 'learned', 'rope', 'alibi', 'none')
@@ -82,6 +83,14 @@ class ModelConfig:
     for key in ('dropout_rate', 'attention_dropout_rate'):
       if not 0.0 <= getattr(self, key) < 1.0:
         raise ConfigError(f'config.model.{key}={getattr(self, key)} must be in [0, 1).')
+    for key in ('rope_base', 'norm_epsilon'):  # NaN fails every comparison, so check finiteness too
+      if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+        raise ConfigError(f'config.model.{key}={getattr(self, key)} must be a positive finite number.')
+    if self.vocab_size <= FIRST_FREE_ID:
+      raise ConfigError(
+        f'config.model.vocab_size={self.vocab_size} leaves no id for tokens: ids 0-{FIRST_FREE_ID - 1} are '
+        f'PAD, BOS and EOS, so it must be > {FIRST_FREE_ID}.'
+      )
     if (not self.d_k or not self.d_v) and self.d_model % self.num_heads:
       raise ConfigError(
         f'config.model.d_model={self.d_model} is not divisible by config.model.num_heads='
@@ -109,12 +118,17 @@ class ModelConfig:
 
   @property
   def compute_dtype(self):
+    import jax  # here, not at the top: reading configs (sweep planning, --mode status) needs no JAX
+    import jax.numpy as jnp
+
     if self.dtype == 'auto':  # CPUs compute bfloat16 matmuls slowly in XLA; accelerators twice as fast
       return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32)
     return jnp.dtype(self.dtype)
 
   @property
   def storage_dtype(self):
+    import jax.numpy as jnp
+
     return jnp.dtype(self.param_dtype)
 
   @classmethod
@@ -223,8 +237,10 @@ class TrainConfig:
       if getattr(self, key) < 0:
         raise ConfigError(f'{prefix}.{key}={getattr(self, key)} must be >= 0.')
     for key in ('learning_rate', 'weight_decay', 'z_loss', 'grad_clip', 'peak_flops'):
-      if not getattr(self, key) >= 0:
-        raise ConfigError(f'{prefix}.{key}={getattr(self, key)} must be >= 0 (0 disables where that applies).')
+      if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+        raise ConfigError(
+          f'{prefix}.{key}={getattr(self, key)} must be a finite number >= 0 (0 disables where that applies).'
+        )
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ConfigError(f'{prefix}.label_smoothing={self.label_smoothing} must be in [0, 1).')
 
