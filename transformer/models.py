@@ -359,7 +359,7 @@ def dummy_inputs(config: ModelConfig, batch_size: int = 1, length: int = 8, sour
 
 
 def init_params(model: nn.Module, rng, batch_size: int = 1, length: int = 8):
-  """Initial parameters (logical-axis boxes removed; see `logical_axes` for them).
+  """Initial parameters (logical-axis boxes removed; `parallel.state_shardings` reads them).
 
   Eager: cheap for one call. The training engine jits its own init, with output shardings.
   `scan_layers` is a layout, not a model: scanned parameters are the unrolled ones stacked, so one
@@ -369,12 +369,6 @@ def init_params(model: nn.Module, rng, batch_size: int = 1, length: int = 8):
   twin = model.clone(config=dataclasses.replace(cfg, scan_layers=False)) if cfg.scan_layers else model
   params = nn.unbox(twin.init(rng, *dummy_inputs(cfg, batch_size, length))['params'])
   return stack_layers(params) if cfg.scan_layers else params
-
-
-def logical_axes(model: nn.Module):
-  """Per-parameter logical axis names (e.g. ('embed', 'mlp')) for sharding rules."""
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model.config))['params'])
-  return nn.get_partition_spec(abstract)
 
 
 def init_cache(model: nn.Module, batch_size: int, max_length: int, source_length: int = 1):

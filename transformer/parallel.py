@@ -24,7 +24,7 @@ from transformer.config import MESH_AXES, ConfigError, MeshConfig, TrainConfig
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both; FSDP is data parallel too
 PMAP_AXIS = 'batch'
 
-# Logical axis name (see `models.logical_axes`) -> mesh axis; names not listed are replicated.
+# Logical axis name (the models' `nn.with_logical_partitioning` names) -> mesh axis; names not listed are replicated.
 # Parameters: FSDP splits their `embed` dimension. Activations have names of their own: their d_model
 # stays whole (giving it the parameters' `embed` rule would re-shard every activation between layers).
 LOGICAL_RULES = (
