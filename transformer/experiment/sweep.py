@@ -28,12 +28,11 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 
 import ml_collections
 
-from transformer import setup
+from transformer import setup, signals
 from transformer.config import ConfigError, did_you_mean, flatten
 from transformer.experiment import overrides as overrides_lib
 from transformer.experiment import results
@@ -351,31 +350,19 @@ def _die_with_parent():
     pass
 
 
-class _SignalForwarder:
+class _SignalForwarder(signals.Guard):
   """While active, SIGINT / SIGTERM to the sweep are passed on to the running children (which checkpoint
   and exit) and stop new launches. Children run in their own session, so a terminal's Ctrl-C reaches
   them once, through here; a second Ctrl-C is forwarded too (the children then stop at once)."""
 
   def __init__(self, running: dict):
+    super().__init__(second_sigint_falls_through=False)
     self.running = running
-    self.received = None
-    self._previous = {}
 
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signum
+  def on_signal(self, signum: int) -> None:
     for process in list(self.running.values()):
       if process.poll() is None:
         process.send_signal(signum)
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    return self
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 class Progress:
