@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from transformer import checkpoint, metrics, parallel, setup, summary
+from transformer import checkpoint, layout, metrics, parallel, setup, summary
 from transformer import workdir as workdir_lib
 from transformer.config import ConfigError
 
@@ -63,7 +63,7 @@ def evaluate_all(runner, built: setup.Setup, state, step, workdir, stop=None):
   num = built.train_config.num_samples
   samples = task.samples(pred, num, workdir) if num else []
   if samples and jax.process_index() == 0:
-    _write_samples(os.path.join(workdir, 'samples.jsonl'), [{'step': step, **s} for s in samples], 'a')
+    _write_samples(layout.samples_file(workdir), [{'step': step, **s} for s in samples], 'a')
     for sample in samples[:2]:
       print(f'\n[step {step}] {_line(sample)}', flush=True)
   return results
@@ -85,7 +85,7 @@ def _prepare(config, workdir):
   built = setup.build(config)
   train = built.train_config
   runner = parallel.make_runner(train, built.model, built.optimizer, built.schedule)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=train.keep_checkpoints)
+  ckpts = checkpoint.Checkpoints(layout.checkpoints_dir(workdir), keep=train.keep_checkpoints)
   return built, runner, ckpts
 
 
@@ -224,7 +224,7 @@ def _train(config, workdir: str, stop_at: int | None):
 
 def _evals(workdir: str) -> list[dict]:
   """The eval rows of `<workdir>/metrics.jsonl`, those of earlier (resumed) runs included."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = layout.metrics_file(workdir)
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -269,9 +269,9 @@ class BatchDigests:
   which examples each process trained on at each step, across restarts and topologies."""
 
   def __init__(self, workdir: str, rows: tuple[int, int]):
-    os.makedirs(os.path.join(workdir, 'batches'), exist_ok=True)
+    os.makedirs(os.path.join(workdir, layout.BATCHES_DIR), exist_ok=True)
     self.rows = list(rows)
-    self._file = open(os.path.join(workdir, 'batches', f'process_{jax.process_index()}.jsonl'), 'a')
+    self._file = open(os.path.join(workdir, layout.BATCHES_DIR, f'process_{jax.process_index()}.jsonl'), 'a')
 
   def write(self, step: int, batch: dict):
     count = len(next(iter(batch.values())))
@@ -304,7 +304,7 @@ def decode_checkpoint(config, workdir: str):
   pred = predictor(runner, built.model, state, step, built.train_config.seed)
   samples = built.task.samples(pred, built.train_config.decode_examples, workdir)
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'decode', f'step_{step}.jsonl')
+    path = os.path.join(workdir, layout.DECODE_DIR, f'step_{step}.jsonl')
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _write_samples(path, samples, 'w')
     for sample in samples[:5]:

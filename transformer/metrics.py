@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from transformer import layout
 from transformer.config import ModelConfig
 
 
@@ -21,7 +22,7 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._jsonl = open(layout.metrics_file(workdir), 'a')
     try:  # TensorBoard is optional: the JSONL file carries every figure anyway
       from tensorboardX import SummaryWriter
 

@@ -5,6 +5,8 @@ import os
 
 import jax
 
+from transformer import layout
+
 
 def param_rows(params, depth: int = 4):
   """(module path, shapes, count) per module, paths cut to `depth` names; leaves may be abstract."""
@@ -74,13 +76,13 @@ def run_summary(workdir: str, step: int, num_steps: int, evals: list[dict], tens
   if scored:
     best = min(scored, key=lambda row: (row['eval/loss'], row['step']))
     lines.append(f'Best eval (lowest loss) at step {best["step"]}: {eval_metrics_text(best)}')
-  where = [('metrics', os.path.join(workdir, 'metrics.jsonl'))]
-  for name in ('samples.jsonl', 'samples'):
+  where = [('metrics', layout.metrics_file(workdir))]
+  for name in (layout.SAMPLES_FILE, layout.SAMPLES_DIR):
     if os.path.exists(os.path.join(workdir, name)):
       where.append(('samples', os.path.join(workdir, name)))
   if tensorboard:
     where.append(('TensorBoard', f'tensorboard --logdir {workdir}'))
-  where.append(('checkpoints', os.path.join(workdir, 'checkpoints')))
+  where.append(('checkpoints', layout.checkpoints_dir(workdir)))
   width = max(len(label) for label, _ in where)
   lines += [f'  {label:<{width}}  {path}' for label, path in where]
   return '\n'.join(lines)

@@ -26,11 +26,10 @@ import time
 
 from absl import logging
 
+from transformer import layout
 from transformer.config import ConfigError, flatten
 from transformer.files import write_atomic
-
-CONFIG_FILE = 'config.json'
-LOCK_FILE = 'lock'
+from transformer.layout import CONFIG_FILE, LOCK_FILE
 
 
 class WorkdirError(ConfigError):
@@ -80,8 +79,7 @@ _ABSENT = '<absent>'
 
 
 def has_checkpoints(workdir: str) -> bool:
-  directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  return bool(layout.checkpoint_steps(workdir))
 
 
 def load_saved(workdir: str) -> dict | None:
@@ -185,7 +183,7 @@ def check_writable(workdir: str, checkpoint_bytes: int = 0) -> None:
   not probed."""
   if '://' in workdir:
     return
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = layout.checkpoints_dir(workdir)
   for folder in (workdir, directory):
     try:
       os.makedirs(folder, exist_ok=True)

@@ -11,6 +11,8 @@ import re
 
 import numpy as np
 
+from transformer import layout
+
 # A run's status (the 'status' of its status.json). Every executor writes these and only these.
 QUEUED = 'queued'  # planned, not started yet (no status.json), or waiting in a scheduler's queue
 RUNNING = 'running'
@@ -32,7 +34,7 @@ def read_metrics(directory: str) -> dict[int, dict]:
   """{step: {tag: value}} from metrics.jsonl; a step logged again after a resume keeps its latest values. A line
   that is not whole JSON is left out: one still being written (a running run, read by `--mode status`) or cut
   by a killed process."""
-  path = os.path.join(directory, 'metrics.jsonl')
+  path = layout.metrics_file(directory)
   by_step = {}
   if os.path.exists(path):
     with open(path) as f:
@@ -99,7 +101,7 @@ def _count_params(model_json: str) -> int:
 def count_params(directory: str) -> float:
   """Parameters of the model a run built, from its config.json (which holds the task's vocabulary); built
   abstractly, nothing allocated. NaN when the run never got that far."""
-  path = os.path.join(directory, 'config.json')
+  path = layout.config_file(directory)
   if not os.path.exists(path):
     return math.nan
   with open(path) as f:

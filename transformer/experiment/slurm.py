@@ -24,13 +24,13 @@ import time
 
 import ml_collections
 
+from transformer import layout
 from transformer.config import ConfigError
 from transformer.experiment import results
 from transformer.files import write_atomic
+from transformer.layout import LOG_FILE, STATUS_FILE
 
 SCRIPT_FILE = 'job.sbatch'
-STATUS_FILE = 'status.json'  # the sweep's per-run status file (sweep.STATUS_FILE)
-LOG_FILE = 'log.txt'  # the sweep's per-run log (sweep.LOG_FILE)
 REQUEUE_FILE = 'requeues.json'  # the steps at which a job stopped and was requeued
 # squeue states of a job that is over; any other state (PENDING, RUNNING, REQUEUED, ...) is still in the queue.
 ENDED = (
@@ -252,16 +252,12 @@ def wait(runs, poll_seconds: float = 2.0) -> None:
 
 
 def latest_step(workdir: str) -> int | None:
-  """The newest complete checkpoint's step (orbax writes into a temporary folder, then renames it)."""
-  try:
-    steps = [int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints')) if name.isdigit()]
-  except OSError:
-    return None
-  return max(steps, default=None)
+  """The newest complete checkpoint's step."""
+  return max(layout.checkpoint_steps(workdir), default=None)
 
 
 def _planned_steps(workdir: str) -> int:
-  with open(os.path.join(workdir, 'config.json')) as f:
+  with open(layout.config_file(workdir)) as f:
     return int(json.load(f)['train']['num_steps'])
 
 

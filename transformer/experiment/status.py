@@ -11,6 +11,7 @@ import math
 import os
 import time
 
+from transformer import layout
 from transformer import workdir as workdir_lib
 from transformer.config import ConfigError
 from transformer.experiment import results, slurm, sweep
@@ -200,7 +201,7 @@ def run_line(directory: str) -> str:
 
 
 def _age(directory: str) -> str:
-  names = ['metrics.jsonl', 'checkpoints', 'config.json']
+  names = [layout.METRICS_FILE, layout.CHECKPOINTS_DIR, layout.CONFIG_FILE]
   times = [os.path.getmtime(os.path.join(directory, n)) for n in names if os.path.exists(os.path.join(directory, n))]
   seconds = time.time() - max(times, default=time.time())
   return (
@@ -214,7 +215,7 @@ def status_text(directory: str) -> str:
     raise ConfigError(f'--workdir {directory}: no such directory; give the workdir of a sweep or a run.')
   if os.path.exists(os.path.join(directory, SWEEP_FILE)):
     return render(sweep_status(directory))
-  known = ('config.json', 'metrics.jsonl', 'checkpoints')
+  known = (layout.CONFIG_FILE, layout.METRICS_FILE, layout.CHECKPOINTS_DIR)
   if not any(os.path.exists(os.path.join(directory, name)) for name in known):
     raise ConfigError(
       f'--workdir {directory} is neither a sweep (no {SWEEP_FILE}) nor a run (no config.json, metrics.jsonl or '

@@ -32,15 +32,14 @@ import time
 
 import ml_collections
 
-from transformer import setup, signals
+from transformer import layout, setup, signals
 from transformer.config import ConfigError, did_you_mean, flatten
 from transformer.experiment import overrides as overrides_lib
 from transformer.experiment import results
 from transformer.experiment import slurm as slurm_executor
 from transformer.files import write_atomic
+from transformer.layout import LOG_FILE, STATUS_FILE
 
-STATUS_FILE = 'status.json'
-LOG_FILE = 'log.txt'
 # Metrics where larger is better; any other metric is minimised unless the sweep says otherwise.
 HIGHER_IS_BETTER = ('accuracy', 'bleu')
 EXECUTORS = ('local', 'slurm')  # config.sweep.executor: processes on this machine, or jobs (slurm.py)
@@ -376,11 +375,11 @@ class Progress:
 
   def _mark(self):
     try:
-      size = os.path.getsize(os.path.join(self.directory, 'metrics.jsonl'))
+      size = os.path.getsize(layout.metrics_file(self.directory))
     except OSError:
       size = -1
-    try:
-      saved = sorted(os.listdir(os.path.join(self.directory, 'checkpoints')))
+    try:  # orbax's temporary folders count too: a save in progress is progress
+      saved = sorted(os.listdir(layout.checkpoints_dir(self.directory)))
     except OSError:
       saved = []
     return size, saved
@@ -473,7 +472,7 @@ def outcome(run: Run, returncode: int, stop_signal: int | None, stall_reason: st
   otherwise."""
   if stall_reason is not None:
     return results.STALLED, stall_reason
-  if returncode == 0 and os.path.isdir(os.path.join(run.directory, 'checkpoints', str(run.num_steps))):
+  if returncode == 0 and run.num_steps in layout.checkpoint_steps(run.directory):
     return results.FINISHED, ''
   log = os.path.join(run.directory, LOG_FILE)
   diverged = results.diverged_error(log) if returncode else ''

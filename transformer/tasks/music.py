@@ -11,6 +11,7 @@ import os
 import numpy as np
 from absl import logging
 
+from transformer import layout
 from transformer.config import ConfigError
 from transformer.data import music
 from transformer.tasks import common
@@ -93,7 +94,7 @@ class MusicTask(common.TokenizedTask):
         'ended': bool((row == EOS_ID).any()),
       }
       if workdir:
-        folder = os.path.join(workdir, 'samples')
+        folder = os.path.join(workdir, layout.SAMPLES_DIR)
         os.makedirs(folder, exist_ok=True)
         stem = os.path.join(folder, f'step_{int(getattr(predictor, "step", 0))}_{i}')
         music.write_midi(notes, stem + '.mid', self.seconds_per_step)
