@@ -466,7 +466,7 @@ def get_config(arg=None):
 """
 # Longer than a healthy tiny run's longest silence (its start: imports and the first compile) on a loaded CI
 # machine; the frozen run costs this much idle time.
-STALL_TIMEOUT = 60
+STALL_TIMEOUT = 40
 
 
 def wait_for(condition, what, timeout=300):
