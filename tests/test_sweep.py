@@ -64,6 +64,60 @@ def test_sweep_config_resolves_short_keys_and_checks_values():
     assert message in str(error.value)
 
 
+def test_variants_that_resolve_to_the_same_config_are_an_error():
+  for variants, common, message in [
+    # A row setting what the base already has (synthetic's dropout is 0) is the baseline again.
+    (
+      sweep.variant('baseline') + sweep.group('D', sweep.product(dropout_rate=[0.0, 0.2])),
+      {},
+      "Variants 'baseline', 'D:dropout_rate=0.0' resolve to the same config (config.model.dropout_rate=0.0)",
+    ),
+    # The same through the common overrides, which change the base every variant starts from.
+    (
+      sweep.variant('baseline') + sweep.product(dropout_rate=[0.1, 0.2]),
+      {'dropout_rate': 0.1},
+      "Variants 'baseline', 'dropout_rate=0.1' resolve to the same config (config.model.dropout_rate=0.1)",
+    ),
+    # Two rows naming one setting differently (short key, full path).
+    (
+      sweep.variant('a', d_model=32) + sweep.variant('b', **{'model.d_model': 32}) + sweep.variant('c', d_model=16),
+      {},
+      "Variants 'a', 'b' resolve to the same config (config.model.d_model=32)",
+    ),
+  ]:
+    with pytest.raises(ConfigError) as error:
+      sweep.sweep_config(BASE, variants, overrides=common)
+    assert message in str(error.value)
+  # The same rows on a base with dropout 0.1: every row changes something, so the sweep is valid.
+  rows = sweep.variant('baseline') + sweep.group('D', sweep.product(dropout_rate=[0.0, 0.2]))
+  config = sweep.sweep_config(BASE, rows, overrides={'dropout_rate': 0.1})
+  assert [v['name'] for v in config.sweep.variants] == ['baseline', 'D:dropout_rate=0.0', 'D:dropout_rate=0.2']
+
+
+def test_every_row_of_every_ablation_file_changes_its_base():
+  specs = [*ABLATIONS, os.path.join(ROOT, 'experiments/ablations/vaswani_table3.py:base')]
+  for spec in specs:
+    config = overrides.load_config(spec)  # sweep_config rejects coinciding variants
+    unchanged = [
+      v['name']
+      for v in config.sweep.variants
+      if all(overrides.lookup(config, p) == value for p, value in v['overrides'].items())
+    ]
+    # One row may be the base itself (Table 3's 'baseline'; norm.py's product includes the base's pre + rmsnorm).
+    assert len(unchanged) <= 1, f'{spec}: {unchanged} all equal the base'
+    if 'vaswani_table3' in spec:
+      assert unchanged == ['baseline']
+  # Table 3's tiny base takes the paper's P_drop and label smoothing, so (D)'s 0.0 rows are changes.
+  table3 = overrides.load_config(os.path.join(ROOT, 'experiments/ablations/vaswani_table3.py'))
+  assert (table3.model.dropout_rate, table3.train.label_smoothing) == (0.1, 0.1)
+  assert [v['name'] for v in table3.sweep.variants if v['name'].startswith('D:')] == [
+    'D:dropout_rate=0.0',
+    'D:dropout_rate=0.2',
+    'D:label_smoothing=0.0',
+    'D:label_smoothing=0.2',
+  ]
+
+
 ABLATIONS = sorted(
   p for p in glob.glob(os.path.join(ROOT, 'experiments', 'ablations', '*.py')) if not p.endswith('__init__.py')
 )

@@ -22,6 +22,7 @@ ones from their checkpoints and retries the outcomes named by `retry` (default f
 diverged: `--config.sweep.retry=all` retries those too); on a finished sweep it only re-aggregates.
 """
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -114,6 +115,7 @@ def sweep_config(
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
     raise ConfigError(f'Two variants share a name: {", ".join(duplicates)}; name them with sweep.variant(name, ...).')
+  check_distinct(config, resolved)
   if higher_is_better is None:
     higher_is_better = any(word in metric for word in HIGHER_IS_BETTER)
   config.sweep = ml_collections.ConfigDict(
@@ -135,6 +137,29 @@ def sweep_config(
   )
   check_retry(config.sweep.retry)
   return config
+
+
+def check_distinct(config, variants: list[dict]):
+  """A ConfigError if two variants give the same effective config (the base with the common overrides, then
+  each variant's): a row that sets what the base already has would compare a run with a copy of itself."""
+  seen = {}
+  for v in variants:
+    effective = copy.deepcopy(config)
+    for path, value in v['overrides'].items():
+      overrides_lib.set_value(effective, path, value)
+    # References resolved after the overrides, so a variant changing a referenced value counts as a change.
+    flat = flatten(effective.copy_and_resolve_references())
+    seen.setdefault(repr(sorted(flat.items())), []).append((v, flat))
+  for same in seen.values():
+    if len(same) > 1:
+      names = ', '.join(repr(v['name']) for v, _ in same)
+      flat = same[0][1]
+      paths = sorted({path for v, _ in same for path in v['overrides']})
+      settings = ', '.join(f'config.{path}={overrides_lib.render(flat[path])}' for path in paths) or 'no overrides'
+      raise ConfigError(
+        f'Variants {names} resolve to the same config ({settings}): a variant must change something the base '
+        "and the others do not; drop one, or change the base (its file or the sweep's `overrides`)."
+      )
 
 
 def check_retry(text: str) -> tuple[str, ...]:
