@@ -107,6 +107,8 @@ def test_a_missing_split_or_dataset_is_a_config_error(tmp_path):
     corpora.hf_pairs(str(tmp_path / 'pairs'), 'validation', 'en', 'fr')
   with pytest.raises(ConfigError, match='was not found'):
     corpora.hf_documents(str(tmp_path / 'no_such_folder'), 'train')
+  with pytest.raises(ConfigError, match='was not found'):  # offline: a name neither cached nor a folder
+    corpora.hf_documents('no_such_user/no_such_dataset', 'train')
 
 
 def test_tfds_without_tensorflow_datasets_says_what_to_install(monkeypatch):
