@@ -19,8 +19,8 @@ SUBPROCESS_CALLS = {'run', 'call', 'check_call', 'check_output', 'Popen', 'getou
 
 
 def _library_files() -> list[pathlib.Path]:
-  files = sorted((ROOT / 'transformer').rglob('*.py')) + sorted((ROOT / 'scripts').rglob('*.py'))
-  return files + [ROOT / 'launch.py']
+  folders = ('transformer', 'experiments', 'scripts')
+  return [path for folder in folders for path in sorted((ROOT / folder).rglob('*.py'))] + [ROOT / 'launch.py']
 
 
 def _dotted(node) -> str:
@@ -138,13 +138,12 @@ def listening_ports(pid: int) -> set[int]:
 
 
 def _held_run(workdir, processes: int) -> list:
-  """Starts the run and waits until process 0 holds the save of step 3 open: past compiling, training and
-  the start of an asynchronous save, so every component a run starts is up."""
-  procs = launching.start(
-    CONFIG, workdir, *flags(train__num_steps=6), processes=processes, env={'TRANSFORMER_TEST_HOLD_SAVE': '3'}
-  )
+  """Starts the run and waits until process 0 holds the save of step 1 open: past compiling, a training step
+  and the start of an asynchronous save, so every component a run starts is up."""
+  settings = flags(train__num_steps=6, train__checkpoint_every=1)
+  procs = launching.start(CONFIG, workdir, *settings, processes=processes, env={'TRANSFORMER_TEST_HOLD_SAVE': '1'})
   try:
-    launching.wait_for_log(workdir, 'Holding the save of step 3 open', procs=procs)
+    launching.wait_for_log(workdir, 'Holding the save of step 1 open', procs=procs)
   except BaseException:
     launching.kill(procs)
     raise
@@ -152,6 +151,7 @@ def _held_run(workdir, processes: int) -> list:
 
 
 def test_a_single_process_run_listens_on_no_port(tmp_path):
+  """(The two-process test below is the control: the same reader finds the ports a run does open.)"""
   procs = _held_run(tmp_path, processes=1)
   try:
     assert listening_ports(procs[0].pid) == set()
