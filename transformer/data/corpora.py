@@ -176,6 +176,11 @@ def _lines(path: str):
           f'{path}, line {number}: not UTF-8 (byte {raw[e.start]:#04x} at column '
           f'{e.start + 1}); re-encode the file as UTF-8.'
         ) from None
+      if '\x00' in line:  # valid UTF-8 but no text file holds NUL: a binary file given by mistake
+        raise ConfigError(
+          f'{path}, line {number}: a NUL byte at column {line.index(chr(0)) + 1}: this looks like a binary file, '
+          'not text; give a UTF-8 text file.'
+        )
       if number == 1:
         line = line.removeprefix('\ufeff')  # a byte-order mark some editors write
       yield number, line.rstrip('\r\n')
@@ -234,7 +239,7 @@ def read_pairs(path: str, source_key: str = 'source', target_key: str = 'target'
       raise ConfigError(f'{path}, line {number}: the {side} side is empty; remove the line or fill it in.')
     pairs.append((source, target))
   if not pairs:
-    raise ConfigError(f'{path}: the file has no pairs.')
+    raise ConfigError(f'{path}: the file has no pairs (it is empty or blank); give source<TAB>target lines.')
   return pairs
 
 
@@ -253,7 +258,7 @@ def read_documents(path: str, text_key: str = 'text') -> list[str]:
       raise ConfigError(f'{path}, line {number}: {text_key!r} is empty; remove the line or fill it in.')
     documents.append(text)
   if not documents:
-    raise ConfigError(f'{path}: the file has no documents.')
+    raise ConfigError(f'{path}: the file has no documents (it is empty or blank); give one document per line.')
   return documents
 
 

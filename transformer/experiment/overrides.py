@@ -9,6 +9,7 @@ for the override sets of its variants.
 import importlib.util
 import os
 import re
+import traceback
 
 import ml_collections
 from absl import flags
@@ -44,8 +45,24 @@ def load_config(spec: str, near: str | None = None) -> ml_collections.ConfigDict
   name = 'config_file_' + re.sub(r'\W', '_', os.path.splitext(os.path.basename(path))[0])
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, 'get_config', None)):
+      raise ConfigError(f'Config file {path} defines no get_config(): add one that returns a ConfigDict.')
+    return module.get_config(arg) if arg else module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # the file's own bug: one message naming its line, not a traceback through importlib
+    raise ConfigError(_config_file_error(path, spec, e)) from None
+
+
+def _config_file_error(path: str, spec: str, error: Exception) -> str:
+  if isinstance(error, SyntaxError) and error.filename == path:
+    where = f'at line {error.lineno}'
+  else:
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == path]
+    where = f'at line {frames[-1].lineno} ({(frames[-1].line or "").strip()})' if frames else 'while loading'
+  return f'Config file {path} failed {where} (from {spec!r}): {type(error).__name__}: {error}. Fix the file.'
 
 
 def lookup(config, path: str):

@@ -58,5 +58,8 @@ def get_task(config) -> Task:
     raise ConfigError(
       f'config.task={config.task!r} is not a task{did_you_mean(config.task, TASKS)}; choose one of: {", ".join(TASKS)}.'
     )
+  from transformer.tasks import common
+
+  common.check_ignored(config)
   module, name = TASKS[config.task].split(':')
   return getattr(importlib.import_module(module), name)(config)

@@ -19,6 +19,57 @@ def check_choice(key: str, value: str, choices) -> str:
   return value
 
 
+# config.data keys that only some corpora read: task -> key -> (the corpora that read it, its value when unset).
+# The unset values are those the experiment files give; any other value under a corpus that ignores the key
+# would change nothing, so it is an error (a user who sets train_files expects to train on them).
+_ALL_FILES = {'train_files': (('files',), ''), 'eval_files': (('files',), '')}
+_DATASET = {
+  'dataset': (('hf', 'tfds'), ''),
+  'dataset_eval_split': (('hf', 'tfds'), 'validation'),
+}
+ONLY_FOR = {
+  'translation': {
+    **_ALL_FILES,
+    **_DATASET,
+    'dataset_config': (('hf',), ''),  # TFDS names its config inside the name: 'wmt14_translate/de-en'
+    'source': (('bible', 'hf', 'tfds'), 'k'),
+    'target': (('bible', 'hf', 'tfds'), 'l'),
+    'eval_split': (('bible',), 'dev'),  # files: eval_files; hf / tfds: dataset_eval_split
+  },
+  'text': {
+    **_ALL_FILES,
+    **_DATASET,
+    'dataset_config': (('hf',), ''),
+    'language': (('bible',), 'k'),
+    'unit': (('bible',), 'chapter'),
+    'eval_split': (('bible',), 'dev'),
+  },
+  'music': {
+    'num_pieces': (('toy',), 20_000),
+    'num_eval_pieces': (('toy',), 200),
+    'limit': (('bach',), 0),
+    'eval_every_nth': (('bach',), 10),
+    'cache_dir': (('bach',), ''),
+  },
+}
+
+
+def check_ignored(config):
+  """A ConfigError for a `config.data` key set (away from its unset value) that the chosen corpus never reads."""
+  rules = ONLY_FOR.get(config.task, {})
+  data = config.data
+  corpus = data.get('corpus')
+  if corpus not in {c for corpora, _ in rules.values() for c in corpora}:
+    return  # no rules, or an unknown corpus: the task's own check names the choices
+  for key, (corpora, unset) in rules.items():
+    if key in data and corpus not in corpora and data[key] != unset:
+      use = ' or '.join(f'config.data.corpus={c!r}' for c in corpora)
+      raise ConfigError(
+        f'config.data.{key}={data[key]!r} would be ignored: config.data.corpus={corpus!r} does not read it. '
+        f'Set {use} to use it, or leave {key} unset ({unset!r}).'
+      )
+
+
 def require(data, key: str, corpus: str) -> str:
   """A setting that `config.data.corpus=<corpus>` needs."""
   value = data.get(key, '')
