@@ -90,17 +90,14 @@ def test_a_missing_column_or_language_is_one_config_error_naming_it(tmp_path):
 # Bad input the loader does not yet turn into a ConfigError: it needs the `_hf_rows` helper and the None-safe
 # `strip` in corpora.py (the helper's report to the coordinator gives the change). Strict: once the fix is in,
 # these pass and the marker must go.
-NEEDS_FIX = pytest.mark.xfail(strict=True, reason='corpora.py: hf loader fix not applied yet')
 
 
-@NEEDS_FIX
 def test_an_empty_cell_is_skipped_like_an_empty_string(tmp_path):
   (tmp_path / 'flat').mkdir()
   (tmp_path / 'flat' / 'train.csv').write_text('en,fr\nHello,Bonjour\n,vide\n')  # csv: an empty cell is None
   assert corpora.hf_pairs(str(tmp_path / 'flat'), 'train', 'en', 'fr') == [('Hello', 'Bonjour')]
 
 
-@NEEDS_FIX
 def test_a_missing_split_or_dataset_is_a_config_error(tmp_path):
   write_jsonl(tmp_path / 'pairs' / 'train.jsonl', [{'translation': {'en': 'Hello', 'fr': 'Bonjour'}}])
   with pytest.raises(ConfigError, match="has no split 'validation'; its splits: train"):

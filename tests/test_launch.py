@@ -35,6 +35,28 @@ def test_unknown_override_is_one_message_naming_the_nearest_key():
   assert 'Traceback' not in result.stderr + result.stdout
 
 
+def test_dry_run_refuses_a_data_setting_the_corpus_never_reads():
+  result = subprocess.run(
+    [
+      sys.executable,
+      'launch.py',
+      '--config',
+      'experiments/text.py:tiny',
+      '--config.data.train_files=my.txt',
+      '--dry_run',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 1
+  assert "config.data.train_files='my.txt' would be ignored: config.data.corpus='bible' does not read it." in (
+    result.stderr
+  )
+  assert 'Traceback' not in result.stderr + result.stdout
+
+
 def test_wrong_type_is_one_message_naming_the_type():
   result = launch('--config.model.num_heads=abc')
   assert result.returncode == 1

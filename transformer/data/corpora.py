@@ -305,13 +305,32 @@ def _import(module: str, package: str, what: str):
     raise ConfigError(f'{what} needs the {package!r} package, which is not installed: pip install {package}') from None
 
 
+def _hf_rows(datasets, name: str, split: str, config_name: str | None):
+  """The split's rows; a dataset, folder or split that is not there is a ConfigError."""
+  try:
+    return datasets.load_dataset(name, config_name, split=split)
+  except (FileNotFoundError, ConnectionError) as error:  # not on disk; not cached (offline) or not on the hub
+    raise ConfigError(
+      f'Hugging Face dataset {name!r} was not found ({error}); set config.data.dataset to a cached dataset or a '
+      'local folder of <split>.jsonl / .csv / .parquet files.'
+    ) from None
+  except ValueError as error:
+    if 'Unknown split' not in str(error):
+      raise ConfigError(f'Hugging Face dataset {name!r}: {error}') from None
+    splits = ', '.join(datasets.load_dataset(name, config_name))  # prepared already: no second read
+    raise ConfigError(
+      f'Hugging Face dataset {name!r} has no split {split!r}; its splits: {splits}. '
+      'Set config.data.dataset_eval_split (training reads "train").'
+    ) from None
+
+
 def hf_pairs(
   name: str, split: str, source_lang: str, target_lang: str, config_name: str | None = None
 ) -> list[tuple[str, str]]:
   """Pairs from a Hugging Face dataset whose rows are `{'translation': {lang: text, ...}}`
   (e.g. name='wmt14', config_name='de-en'). Rows empty on either side are skipped."""
   datasets = _import('datasets', 'datasets', f'Hugging Face dataset {name!r}')
-  rows = datasets.load_dataset(name, config_name, split=split)
+  rows = _hf_rows(datasets, name, split, config_name)
   pairs = []
   for row in rows:
     translation = row.get('translation', row)
@@ -320,7 +339,7 @@ def hf_pairs(
         raise ConfigError(
           f'Hugging Face dataset {name!r} has no language {lang!r}; its rows have {", ".join(map(repr, translation))}.'
         )
-    source, target = translation[source_lang].strip(), translation[target_lang].strip()
+    source, target = ((translation[lang] or '').strip() for lang in (source_lang, target_lang))  # csv: empty is None
     if source and target:
       pairs.append((source, target))
   return pairs
@@ -329,7 +348,7 @@ def hf_pairs(
 def hf_documents(name: str, split: str, text_key: str = 'text', config_name: str | None = None) -> list[str]:
   """Documents from a Hugging Face dataset's `text_key` column; empty ones are skipped."""
   datasets = _import('datasets', 'datasets', f'Hugging Face dataset {name!r}')
-  rows = datasets.load_dataset(name, config_name, split=split)
+  rows = _hf_rows(datasets, name, split, config_name)
   if text_key not in rows.column_names:
     raise ConfigError(
       f'Hugging Face dataset {name!r} has no column {text_key!r}; its columns: {", ".join(rows.column_names)}.'

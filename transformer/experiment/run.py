@@ -14,7 +14,9 @@ def dry_run(config) -> str:
   import jax
 
   from transformer import models, setup, summary
+  from transformer.tasks import common
 
+  common.check_ignored(config)  # as training would: a data setting this corpus never reads is an error
   start = time.perf_counter()
   model_config = setup.resolve(config).model_config  # config.model.vocab_size: no tokenizer is trained
   model = models.build_model(model_config)
