@@ -25,9 +25,6 @@ from experiments import synthetic  # noqa: E402
 from transformer import loop, workdir  # noqa: E402
 from transformer.checkpoint import CheckpointError, Checkpoints  # noqa: E402
 
-# One worker runs this module: its module-scoped reference run is computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group('faults')
-
 CONFIG = 'experiments/synthetic.py:reverse'
 STEPS = 18
 SETTINGS = {

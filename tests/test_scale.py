@@ -16,9 +16,6 @@ import launching
 import numpy as np
 import pytest
 
-# One worker runs this module: its module-scoped reference run is computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group('scale')
-
 TEXT = 'experiments/text.py:tiny'
 TRANSLATION = 'experiments/translation.py:tiny'
 STEPS = 6

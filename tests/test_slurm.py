@@ -20,9 +20,6 @@ import pytest
 from transformer.config import ConfigError
 from transformer.experiment import results, slurm, sweep
 
-# One worker runs this module: its module-scoped reference run is computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group('slurm')
-
 ROOT = launching.ROOT
 CONFIG = 'experiments/synthetic.py:lm_copy'
 STEPS = 12  # two processes agree on a signal after an eval (step 6) and every 10 steps (checkpoint.PreemptionGuard)
