@@ -12,6 +12,7 @@ import re
 import numpy as np
 
 from transformer import layout
+from transformer import workdir as workdir_lib
 
 # A run's status (the 'status' of its status.json). Every executor writes these and only these.
 QUEUED = 'queued'  # planned, not started yet (no status.json), or waiting in a scheduler's queue
@@ -101,11 +102,10 @@ def _count_params(model_json: str) -> int:
 def count_params(directory: str) -> float:
   """Parameters of the model a run built, from its config.json (which holds the task's vocabulary); built
   abstractly, nothing allocated. NaN when the run never got that far."""
-  path = layout.config_file(directory)
-  if not os.path.exists(path):
+  saved = workdir_lib.load_saved(directory)
+  if saved is None:
     return math.nan
-  with open(path) as f:
-    model = json.load(f).get('model')
+  model = saved.get('model')
   try:
     return float(_count_params(json.dumps(model, sort_keys=True)))
   except Exception:  # noqa: BLE001 -- a table with a blank beats no table

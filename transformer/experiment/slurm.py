@@ -25,6 +25,7 @@ import time
 import ml_collections
 
 from transformer import layout
+from transformer import workdir as workdir_lib
 from transformer.config import ConfigError
 from transformer.experiment import results
 from transformer.files import write_atomic
@@ -257,8 +258,10 @@ def latest_step(workdir: str) -> int | None:
 
 
 def _planned_steps(workdir: str) -> int:
-  with open(layout.config_file(workdir)) as f:
-    return int(json.load(f)['train']['num_steps'])
+  saved = workdir_lib.load_saved(workdir)
+  if saved is None:
+    raise FileNotFoundError(layout.config_file(workdir))
+  return int(saved['train']['num_steps'])
 
 
 def requeue_decision(workdir: str, restarts: int, max_requeues: int) -> tuple[bool, str]:
