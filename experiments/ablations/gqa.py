@@ -1,0 +1,20 @@
+"""Grouped- and multi-query attention (Shazeer 2019; Ainslie et al. 2023): 8 query heads sharing 8, 4, 2 or
+1 key/value heads. Quality should degrade mildly while the KV cache shrinks in proportion.
+
+python launch.py --config experiments/ablations/gqa.py --mode sweep --workdir runs/gqa
+"""
+
+from transformer.experiment import sweep
+
+HEADS = 8
+
+
+def get_config(arg=None):
+  del arg
+  return sweep.sweep_config(
+    base='experiments/text.py:short',
+    variants=sweep.product(num_kv_heads=[HEADS, HEADS // 2, HEADS // 4, 1]),
+    overrides={'num_heads': HEADS},
+    seeds=(0, 1, 2),
+    metric='eval/loss',
+  )
