@@ -261,6 +261,15 @@ def _split_override(flag: str) -> tuple[str, str]:
   return name.split('config.', 1)[1], value
 
 
+def variant_config(config, variant: dict) -> ml_collections.ConfigDict:
+  """The config one variant of the sweep `config` runs (seed aside): the base with the sweep's common
+  overrides (already in `config`) and then the variant's own."""
+  resolved = config.copy_and_resolve_references()
+  for path, value in variant['overrides'].items():
+    overrides_lib.set_value(resolved, path, value)
+  return resolved
+
+
 def plan(config, workdir: str, overrides=()) -> list[Run]:
   """The sweep's runs: the sweep's common overrides, the variant's, the command line's (all but
   `sweep.*`), then the seed, as command-line flags. Every variant's model config is checked here, before
@@ -286,9 +295,7 @@ def plan(config, workdir: str, overrides=()) -> list[Run]:
       raise ConfigError(f'{flag} overrides config.{path}, which the sweep varies; drop it or edit the sweep file.')
   runs = []
   for v in spec.variants:
-    resolved = config.copy_and_resolve_references()
-    for path, value in v['overrides'].items():
-      overrides_lib.set_value(resolved, path, value)
+    resolved = variant_config(config, v)
     try:
       setup.resolve(resolved)  # the model and train settings, cheaply: no tokenizer, no compile
     except ConfigError as error:
