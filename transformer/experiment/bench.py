@@ -33,6 +33,7 @@ DEFAULTS = dict(
   decode_repeats=3,
   uncached=True,  # time the uncached loop too (slow: it recomputes the prefix every step)
   audit=False,  # also count the compiled step's collectives against the layout's analytic traffic
+  rounds=3,  # a sweep file's variants: rounds that time each variant in turn (bench_sweep.py)
 )
 
 
@@ -314,10 +315,25 @@ def _decode_setup(model_config: ModelConfig, batch: int, prompt_len: int, seed: 
   return model, params, source
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
+  """Seconds `fn()` takes, its result waited for."""
   start = time.perf_counter()
   jax.block_until_ready(fn())
   return time.perf_counter() - start
+
+
+def decode_calls(
+  model_config: ModelConfig, *, batch: int, prompt_len: int, decode_len: int, methods=('cached',), beam_size: int = 4
+) -> dict:
+  """{method: a function that decodes `decode_len` tokens after `batch` random prompts of `prompt_len` tokens
+  with random weights (seed 0, EOS never chosen) and returns the output}, for the methods of `decode_times`."""
+  model, params, source = _decode_setup(model_config, batch, prompt_len)
+  calls = {
+    'cached': lambda: decoding.generate(model, params, max_len=decode_len, **source),
+    'uncached': lambda: decoding.greedy_uncached(model, params, max_len=decode_len, **source),
+    'beam': lambda: decoding.beam_search(model, params, beam_size=beam_size, max_len=decode_len, **source),
+  }
+  return {name: calls[name] for name in methods}
 
 
 def decode_times(
@@ -336,18 +352,15 @@ def decode_times(
   (a forward pass over the whole prefix per token); beam: `decoding.beam_search`. Each is called once
   untimed first (compilation).
   """
-  model, params, source = _decode_setup(model_config, batch, prompt_len)
-  calls = {
-    'cached': lambda: decoding.generate(model, params, max_len=decode_len, **source),
-    'uncached': lambda: decoding.greedy_uncached(model, params, max_len=decode_len, **source),
-    'beam': lambda: decoding.beam_search(model, params, beam_size=beam_size, max_len=decode_len, **source),
-  }
+  calls = decode_calls(
+    model_config, batch=batch, prompt_len=prompt_len, decode_len=decode_len, methods=methods, beam_size=beam_size
+  )
   for name in methods:
     calls[name]()
   times = {name: [] for name in methods}
   for _ in range(max(rounds, 1)):
     for name in methods:
-      times[name].append(_timed(calls[name]))
+      times[name].append(timed(calls[name]))
   return {name: statistics.median(t) for name, t in times.items()}
 
 

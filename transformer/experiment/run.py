@@ -53,10 +53,10 @@ def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
   from transformer.config import ConfigError
 
   enable_compilation_cache()
-  if 'sweep' in config and mode != 'sweep':  # a sweep file would otherwise train its base quietly
+  if 'sweep' in config and mode not in ('sweep', 'bench'):  # a sweep file would otherwise train its base quietly
     raise ConfigError(
-      f'This config is a sweep: run it with --mode sweep (not --mode {mode}), or give '
-      'its base experiment file to --mode {mode}.'.replace('{mode}', mode)
+      f'This config is a sweep: run it with --mode sweep (not --mode {mode}; --mode bench compares its '
+      "variants' speed), or give its base experiment file to --mode {mode}.".replace('{mode}', mode)
     )
   if mode == 'train':
     from transformer import loop  # the engine's imports (orbax, grain) are not needed for a dry run
@@ -75,6 +75,10 @@ def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
 
     return sweep.run_sweep(config, workdir, overrides)
   if mode == 'bench':
+    if 'sweep' in config:  # its variants side by side, timed in alternating rounds
+      from transformer.experiment import bench_sweep
+
+      return bench_sweep.run_bench_sweep(config, workdir, overrides)
     from transformer.experiment import bench
 
     return bench.run_bench(config)
