@@ -92,6 +92,7 @@ def sweep_config(
   executor: str = 'local',
   slurm: dict | None = None,
   wait: bool = False,
+  report=(),
 ) -> ml_collections.ConfigDict:
   """The base experiment's config (`'experiments/text.py:tiny'`) plus a `sweep` section. `overrides` apply
   to every variant (a variant's own setting wins); change the base only through them, as each run loads the
@@ -100,7 +101,9 @@ def sweep_config(
   checkpoint for `stall_timeout` seconds (startup and evals included; 0: never) is killed as stalled;
   `retry` names the outcomes a re-run retries (comma-separated from failed, stalled, diverged, or 'all').
   `executor='slurm'` submits each run as a SLURM job with the resources `slurm` sets (see
-  `slurm.resources`) and returns once they are queued, or with `wait` when they have ended."""
+  `slurm.resources`) and returns once they are queued, or with `wait` when they have ended. `report` names
+  more metrics for the tables, e.g. ('eval/loss@64', 'eval/loss@128'): a column each, and a '<name>@<L>' series
+  also a plot against L (see results.py)."""
   near = sys._getframe(1).f_globals.get('__file__')  # the sweep file: its base resolves from there too
   config = overrides_lib.load_config(base, near)
   if 'sweep' in config:
@@ -133,6 +136,7 @@ def sweep_config(
       executor=str(executor),
       slurm=slurm_executor.resources(**(slurm or {})),
       wait=bool(wait),
+      report=check_report(report, metric),
     )
   )
   check_retry(config.sweep.retry)
@@ -175,6 +179,33 @@ def check_retry(text: str) -> tuple[str, ...]:
         f'{", ".join(results.PROBLEMS)} (comma-separated), or all.'
       )
   return tuple(names)
+
+
+REPORTABLE = ('eval/', 'train/')  # what metrics.jsonl's tags start with (besides 'step')
+
+
+def check_report(report, metric: str) -> tuple[str, ...]:
+  """config.sweep.report: metric names as metrics.jsonl tags them ('eval/loss@256'), not the sweep's metric
+  (its own columns show it), each once."""
+  if isinstance(report, str):
+    raise ConfigError(
+      f'config.sweep.report={report!r} must be a tuple of metric names: report=({report!r},) in the sweep file.'
+    )
+  names = tuple(report)
+  for name in names:
+    if not isinstance(name, str) or not name.startswith(REPORTABLE) or name in REPORTABLE:
+      raise ConfigError(
+        f'config.sweep.report names {name!r}, which is not a metric: name tags as metrics.jsonl writes them, '
+        "starting with 'eval/' or 'train/', e.g. 'eval/loss@256' or 'train/tokens_per_sec'."
+      )
+    if name == metric:
+      raise ConfigError(
+        f"config.sweep.report names {name!r}, the sweep's metric, which the table already shows; drop it there."
+      )
+  duplicates = sorted({name for name in names if names.count(name) > 1})
+  if duplicates:
+    raise ConfigError(f'config.sweep.report names {", ".join(map(repr, duplicates))} twice; name each metric once.')
+  return names
 
 
 def _resolved_spec(spec: str, near: str | None) -> str:
@@ -280,6 +311,7 @@ def plan(config, workdir: str, overrides=()) -> list[Run]:
     )
   spec = config.sweep
   check_retry(spec.retry)
+  check_report(spec.get('report', ()), spec.metric)
   if spec.stall_timeout < 0:
     raise ConfigError(f'config.sweep.stall_timeout={spec.stall_timeout:g} must be >= 0 seconds (0: never).')
   if spec.executor not in EXECUTORS:
@@ -335,6 +367,7 @@ def run_sweep(config, workdir: str, overrides=()) -> list[dict]:
         'seeds': list(spec.seeds),
         'metric': spec.metric,
         'higher_is_better': spec.higher_is_better,
+        'report': list(spec.get('report', ())),
         'command_line': list(overrides),
       },
       f,
@@ -364,7 +397,7 @@ def run_sweep(config, workdir: str, overrides=()) -> list[dict]:
     done = f'all {len(runs)} runs finished' if not left else f'nothing to run ({len(runs) - len(left)} finished)'
     print(f'[sweep] {done}: aggregating only.', flush=True)
     stopped_by = None
-  rows = results.write_results(workdir, runs, spec.metric, spec.higher_is_better)
+  rows = results.write_results(workdir, runs, spec.metric, spec.higher_is_better, spec.get('report', ()))
   if stopped_by is not None:
     print(f'[sweep] stopped by {signal.Signals(stopped_by).name}: re-run the same command to resume.', flush=True)
   return rows
