@@ -190,7 +190,6 @@ def summarize(rows: list[dict], report=()) -> list[dict]:
         'std': std,
         'report': stats,
       }
-      | {'report': stats}
     )
   return summaries
 
