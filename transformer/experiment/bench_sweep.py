@@ -1,12 +1,12 @@
 """`--mode bench` on a sweep file: its variants side by side, timed in alternating rounds.
 
-Each variant's config is the one its sweep run trains (with seed 0): `sweep.plan` writes the run's command
-line, and config_flags parses it here as the run's own process does. Every variant is built and compiled
-first (its train step on synthetic batches, and `decoding.generate`'s cached greedy loop over random
-weights, as the single-config bench times them); then each of `config.bench.rounds` rounds times every
-variant in turn (variant 1, 2, ..., n), so load drifting on a shared machine hits all variants alike, and a
-variant's figure is the median over rounds. The KV cache's size is read from the cache variables' shapes and
-dtypes (`jax.eval_shape` of `models.init_cache`) for `config.bench.decode_batch` rows at the model's max_len.
+Each variant's config is the one its sweep runs train (`sweep.variant_config`, with seed 0). Every variant
+is built and compiled first (its train step on synthetic batches, and `decoding.generate`'s cached greedy
+loop over random weights, as the single-config bench times them); then each of `config.bench.rounds` rounds
+times every variant in turn (variant 1, 2, ..., n), so load drifting on a shared machine hits all variants
+alike, and a variant's figure is the median over rounds. The KV cache's size is read from the cache
+variables' shapes and dtypes (`jax.eval_shape` of `models.init_cache`) for `config.bench.decode_batch` rows at
+the model's max_len.
 
     python launch.py --config experiments/ablations/gqa.py --mode bench --workdir runs/gqa
 
@@ -19,8 +19,6 @@ import statistics
 
 import jax
 import ml_collections
-from absl import flags
-from ml_collections import config_flags
 
 from transformer import models
 from transformer.config import ConfigError
@@ -30,30 +28,17 @@ from transformer.files import write_atomic
 TABLE_FILE, JSON_FILE = 'bench.md', 'bench.json'
 
 
-def run_config(command: list[str]) -> ml_collections.ConfigDict:
-  """The config a sweep run's command (`python -m transformer.experiment --config ... --config.a=b ...`) gives
-  its process: config_flags parses it exactly as that process's command line is parsed."""
-  argv = command[command.index('-m') + 1 :]  # the module name first, as in the process's sys.argv
-  flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file('config', None, 'the run config', flag_values=flag_values, sys_argv=argv)
-  flags.DEFINE_string('workdir', None, 'the run folder', flag_values=flag_values)
-  flag_values(argv)
-  return holder.value
-
-
 def variant_configs(config, overrides=()) -> list[tuple[str, ml_collections.ConfigDict]]:
-  """(name, config) per variant of the sweep `config`, in its order: the config of the variant's run with the
-  sweep's first seed, its seed then set to 0. `overrides` are the command line's `--config.*` flags; those
-  under `bench.` set this benchmark, not the runs."""
-  run_flags = [flag for flag in overrides if not flag.startswith('--config.bench.')]
-  first = {}
-  for planned in sweep.plan(config, 'bench', run_flags):  # nothing is written: only the runs' commands
-    first.setdefault(planned.variant, planned)
+  """(name, config) per variant of the sweep `config`, in its order: `sweep.variant_config` (what the variant's
+  runs train), with seed 0. `overrides`, the command line's `--config.*` flags (already applied to `config`),
+  are checked as `--mode sweep` checks them (`sweep.plan`: e.g. one that sets what the sweep varies is an
+  error), but for those under `bench.`, which set this benchmark, not the runs."""
+  sweep.plan(config, 'bench', [flag for flag in overrides if not flag.startswith('--config.bench.')])
   configs = []
-  for name, planned in first.items():
-    variant_config = run_config(planned.command)
-    variant_config.train.seed = 0  # random weights and batches from seed 0, as the single-config bench
-    configs.append((name, variant_config))
+  for v in config.sweep.variants:
+    variant = sweep.variant_config(config, v)
+    variant.train.seed = 0  # random weights and batches from seed 0, as the single-config bench
+    configs.append((v['name'], variant))
   return configs
 
 
