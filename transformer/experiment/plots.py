@@ -192,9 +192,9 @@ def plot_lengths(path: str, curves: dict[str, dict[str, LengthCurve]]) -> None:
     axes = figure.add_subplot(1, len(curves), k + 1)
     lengths = sorted({length for c in by_variant.values() for length in c.lengths + c.missing})
     for i, (variant, c) in enumerate(by_variant.items()):
-      axes.errorbar(
-        c.lengths, c.mean, yerr=c.std, marker='o', capsize=3, color=colors[i % len(colors)], label=c.label(variant)
-      )
+      dodge = 2 ** (0.03 * (i - (len(by_variant) - 1) / 2))  # side by side at each L, so error bars do not overlap
+      x = [length * dodge for length in c.lengths]
+      axes.errorbar(x, c.mean, yerr=c.std, marker='o', capsize=3, color=colors[i % len(colors)], label=c.label(variant))
     axes.set_xscale('log', base=2)
     axes.set_xticks(lengths, [str(length) for length in lengths])
     axes.minorticks_off()
