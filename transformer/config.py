@@ -162,6 +162,8 @@ def _from_mapping(cls, config: Any, prefix: str):
       values[key] = _from_mapping(expected, value, f'{prefix}.{key}')
     elif expected is float and isinstance(value, int) and not isinstance(value, bool):
       values[key] = float(value)
+    elif expected is tuple:  # config.json holds tuples as lists; the dataclass checks the items and says how
+      values[key] = tuple(value) if isinstance(value, list) else value
     elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
       raise ConfigError(f'{prefix}.{key}={value!r} must be of type {expected.__name__}.')
   return cls(**values)
@@ -220,6 +222,7 @@ class TrainConfig:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   log_every: int = 50
   eval_every: int = 500
+  eval_lengths: tuple = ()  # at every eval, also the loss on the eval set cut into windows of each length
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
   num_samples: int = 3  # eval examples decoded and logged at every eval (0: none)
@@ -243,6 +246,12 @@ class TrainConfig:
         )
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ConfigError(f'{prefix}.label_smoothing={self.label_smoothing} must be in [0, 1).')
+    lengths = self.eval_lengths
+    if not isinstance(lengths, tuple) or not all(type(n) is int and n > 0 for n in lengths):
+      raise ConfigError(
+        f'{prefix}.eval_lengths={lengths!r} must be a tuple of positive whole numbers of tokens, e.g. '
+        f"--{prefix}.eval_lengths='(64,128,256)' (or () for none)."
+      )
 
   @classmethod
   def from_config(cls, config: Any) -> 'TrainConfig':

@@ -20,11 +20,14 @@ class NonFiniteLoss(FloatingPointError):
   """Training diverged; the message names the step. Checkpoints before it are kept."""
 
 
-def evaluate(runner, task, state, batch_size, stop=None):
-  """Token-weighted eval loss (no smoothing), perplexity and accuracy over the whole eval set. `stop`, called
-  on every process before each batch, ends the eval early when it returns True: the result is then None."""
+def evaluate(runner, task, state, batch_size, stop=None, seq_len=None):
+  """Token-weighted eval loss (no smoothing), perplexity and accuracy over the whole eval set (cut into windows
+  of `seq_len` tokens when given). `stop`, called on every process before each batch, ends the eval early when
+  it returns True: the result is then None."""
   totals = None
-  for batch in task.eval_batches(batch_size, jax.process_index(), jax.process_count()):
+  where = (jax.process_index(), jax.process_count())
+  batches = task.eval_batches(batch_size, *where) if seq_len is None else task.eval_batches(batch_size, *where, seq_len)
+  for batch in batches:
     if stop is not None and stop():
       return None
     sums = runner.eval_step(state, batch)
@@ -38,6 +41,34 @@ def evaluate(runner, task, state, batch_size, stop=None):
     'eval/accuracy': float(totals['correct']) / tokens,
     'eval/tokens': tokens,
   }
+
+
+def evaluate_lengths(runner, built: setup.Setup, state, batch_size, stop=None):
+  """`eval/loss@L` and `eval/tokens@L` for each L of `config.train.eval_lengths`: `evaluate` on the eval set cut
+  into windows of L tokens, with the same rows per batch at every L. A length the model cannot take (learned
+  positions end at max_len) gets None and a reason in `eval/notes`. None when `stop` ended the eval early."""
+  results, notes = {}, []
+  for length in built.train_config.eval_lengths:
+    reason = _unreachable(built.model_config, length)
+    if reason:
+      results[f'eval/loss@{length}'] = None
+      notes.append(f'loss@{length}: {reason}')
+      continue
+    losses = evaluate(runner, built.task, state, batch_size, stop, seq_len=length)
+    if losses is None:
+      return None
+    results[f'eval/loss@{length}'] = losses['eval/loss']
+    results[f'eval/tokens@{length}'] = losses['eval/tokens']
+  if notes:
+    results['eval/notes'] = '; '.join(notes)
+  return results
+
+
+def _unreachable(model_config, length: int) -> str:
+  """Why the model cannot be evaluated on windows of `length` tokens; '' when it can."""
+  if model_config.positional == 'learned' and length > model_config.max_len:
+    return f'learned positions end at config.model.max_len={model_config.max_len}'
+  return ''
 
 
 def predictor(runner, model, state, step, seed):
@@ -56,8 +87,10 @@ def evaluate_all(runner, built: setup.Setup, state, step, workdir, stop=None):
   _test_signal_in_eval(step)
   task = built.task
   results = evaluate(runner, task, state, runner.local_batch_size(), stop)
-  if results is None or (stop is not None and stop()):
+  lengths = evaluate_lengths(runner, built, state, runner.local_batch_size(), stop) if results is not None else None
+  if lengths is None or (stop is not None and stop()):
     return None
+  results.update(lengths)
   pred = predictor(runner, built.model, state, step, built.train_config.seed)
   results.update(task.eval_metrics(pred, results))
   num = built.train_config.num_samples

@@ -36,14 +36,17 @@ class MetricsWriter:
     return self.enabled and self._tb is not None
 
   def write(self, step: int, scalars: dict):
+    """One metrics.jsonl row: numbers as floats; None (a value that does not exist, JSON null) and strings
+    (`eval/notes`, saying why) as they are. TensorBoard gets the numbers."""
     if not self.enabled:
       return
-    scalars = {k: float(v) for k, v in scalars.items()}
+    scalars = {k: v if v is None or isinstance(v, str) else float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
     self._jsonl.flush()
     if self._tb is not None:
       for tag, value in scalars.items():
-        self._tb.add_scalar(tag, value, int(step))
+        if isinstance(value, float):
+          self._tb.add_scalar(tag, value, int(step))
       self._tb.flush()
 
   def close(self):

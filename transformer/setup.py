@@ -38,8 +38,12 @@ class Setup:
 
 def resolve(config, vocab_size: int | None = None) -> Resolved:
   """The typed `config.model` (with `vocab_size` when given) and `config.train`; misspelt keys and bad
-  values are a `ConfigError` naming the key."""
-  return Resolved(resolve_model(config.model, vocab_size), TrainConfig.from_config(config.train))
+  values are a `ConfigError` naming the key, as is `config.train.eval_lengths` for a task that cannot use it."""
+  from transformer import tasks  # the registry only: no task's libraries load
+
+  resolved = Resolved(resolve_model(config.model, vocab_size), TrainConfig.from_config(config.train))
+  tasks.check_eval_lengths(config, resolved.train_config.eval_lengths)
+  return resolved
 
 
 def resolve_model(model, vocab_size: int | None = None) -> ModelConfig:

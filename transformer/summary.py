@@ -35,8 +35,8 @@ def param_table(params, depth: int = 4) -> str:
   return '\n'.join(lines)
 
 
-# How the eval line shows a metric (by its name after 'eval/'), in this order; others follow as '{:.4g}'.
-# Token counts and perplexity (exp of the loss) stay in metrics.jsonl: they add width, not news.
+# How the eval line shows a metric (by its name after 'eval/'; 'loss@256' as 'loss'), in this order; others
+# follow as '{:.4g}'. Token counts and perplexity (exp of the loss) stay in metrics.jsonl: they add width, not news.
 _EVAL_FORMATS = {
   'loss': '{:.3g}',
   'accuracy': '{:.1%}',
@@ -46,16 +46,22 @@ _EVAL_FORMATS = {
   'bits_per_byte': '{:.3f}',
   'bits_per_note': '{:.3f}',
 }
-_EVAL_HIDDEN = ('tokens', 'perplexity')
+_EVAL_HIDDEN = ('tokens', 'perplexity', 'notes')
 
 
 def eval_metrics_text(results: dict) -> str:
-  """'loss 3.49  accuracy 33.9%  bleu 5.1  chrf 25.3' from `{'eval/loss': ..., ...}`."""
+  """'loss 3.49  loss@128 3.61  accuracy 33.9%  bleu 5.1' from `{'eval/loss': ..., ...}`. A metric that has no
+  value (None: a length the model cannot take) shows as 'n/a', and `eval/notes`, saying why, ends the line."""
   values = {k.removeprefix('eval/'): v for k, v in results.items() if k.startswith('eval/')}
-  names = [n for n in _EVAL_FORMATS if n in values] + [n for n in values if n not in _EVAL_FORMATS]
-  return '  '.join(
-    f'{name} {_EVAL_FORMATS.get(name, "{:.4g}").format(values[name])}' for name in names if name not in _EVAL_HIDDEN
+  base = lambda name: name.split('@')[0]  # 'loss@256' is shown as a loss
+  order = list(_EVAL_FORMATS)
+  names = sorted(
+    (n for n in values if base(n) not in _EVAL_HIDDEN),
+    key=lambda n: order.index(base(n)) if base(n) in order else len(order),  # stable: lengths keep their order
   )
+  shown = lambda n: 'n/a' if values[n] is None else _EVAL_FORMATS.get(base(n), '{:.4g}').format(values[n])
+  text = '  '.join(f'{name} {shown(name)}' for name in names)
+  return f'{text}  ({values["notes"]})' if values.get('notes') else text
 
 
 def eval_line(step: int, results: dict) -> str:

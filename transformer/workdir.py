@@ -42,6 +42,7 @@ RESUMABLE = (
   'train.num_steps',
   'train.log_every',
   'train.eval_every',
+  'train.eval_lengths',
   'train.checkpoint_every',
   'train.keep_checkpoints',
   'train.peak_flops',

@@ -25,9 +25,10 @@ class Task(Protocol):
     resume its position exactly (checkpoints)."""
     ...
 
-  def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
+  def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1, seq_len: int | None = None):
     """The held-out set once, never packed, as batches of `batch_size` rows; the same number of batches
-    on every process (padded with empty rows)."""
+    on every process (padded with empty rows). With `seq_len` (`config.train.eval_lengths`), the held-out
+    documents cut into windows of that many tokens as training cuts its own (a task in `EVAL_LENGTHS`)."""
     ...
 
   def eval_metrics(self, predictor, losses: dict) -> dict:
@@ -50,6 +51,33 @@ TASKS = {
   'text': 'transformer.tasks.text:TextTask',
   'music': 'transformer.tasks.music:MusicTask',
 }
+
+
+# The tasks whose eval set can be cut into windows of any length (`config.train.eval_lengths`), with the
+# shortest length each takes, and why the others cannot.
+EVAL_LENGTHS = {'text': 1, 'music': 8}
+NO_EVAL_LENGTHS = {
+  'translation': 'its examples are sentence pairs, not windows cut from documents',
+  'copy': 'its examples are generated sequences, not windows cut from documents',
+  'reverse': 'its examples are generated sequences, not windows cut from documents',
+}
+
+
+def check_eval_lengths(config, lengths: tuple) -> None:
+  """A ConfigError when `config.task` cannot evaluate at `lengths` (`config.train.eval_lengths`), before
+  anything is built: a dry run reports it, not the first eval of a long run."""
+  task = config.get('task')
+  if not lengths or task not in TASKS:  # an unknown task is named by get_task
+    return
+  setting = f'config.train.eval_lengths={lengths}'
+  if task not in EVAL_LENGTHS:
+    raise ConfigError(
+      f'{setting}: config.task={task!r} cannot be evaluated at other lengths ({NO_EVAL_LENGTHS[task]}). '
+      f'Tasks that can: {", ".join(EVAL_LENGTHS)}. Set config.train.eval_lengths=() for this task.'
+    )
+  shortest = EVAL_LENGTHS[task]
+  if min(lengths) < shortest:
+    raise ConfigError(f'{setting}: config.task={task!r} needs lengths of at least {shortest} tokens.')
 
 
 def get_task(config) -> Task:

@@ -128,11 +128,16 @@ class TokenizedTask:
       overlong=self.overlong,
     )
 
-  def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
+  def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1, seq_len: int | None = None):
     return pipeline.eval_batches(
-      self.eval_examples,
-      seq_len=self.seq_len,
+      self.eval_examples if seq_len is None else self.eval_windows(seq_len),
+      seq_len=self.seq_len if seq_len is None else seq_len,
       batch_size=batch_size,
       process_index=process_index,
       process_count=process_count,
     )
+
+  def eval_windows(self, length: int) -> list[dict]:
+    """The eval set cut into windows of at most `length` tokens, as training cuts its own (a task that
+    can: text, music; `tasks.check_eval_lengths` refuses the others before this is reached)."""
+    raise ConfigError(f'This task cannot be evaluated at other lengths (config.train.eval_lengths={length}).')

@@ -58,8 +58,11 @@ class SyntheticTask:
       rows=rows,
     )
 
-  def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1):
-    """The fixed held-out set (another seed), once."""
+  def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1, seq_len: int | None = None):
+    """The fixed held-out set (another seed), once. Generated sequences have no windows of other lengths
+    (`seq_len`): `tasks.check_eval_lengths` refuses config.train.eval_lengths for this task."""
+    if seq_len is not None:
+      raise ConfigError(f'config.task={self.task!r} cannot be evaluated at other lengths (seq_len={seq_len}).')
     return pipeline.eval_batches(
       self._examples(self.num_eval, self.seed + EVAL_SEED_OFFSET),
       seq_len=self.seq_len,

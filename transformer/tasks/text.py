@@ -32,6 +32,11 @@ def windows(ids, length: int):
   return [{'targets': ids[i : i + length]} for i in range(0, len(ids), length)]
 
 
+def cut(documents, length: int) -> list[dict]:
+  """Every document's (ids') `windows`, in order."""
+  return [w for ids in documents for w in windows(ids, length)]
+
+
 class TextTask(common.TokenizedTask):
   def __init__(self, config):
     data = config.data
@@ -40,13 +45,20 @@ class TextTask(common.TokenizedTask):
     self.tokenizer = common.build_tokenizer(data, train_docs, name)
     self.vocab_size = self.tokenizer.vocab_size
     seq_len = int(data.seq_len)
-    encode = lambda docs: [w for ids in self.tokenizer.encode_batch(docs) for w in windows(ids, seq_len)]
-    super().__init__(config, encode(train_docs), encode(eval_docs))
+    # The eval documents' ids are kept: config.train.eval_lengths cuts them into windows of other lengths.
+    self.eval_ids, self._eval_windows = self.tokenizer.encode_batch(eval_docs), {}
+    super().__init__(config, cut(self.tokenizer.encode_batch(train_docs), seq_len), cut(self.eval_ids, seq_len))
     # Bits per byte compare across tokenizers: the eval loss in bits over the UTF-8 bytes it covers.
     self.eval_bytes = sum(len(doc.encode('utf-8')) for doc in eval_docs)
     self.eval_docs = eval_docs
     self.sampling = {key: data[key] for key in ('temperature', 'top_k', 'top_p')}
     self.prompt_words, self.sample_len = int(data.prompt_words), int(data.sample_len)
+
+  def eval_windows(self, length: int) -> list[dict]:
+    """The eval documents cut into windows of `length` tokens exactly as training's (`windows`)."""
+    if length not in self._eval_windows:
+      self._eval_windows[length] = cut(self.eval_ids, length)
+    return self._eval_windows[length]
 
   def eval_metrics(self, predictor, losses: dict) -> dict:
     del predictor
