@@ -176,6 +176,12 @@ def test_invalid_eval_lengths_are_refused(value):
   )
 
 
+def test_a_length_named_twice_is_refused():
+  with pytest.raises(ConfigError) as error:
+    TrainConfig.from_config({'eval_lengths': (64, 128, 64)})
+  assert str(error.value) == 'config.train.eval_lengths=(64, 128, 64) names a length twice: list each length once.'
+
+
 def test_eval_lengths_read_back_from_config_json_lists():
   assert TrainConfig.from_config({'eval_lengths': [64, 128]}).eval_lengths == (64, 128)
 

@@ -252,6 +252,8 @@ class TrainConfig:
         f'{prefix}.eval_lengths={lengths!r} must be a tuple of positive whole numbers of tokens, e.g. '
         f"--{prefix}.eval_lengths='(64,128,256)' (or () for none)."
       )
+    if len(set(lengths)) < len(lengths):
+      raise ConfigError(f'{prefix}.eval_lengths={lengths!r} names a length twice: list each length once.')
 
   @classmethod
   def from_config(cls, config: Any) -> 'TrainConfig':
