@@ -69,9 +69,8 @@ class VariantBench:
     model_config = self.train.model_config
     self.batch, self.decode_len = int(s['decode_batch']), int(s['decode_len'])
     prompt_len = int(s['prompt_len'])
-    self.decode = bench.decode_calls(model_config, batch=self.batch, prompt_len=prompt_len, decode_len=self.decode_len)[
-      'cached'
-    ]
+    calls = bench.decode_calls(model_config, batch=self.batch, prompt_len=prompt_len, decode_len=self.decode_len)
+    self.decode = calls['cached']
     source_length = prompt_len if model_config.kind == 'encoder_decoder' else 1  # the decode bench's source
     self.cache = kv_cache_bytes(model_config, self.batch, source_length)
 
@@ -177,8 +176,7 @@ def run_bench_sweep(config, workdir: str | None = None, overrides=()) -> dict:
   table, line = format_table(result), json.dumps(result)
   print(table)
   print(line, flush=True)
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
+  if workdir:  # write_atomic creates the folder
     write_atomic(os.path.join(workdir, TABLE_FILE), table + '\n')
     write_atomic(os.path.join(workdir, JSON_FILE), line + '\n')
   return result
