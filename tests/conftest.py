@@ -1,4 +1,7 @@
+import fcntl
+import hashlib
 import os
+import shutil
 
 # Tests compile hundreds of tiny XLA programs and time none: skip LLVM's expensive optimisations
 # (about a third of the suite's time). Set before JAX starts; subprocesses inherit it.
@@ -32,3 +35,33 @@ def tiny(**overrides) -> ModelConfig:
 @pytest.fixture
 def tiny_config():
   return tiny
+
+
+def pytest_collection_modifyitems(items):
+  """The tests marked `slow(seconds)` first, longest first: xdist deals tests out in collection order, so a
+  long test collected last would keep one worker busy for minutes after the other ran out of tests."""
+  items.sort(key=lambda item: -(item.get_closest_marker('slow').args[0] if item.get_closest_marker('slow') else 0))
+
+
+@pytest.fixture(scope='session')
+def shared(tmp_path_factory):
+  """`shared(name, key, make)`: the directory `make(directory)` filled for this `key`, made once per test
+  session: the xdist workers share it (the first to ask makes it under a file lock, the other waits for
+  it). For runs only compared against (an uninterrupted reference run): treat the directory as read-only."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # the session's folder, above each worker's own
+  (root / 'shared').mkdir(exist_ok=True)
+
+  def get(name: str, key, make):
+    directory = root / 'shared' / f'{name}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}'
+    done = directory.with_name(directory.name + '.done')
+    with open(directory.with_name(directory.name + '.lock'), 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not done.exists():
+        shutil.rmtree(directory, ignore_errors=True)  # a make that failed (in either worker) starts again
+        make(directory)
+        done.touch()
+    return directory
+
+  return get

@@ -63,10 +63,9 @@ def config(**extra):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """The uninterrupted run: losses of every step and eval metrics every 6 steps."""
-  directory = str(tmp_path_factory.mktemp('reference'))
-  loop.train_and_evaluate(config(), directory)
+def reference(shared):
+  """The uninterrupted run: losses of every step and eval metrics every 6 steps (made once per session)."""
+  directory = str(shared('faults_reference', SETTINGS, lambda path: loop.train_and_evaluate(config(), str(path))))
   assert sorted(launching.losses(directory)) == list(range(1, STEPS + 1))
   return directory
 
@@ -83,6 +82,7 @@ def assert_same_run(directory, reference):
     assert got[step]['eval/loss'] == want[step]['eval/loss'], step
 
 
+@pytest.mark.slow(42)
 def test_killed_at_seeded_points_and_inside_a_save_resumes_exactly(reference, tmp_path):
   """SIGKILL after two seeded steps, then inside the asynchronous save of a seeded checkpoint step (held
   open by a test hook after orbax wrote its files under the temporary name, before the rename). Each run

@@ -29,17 +29,21 @@ def _sentence(rng):
   return ' '.join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) + '.'
 
 
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  """Documents (one per line) for the text LM and tab-separated pairs for translation."""
-  directory = tmp_path_factory.mktemp('corpus')
+def _write_corpus(directory):
+  directory.mkdir()
   rng = random.Random(0)
   for name, count in (('train', 400), ('eval', 40)):
     docs = [' '.join(_sentence(rng) for _ in range(rng.randint(1, 6))) for _ in range(count)]
     (directory / f'{name}.txt').write_text('\n'.join(docs) + '\n')
     pairs = [(s, ' '.join(reversed(s[:-1].split())) + '.') for s in (_sentence(rng) for _ in range(count))]
     (directory / f'{name}.tsv').write_text(''.join(f'{s}\t{t}\n' for s, t in pairs))
-  return directory
+
+
+@pytest.fixture(scope='module')
+def corpus(shared):
+  """Documents (one per line) for the text LM and tab-separated pairs for translation; one folder per session,
+  so that the reference run (which names its files) is shared too."""
+  return shared('scale_corpus', 0, _write_corpus)
 
 
 def _text(corpus, *extra):
@@ -125,14 +129,16 @@ def _assert_same_run(workdir, reference, steps=range(1, STEPS + 1)):
 
 
 @pytest.fixture(scope='module')
-def reference(corpus, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('runs') / 'reference'
-  launching.run(TEXT, workdir, *_text(corpus))
+def reference(corpus, shared):
+  """The run on one device, made once per session."""
+  args = _text(corpus)
+  workdir = shared('scale_reference', (TEXT, args), lambda path: launching.run(TEXT, path, *args))
   losses = launching.losses(workdir)
   assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1]
   return workdir
 
 
+@pytest.mark.slow(25)
 @pytest.mark.parametrize('layout', list(LAYOUTS))
 def test_every_layout_matches_one_device(layout, corpus, reference, tmp_path):
   overrides, devices, processes = LAYOUTS[layout]
@@ -149,6 +155,7 @@ def _assert_each_process_fed_half(workdir):
   assert '"rows": [0, 8]' in rows['process_0.jsonl'] and '"rows": [8, 16]' in rows['process_1.jsonl']
 
 
+@pytest.mark.slow(113)
 def test_two_hosts_match_one_device_resume_exactly_when_killed_and_restore_elsewhere(corpus, reference, tmp_path):
   """2 processes x 4 devices (mesh (2,2,2)) match one device. Rerun with process 1 SIGKILLed after step 5
   (the step-4 checkpoint may still be in flight), both restart from the newest complete checkpoint: every
@@ -217,6 +224,7 @@ def _translation(corpus, *extra):
   )
 
 
+@pytest.mark.slow(48)
 def test_two_hosts_train_evaluate_decode_and_checkpoint_like_one(corpus, tmp_path):
   """Translation on 2 processes x 2 devices: training with periodic evals that decode (BLEU, chrF and
   beam-search samples) and checkpoints. Evaluating and decoding its checkpoint on one process gives the

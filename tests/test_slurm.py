@@ -61,10 +61,9 @@ def cluster():
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """The run on one process, without SLURM."""
-  workdir = tmp_path_factory.mktemp('slurm') / 'reference'
-  launching.run(CONFIG, workdir, *RUN)
+def reference(shared):
+  """The run on one process, without SLURM (made once per session)."""
+  workdir = shared('slurm_reference', (CONFIG, RUN), lambda path: launching.run(CONFIG, path, *RUN))
   assert sorted(launching.losses(workdir)) == list(range(1, STEPS + 1))
   return workdir
 
@@ -113,22 +112,13 @@ def _steps_fed(workdir) -> int:
   return min(reached)
 
 
-def test_srun_two_processes_join_from_slurm_alone_and_match_one_process(cluster, reference, tmp_path):
-  """`srun -n 2 python launch.py ...`: no coordinator flags, the processes read SLURM's step variables."""
-  workdir = tmp_path / 'srun'
-  command = ['srun', '-n', '2', '--kill-on-bad-exit=1', sys.executable, 'launch.py', '--config', CONFIG]
-  done = subprocess.run(
-    [*command, '--workdir', str(workdir), *RUN], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
-  )
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  assert sorted(os.listdir(workdir / 'batches')) == ['process_0.jsonl', 'process_1.jsonl']  # two processes
-  _assert_same_run(workdir, reference)
-
-
+@pytest.mark.slow(61)
 def test_sbatch_job_signalled_saves_on_every_task_requeues_itself_and_resumes_exactly(cluster, reference, tmp_path):
   """scripts/slurm/train.sbatch with two tasks, sent SIGTERM as `--signal=TERM@<lead>` does before a time limit:
   both processes stop at the step they agreed on (6 or 10) and save it, the job requeues itself, and the requeued
-  job (same job id) resumes there and ends with the uninterrupted run's losses, each process fed the same rows."""
+  job (same job id) resumes there and ends with the uninterrupted run's losses, each process fed the same rows.
+  The script starts them as users do by hand, `srun python launch.py ...` with no coordinator flags: the two
+  processes join from SLURM's step variables alone (a separate `srun -n 2` run cost half a minute more)."""
   workdir = tmp_path / 'sbatch'
   log = tmp_path / 'job.out'
   submit = ['sbatch', '--parsable', f'--output={log}', f'--chdir={ROOT}', 'scripts/slurm/train.sbatch']
@@ -216,6 +206,7 @@ def get_config(arg=None):
 """
 
 
+@pytest.mark.slow(33)
 def test_sweep_on_slurm_submits_each_run_once_waits_and_aggregates_like_a_local_sweep(cluster, tmp_path):
   """`--mode sweep --config.sweep.executor=slurm`: one job per variant x seed, the command returning once they
   are queued; the same command again while they are queued, and after they ended, submits nothing; with
