@@ -2,7 +2,10 @@
 1 key/value heads. Quality should degrade mildly while the KV cache shrinks in proportion.
 
 python launch.py --config experiments/ablations/gqa.py --mode sweep --workdir runs/gqa
+python launch.py --config experiments/ablations/gqa.py --mode bench --workdir runs/gqa   # KV cache, decode tok/s
 """
+
+import ml_collections
 
 from transformer.experiment import sweep
 
@@ -11,10 +14,13 @@ HEADS = 8
 
 def get_config(arg=None):
   del arg
-  return sweep.sweep_config(
+  config = sweep.sweep_config(
     base='experiments/text.py:short',
     variants=sweep.product(num_kv_heads=[HEADS, HEADS // 2, HEADS // 4, 1]),
     overrides={'num_heads': HEADS},
     seeds=(0, 1, 2),
     metric='eval/loss',
   )
+  # `--mode bench` on this file: cache bytes and cached greedy decoding per variant, in alternating rounds
+  config.bench = ml_collections.ConfigDict(dict(rounds=3, decode_batch=1, prompt_len=32, decode_len=256))
+  return config

@@ -317,7 +317,8 @@ def plan(config, workdir: str, overrides=()) -> list[Run]:
   if spec.executor not in EXECUTORS:
     hint = did_you_mean(spec.executor, EXECUTORS)
     raise ConfigError(f'config.sweep.executor={spec.executor!r}{hint}: choose one of {", ".join(EXECUTORS)}.')
-  command_line = [flag for flag in overrides if not _split_override(flag)[0].startswith('sweep.')]
+  # sweep.* and bench.* (a sweep file's settings for `--mode bench`) configure this process, not the runs
+  command_line = [flag for flag in overrides if not _split_override(flag)[0].startswith(('sweep.', 'bench.'))]
   varied = {path for v in spec.variants for path in v['overrides']}
   for flag in command_line:
     path = _split_override(flag)[0]
