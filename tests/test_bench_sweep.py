@@ -46,7 +46,9 @@ def _run_process_config(command: list[str]):
 
 
 def _settings(config):
-  return {path: value for path, value in flatten(config.copy_and_resolve_references()).items() if path[:6] != 'sweep.'}
+  """What a run trains with: the sweep file's own sweep.* and bench.* sections configure other processes."""
+  flat = flatten(config.copy_and_resolve_references())
+  return {path: value for path, value in flat.items() if not path.startswith(('sweep.', 'bench.'))}
 
 
 def test_variant_configs_are_the_sweep_runs_configs():
