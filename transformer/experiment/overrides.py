@@ -13,6 +13,7 @@ import traceback
 
 import ml_collections
 from absl import flags
+from ml_collections.config_flags import tuple_parser
 
 from transformer.config import ConfigError, did_you_mean, flatten
 
@@ -100,7 +101,13 @@ def _unknown(config, path, walked, key, node):
 
 
 def _type_name(value) -> str:
-  return {bool: 'a bool (true or false)', int: 'an int', float: 'a float', str: 'a string'}[type(value)]
+  return {
+    bool: 'a bool (true or false)',
+    int: 'an int',
+    float: 'a float',
+    str: 'a string',
+    tuple: "a tuple, e.g. '(1, 2)'",
+  }[type(value)]
 
 
 def _refuse_section(path: str, current, how: str):
@@ -116,12 +123,14 @@ def _refuse_section(path: str, current, how: str):
 
 def parse_text(path: str, current, text: str):
   """The command-line `text` for config.`path` as the type of its `current` value, parsed as config_flags
-  parses it (absl's parsers); a ConfigError if it is not one, or if `path` is a whole section. Types
-  config_flags parses in its own way (tuples, None) pass through."""
+  parses it (absl's parsers, its tuple parser); a ConfigError if it is not one, or if `path` is a whole
+  section. Other types config_flags parses in its own way (None) pass through."""
   _refuse_section(path, current, '--{}=...')
-  if type(current) not in (bool, int, float, str):
+  if type(current) not in (bool, int, float, str, tuple):
     return text
   try:
+    if isinstance(current, tuple):
+      return tuple_parser.TupleParser().parse(text)
     if isinstance(current, bool):
       if text.lower() not in _TRUE + _FALSE:
         raise ValueError(text)
