@@ -23,8 +23,8 @@ from transformer.config import ConfigError, MeshConfig, TrainConfig
 STEPS = 3
 BATCH = 16
 # Decoder-only with multi-query attention: kv_heads=1 cannot be split over 'tensor' (replicated instead).
-# Encoder-decoder with scanned layers: its parameters get a leading 'layers' axis.
-MODELS = {'decoder_only': dict(num_kv_heads=1), 'encoder_decoder': dict(scan_layers=True)}
+# Encoder-decoder with scanned, rematerialised layers: its parameters get a leading 'layers' axis.
+MODELS = {'decoder_only': dict(num_kv_heads=1), 'encoder_decoder': dict(scan_layers=True, remat='full')}
 
 
 def _setup(kind, parallelism='jit', mesh=(-1, 1, 1), dropout=0.0, accum=1):
@@ -181,7 +181,8 @@ def _assert_same(run, reference, params=True):
 # (residual and attention) is drawn per example from its index in the global batch, so neither the
 # layout (device index under pmap, shard under jit) nor the micro-batch changes a mask; accumulation
 # normalises by the whole batch's tokens.
-# (8,1,1), (1,1,8), pmap and 2 processes (jit and pmap) run end to end through launch.py in test_scale.py.
+# (8,1,1), (1,1,8), pmap and 2 processes (jit on (2,2,2), and pmap) run end to end through launch.py in
+# test_scale.py; these two meshes are tested here only (the launch.py path around the Runner is the same).
 LAYOUTS = [
   ('decoder_only', 'jit', (2, 2, 2), 0.1, 2),
   ('encoder_decoder', 'jit', (1, 2, 4), 0.1, 2),
