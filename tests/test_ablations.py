@@ -3,6 +3,7 @@ says and nowhere else, every variant's model builds, and a few steps of one vari
 file's plan and overrides are also checked by tests/test_sweep.py.)"""
 
 import functools
+import math
 import os
 
 import jax
@@ -92,3 +93,31 @@ DISTINCT_SIZES = {'warmup_norm': 2, 'gated_ffn': 2, 'gqa': 4}
 def test_every_variant_builds(name):
   sizes = {summary.count_params(params) for params in built(name).values()}
   assert len(sizes) == DISTINCT_SIZES[name]
+
+
+def test_length_evaluates_every_position_kind_at_one_to_eight_times_the_training_length():
+  config = load('length')
+  variants = variant_configs(config)
+  assert [c.model.positional for c in variants.values()] == ['sinusoidal', 'learned', 'rope', 'alibi']
+  for name, variant in variants.items():
+    assert set(differences(config, variant)) <= {'model.positional'}, name  # rope is the base's
+    assert (variant.data.seq_len, variant.model.max_len) == (64, 64), name
+    assert tuple(variant.train.eval_lengths) == (64, 128, 256, 512), name
+  assert tuple(config.sweep.report) == tuple(f'eval/loss@{n}' for n in (64, 128, 256, 512))
+
+
+def test_a_few_steps_of_the_alibi_variant_log_a_loss_at_every_length(tmp_path):
+  from transformer import loop
+
+  config = load('length')
+  alibi = next(c for c in variant_configs(config).values() if c.model.positional == 'alibi')
+  del alibi.sweep  # the run's own config, as its process would get it
+  alibi.train.update(num_steps=2, eval_every=2, checkpoint_every=2)
+  # Its settings at a smaller width and depth: five evals of the whole dev book cost minutes at d_model 128.
+  alibi.model.update(d_model=32, d_ff=64, num_decoder_layers=1)
+  metrics = loop.train_and_evaluate(alibi, str(tmp_path))
+  losses = [metrics[f'eval/loss@{n}'] for n in (64, 128, 256, 512)]
+  assert losses[0] == pytest.approx(metrics['eval/loss'], rel=1e-6)  # the training length is the ordinary eval
+  assert all(math.isfinite(loss) for loss in losses) and len(set(losses)) == 4
+  # Every length covers the same tokens: the eval documents, cut differently.
+  assert len({metrics[f'eval/tokens@{n}'] for n in (64, 128, 256, 512)}) == 1
