@@ -1,13 +1,23 @@
+import atexit
 import fcntl
 import hashlib
 import os
 import shutil
+import tempfile
 
 # Tests compile hundreds of tiny XLA programs and time none: skip LLVM's expensive optimisations
 # (about a third of the suite's time). Set before JAX starts; subprocesses inherit it.
 os.environ['XLA_FLAGS'] = ' '.join(
   [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
 ).strip()
+# The same programs compile again and again: every launch.py run of a config, every resume, both processes
+# of a run. JAX's persistent cache keeps each compiled program (keyed by the program, flags and devices) for
+# the session's later processes: the pytest process (its xdist workers inherit the folder) and the runs it
+# starts. Programs compiling faster than the threshold are not worth the disk write.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jax-compilation-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 
 import pytest  # noqa: E402
 
