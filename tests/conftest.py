@@ -10,10 +10,10 @@ import tempfile
 os.environ['XLA_FLAGS'] = ' '.join(
   [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
 ).strip()
-# The same programs compile again and again: every launch.py run of a config, every resume, both processes
-# of a run. JAX's persistent cache keeps each compiled program (keyed by the program, flags and devices) for
-# the session's later processes: the pytest process (its xdist workers inherit the folder) and the runs it
-# starts. Programs compiling faster than the threshold are not worth the disk write.
+# Tests train the same programs again and again (a reference, then a resume, in one process or several).
+# JAX's persistent cache, keyed by the program, flags and devices, lets a later test load what an earlier one
+# compiled: one folder per session, which the xdist workers and the scripts tests start inherit (launch.py
+# runs use the library's own cache, experiment/run.py). Faster compiles are not worth the disk write.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jax-compilation-cache-')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
