@@ -166,7 +166,9 @@ def test_experiment_files_and_variants_named_in_the_docs_exist(monkeypatch):
 
 
 def test_an_unknown_variant_is_refused():
-  with pytest.raises(ConfigError, match="Unknown variant 'huge' of experiments/text.py: choose one of tiny, short, small"):
+  with pytest.raises(
+    ConfigError, match="Unknown variant 'huge' of experiments/text.py: choose one of tiny, short, small"
+  ):
     load_config(REPO / 'experiments/text.py', 'huge')
 
 
