@@ -124,7 +124,16 @@ ABLATIONS = sorted(
 
 
 def test_there_are_ablation_files():
-  assert [os.path.basename(p) for p in ABLATIONS] == ['attention.py', 'norm.py', 'positional.py', 'vaswani_table3.py']
+  assert [os.path.basename(p) for p in ABLATIONS] == [
+    'attention.py',
+    'gated_ffn.py',
+    'gqa.py',
+    'length.py',
+    'norm.py',
+    'positional.py',
+    'vaswani_table3.py',
+    'warmup_norm.py',
+  ]
 
 
 @pytest.mark.parametrize('path', ABLATIONS, ids=os.path.basename)
