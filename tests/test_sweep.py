@@ -607,3 +607,11 @@ def test_sweep_survives_sigterm_crash_nan_and_stall_and_resumes_to_the_uninterru
     {step: v['eval/loss'] for step, v in results.read_metrics(d).items() if 'eval/loss' in v} for d in (stalls, resumed)
   ]
   assert list(evals[0]) == [10, 20] and evals[1] == evals[0]
+
+
+def test_a_variant_that_changes_a_referenced_value_changes_what_refers_to_it():
+  # text.py's model.vocab_size refers to data.vocab_size: the run's process (config_flags on the live config)
+  # sees the change in both, and so must the sweep's own view of the variant (its plan, checks and benches).
+  config = sweep.sweep_config('experiments/text.py:tiny', sweep.product(**{'data.vocab_size': [500, 1000]}))
+  sizes = [sweep.variant_config(config, v).model.vocab_size for v in config.sweep.variants]
+  assert sizes == [500, 1000]

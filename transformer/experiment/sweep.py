@@ -148,11 +148,7 @@ def check_distinct(config, variants: list[dict]):
   each variant's): a row that sets what the base already has would compare a run with a copy of itself."""
   seen = {}
   for v in variants:
-    effective = copy.deepcopy(config)
-    for path, value in v['overrides'].items():
-      overrides_lib.set_value(effective, path, value)
-    # References resolved after the overrides, so a variant changing a referenced value counts as a change.
-    flat = flatten(effective.copy_and_resolve_references())
+    flat = flatten(variant_config(config, v))
     seen.setdefault(repr(sorted(flat.items())), []).append((v, flat))
   for same in seen.values():
     if len(same) > 1:
@@ -294,11 +290,13 @@ def _split_override(flag: str) -> tuple[str, str]:
 
 def variant_config(config, variant: dict) -> ml_collections.ConfigDict:
   """The config one variant of the sweep `config` runs (seed aside): the base with the sweep's common
-  overrides (already in `config`) and then the variant's own."""
-  resolved = config.copy_and_resolve_references()
+  overrides (already in `config`) and then the variant's own. References are resolved after the overrides,
+  as in the run's process (config_flags sets them on the live config), so a variant that changes a referenced
+  value (`data.vocab_size`) changes what refers to it (`model.vocab_size`) too."""
+  effective = copy.deepcopy(config)
   for path, value in variant['overrides'].items():
-    overrides_lib.set_value(resolved, path, value)
-  return resolved
+    overrides_lib.set_value(effective, path, value)
+  return effective.copy_and_resolve_references()
 
 
 def plan(config, workdir: str, overrides=()) -> list[Run]:
