@@ -32,8 +32,8 @@ def variant_configs(config, overrides=()) -> list[tuple[str, ml_collections.Conf
   """(name, config) per variant of the sweep `config`, in its order: `sweep.variant_config` (what the variant's
   runs train), with seed 0. `overrides`, the command line's `--config.*` flags (already applied to `config`),
   are checked as `--mode sweep` checks them (`sweep.plan`: e.g. one that sets what the sweep varies is an
-  error), but for those under `bench.`, which set this benchmark, not the runs."""
-  sweep.plan(config, 'bench', [flag for flag in overrides if not flag.startswith('--config.bench.')])
+  error; `bench.*` flags set this benchmark, not the runs)."""
+  sweep.plan(config, 'bench', overrides)
   configs = []
   for v in config.sweep.variants:
     variant = sweep.variant_config(config, v)
