@@ -114,6 +114,7 @@ class TokenizedTask:
     if not train_examples or not eval_examples:
       raise ConfigError('The corpus has no training or no evaluation examples: check config.data.')
     self.train_examples, self.eval_examples = train_examples, eval_examples
+    self._eval_windows = {}  # length -> the eval set cut into windows of it (config.train.eval_lengths)
     self.overlong_count = pipeline.report_overlong(train_examples, self.seq_len, self.overlong)
     logging.info('%d training and %d evaluation examples.', len(train_examples), len(eval_examples))
 
@@ -138,6 +139,13 @@ class TokenizedTask:
     )
 
   def eval_windows(self, length: int) -> list[dict]:
-    """The eval set cut into windows of at most `length` tokens, as training cuts its own (a task that
-    can: text, music; `tasks.check_eval_lengths` refuses the others before this is reached)."""
+    """The eval set cut into windows of at most `length` tokens, as training cuts its own (`cut_eval`), once
+    per length: every eval uses them again."""
+    if length not in self._eval_windows:
+      self._eval_windows[length] = self.cut_eval(length)
+    return self._eval_windows[length]
+
+  def cut_eval(self, length: int) -> list[dict]:
+    """`eval_windows`' cutting, for a task that can (text, music; `tasks.check_eval_lengths` refuses the
+    others before this is reached)."""
     raise ConfigError(f'This task cannot be evaluated at other lengths (config.train.eval_lengths={length}).')

@@ -54,7 +54,7 @@ class MusicTask(common.TokenizedTask):
       len(eval_),
     )
     self.num_train_windows, self.num_eval_windows = len(train), len(eval_)
-    self.eval_pieces, self._eval_windows = eval_pieces, {}  # config.train.eval_lengths cuts them anew
+    self.eval_pieces = eval_pieces  # config.train.eval_lengths cuts them anew
     super().__init__(config, train, eval_)
     # Bits per note compare across event encodings, as bits per byte do across tokenizers.
     self.eval_notes = sum(len(self.vocab.decode(ex['targets'])) for ex in eval_)
@@ -68,11 +68,9 @@ class MusicTask(common.TokenizedTask):
     """Each piece's windows of at most `seq_len - 1` events, each + EOS."""
     return [{'targets': common.with_eos(ids)} for piece in pieces for ids in self.vocab.windows(piece, seq_len - 1)]
 
-  def eval_windows(self, length: int) -> list[dict]:
+  def cut_eval(self, length: int) -> list[dict]:
     """The eval pieces cut into windows of `length` events (EOS included), exactly as training's (`_windows`)."""
-    if length not in self._eval_windows:
-      self._eval_windows[length] = self._windows(self.eval_pieces, length)
-    return self._eval_windows[length]
+    return self._windows(self.eval_pieces, length)
 
   def eval_metrics(self, predictor, losses: dict) -> dict:
     """Bits per note of the eval set (from the loop's loss; no decoding)."""

@@ -46,7 +46,7 @@ class TextTask(common.TokenizedTask):
     self.vocab_size = self.tokenizer.vocab_size
     seq_len = int(data.seq_len)
     # The eval documents' ids are kept: config.train.eval_lengths cuts them into windows of other lengths.
-    self.eval_ids, self._eval_windows = self.tokenizer.encode_batch(eval_docs), {}
+    self.eval_ids = self.tokenizer.encode_batch(eval_docs)
     super().__init__(config, cut(self.tokenizer.encode_batch(train_docs), seq_len), cut(self.eval_ids, seq_len))
     # Bits per byte compare across tokenizers: the eval loss in bits over the UTF-8 bytes it covers.
     self.eval_bytes = sum(len(doc.encode('utf-8')) for doc in eval_docs)
@@ -54,11 +54,9 @@ class TextTask(common.TokenizedTask):
     self.sampling = {key: data[key] for key in ('temperature', 'top_k', 'top_p')}
     self.prompt_words, self.sample_len = int(data.prompt_words), int(data.sample_len)
 
-  def eval_windows(self, length: int) -> list[dict]:
+  def cut_eval(self, length: int) -> list[dict]:
     """The eval documents cut into windows of `length` tokens exactly as training's (`windows`)."""
-    if length not in self._eval_windows:
-      self._eval_windows[length] = cut(self.eval_ids, length)
-    return self._eval_windows[length]
+    return cut(self.eval_ids, length)
 
   def eval_metrics(self, predictor, losses: dict) -> dict:
     del predictor
