@@ -12,6 +12,7 @@ import optax
 
 from transformer import models
 from transformer.config import TrainConfig
+from transformer.losses import cross_entropy  # noqa: F401 (also the name train.cross_entropy)
 from transformer.tokens import PAD_ID
 
 
@@ -33,27 +34,6 @@ def init_state(model, optimizer, seed: int) -> TrainState:
     opt_state=optimizer.init(params),
     rng=jax.random.key_data(jax.random.key(seed + 1)),
   )
-
-
-def cross_entropy(logits, targets, weights, label_smoothing: float = 0.0, z_loss: float = 0.0):
-  """Summed token cross-entropy and summed weights.
-
-  With smoothing the target puts 1 - eps on the label and eps / (V - 1) on every other token; the
-  distribution's own entropy is subtracted so that a perfect prediction scores exactly 0.
-  """
-  vocab = logits.shape[-1]
-  confidence = 1.0 - label_smoothing
-  low = label_smoothing / (vocab - 1)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  log_probs = logits - log_z[..., None]
-  label_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  loss = -(confidence - low) * label_log_prob - low * jnp.sum(log_probs, axis=-1)
-  if label_smoothing > 0:
-    entropy = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low))
-    loss -= entropy
-  if z_loss > 0:
-    loss += z_loss * log_z**2
-  return jnp.sum(loss * weights), jnp.sum(weights)
 
 
 def argmax(logits):
