@@ -2,7 +2,7 @@
 on a CPU, as the reference our JAX train step is measured against.
 
 It mirrors `transformer.models.DecoderOnly` for the shapes `experiments/bench.py` uses (pre-LN,
-LayerNorm, ReLU or GELU, sinusoidal positions, tied embeddings, no dropout): the same parameters
+LayerNorm, ReLU or GELU, sinusoidal or learned positions, tied embeddings, no dropout): the same parameters
 (counts checked by tests), the same initial scales, the same loss, metrics and optimizer
 (AdamW with decay on matrices only and global-norm clipping).
 
@@ -26,12 +26,12 @@ PAD_ID, BOS_ID = 0, 1
 
 def check_supported(cfg) -> None:
   """Raises ValueError for a `ModelConfig` this reference does not mirror."""
-  wanted = dict(
-    kind='decoder_only', norm_position='pre', norm_type='layernorm', positional='sinusoidal', tie_embeddings=True
-  )
+  wanted = dict(kind='decoder_only', norm_position='pre', norm_type='layernorm', tie_embeddings=True)
   for key, value in wanted.items():
     if getattr(cfg, key) != value:
       raise ValueError(f'the PyTorch reference needs model.{key}={value!r}, not {getattr(cfg, key)!r}')
+  if cfg.positional not in ('sinusoidal', 'learned'):
+    raise ValueError(f'the PyTorch reference needs model.positional sinusoidal or learned, not {cfg.positional!r}')
   if cfg.activation not in ('relu', 'gelu') or cfg.kv_heads != cfg.num_heads or cfg.dropout_rate:
     raise ValueError('the PyTorch reference needs activation relu/gelu, num_kv_heads=0 and no dropout')
   if cfg.attention_window:
@@ -85,7 +85,10 @@ class TorchLM(nn.Module):
     self.embedding = nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model**-0.5)
     self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_decoder_layers))
     self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_epsilon)
-    self.register_buffer('positions', sinusoidal(cfg.max_len, cfg.d_model), persistent=False)
+    if cfg.positional == 'learned':  # std 0.02 as `transformer.layers.LearnedPositions`
+      self.positions = nn.Parameter(torch.randn(cfg.max_len, cfg.d_model) * 0.02)
+    else:
+      self.register_buffer('positions', sinusoidal(cfg.max_len, cfg.d_model), persistent=False)
 
   def forward(self, tokens):
     x = F.embedding(tokens, self.embedding) * math.sqrt(self.d_model) + self.positions[: tokens.shape[1]]
@@ -161,7 +164,7 @@ class TorchTrainBench:
     return [self.step() for _ in range(count)]
 
 
-def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+def measure_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
   """Best-of-`repeats` float32 matmul rate (MKL / oneDNN): the same measurement as ours, in PyTorch."""
   a = torch.ones(size, size)
   a @ a

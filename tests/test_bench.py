@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny
 
-from transformer import decoding, models, setup, summary
+from transformer import decoding, metrics, models, setup, summary
 from transformer.config import ConfigError
 from transformer.experiment import bench
 from transformer.tokens import EOS_ID, PAD_ID
@@ -84,11 +84,118 @@ def test_memory_analysis_sees_remat():
   assert temps['full'] < temps['none']
 
 
-def test_compare_reports_missing_torch(monkeypatch, capsys):
-  monkeypatch.setattr(compare, 'torch_reference', None)
-  compare.main(['--only', 'train,input', '--variant', 'tiny', '--rounds', '1', '--steps', '1'])
+# A stand-in for benchmarks/worker.py: logs its --impl, then prints the figures its table gives for this round.
+FAKE_WORKER = """
+import json, os, sys
+impl = sys.argv[sys.argv.index('--impl') + 1]
+with open(os.environ['FAKE_LOG'], 'a+') as log:
+  log.seek(0)
+  round = log.read().split().count(impl)
+  log.write(impl + '\\n')
+medians = {'ours': [0.5, 0.3, 0.4], 'torch': [0.8, 0.2, 0.9], 'torch_compile': [1.0, 1.0, 0.1]}
+if impl.startswith('gemm'):
+  out = {'flops_per_s': [1e9, 4e9, 2e9][round] * (1 if impl == 'gemm_xla' else 2)}
+elif impl in medians:
+  out = {'median_s': medians[impl][round], 'compile_s': 10.0 - round, 'tokens': 100, 'params': 7,
+         'flops_per_token': 1e6, 'optimizer': 'fused', 'threads': 2}
+else:  # decoding: ours twice as fast as HF at batch 1 (16 tokens), slower at batch 8 (128 tokens)
+  batch = int(sys.argv[sys.argv.index('--batch') + 1])
+  seconds = {('ours_decode', 1): 1.0, ('hf_generate', 1): 2.0, ('ours_decode', 8): 4.0, ('hf_generate', 8): 2.0}
+  out = {'median_s': seconds[impl, batch], 'compile_s': 3.0, 'tokens': 16 * batch}
+print('noise before the JSON line')
+print(json.dumps({'impl': impl, **out}))
+"""
+
+
+@pytest.fixture
+def fake_worker(tmp_path, monkeypatch):
+  """compare.py's worker replaced by FAKE_WORKER; returns a function reading the order the impls ran in."""
+  script, log = tmp_path / 'fake_worker.py', tmp_path / 'log'
+  script.write_text(FAKE_WORKER)
+  monkeypatch.setattr(compare, 'WORKER', [sys.executable, str(script)])
+  monkeypatch.setenv('FAKE_LOG', str(log))
+  return lambda: log.read_text().split() if log.exists() else []
+
+
+def test_compare_alternates_processes_and_compares_medians_of_round_medians(fake_worker, monkeypatch, capsys):
+  monkeypatch.setitem(compare.HAVE, 'torch', True)
+  monkeypatch.setitem(compare.HAVE, 'transformers', True)
+  compare.main(['--only', 'train,mfu,generate', '--variant', 'tiny', '--rounds', '3'])
   table = capsys.readouterr().out
-  assert compare.MISSING in table and '| figure | ours |' in table and '< 5%' in table
+  train = ['ours', 'torch', 'torch_compile'] * 3
+  gemm = ['gemm_xla', 'gemm_torch'] * 3
+  assert fake_worker() == train + gemm + ['ours_decode', 'hf_generate'] * 6
+  # ours: median(0.5, 0.3, 0.4) = 0.4 s -> 250 tokens/s; eager: median(0.8, 0.2, 0.9) = 0.8 s -> 125;
+  # torch.compile: median(1.0, 1.0, 0.1) = 1.0 s -> 100. Compile: the first round's 10 s, median 9 s.
+  assert '| 250 | 125 | 2.00x | >= 1.0x | yes |' in table
+  assert '| 250 | 100 | 2.50x | report |' in table
+  assert '| 10.0 s (median 9.0 s) | 10.0 s (median 9.0 s) |' in table
+  assert '| parameters (ours = PyTorch) | 7 | 7 |  | equal | yes |' in table
+  # GEMM: the best round, XLA 4 GFLOP/s, PyTorch 8; MFU = 1e6 FLOPs/token * 250 tokens/s / 4e9 = 0.06 (0.03
+  # against PyTorch's rate); PyTorch eager's 1e6 * 125 / 8e9 = 0.02.
+  assert "| 0.06 | PyTorch eager: 0.02 of PyTorch's | 0 GFLOP/s model | >= 0.8 | NO |" in table
+  assert '| 4 GFLOP/s | 8 GFLOP/s | 0.50x | report |' in table and '| 0.03 |' in table
+  assert 'XLA 4 GFLOP/s, PyTorch 8 GFLOP/s' in table.split('|')[0]  # the machine line, above the table
+  # Decode: batch 1, 16 / 1 s against 16 / 2 s; batch 8, 128 / 4 s against 128 / 2 s.
+  assert '| 16 | 8 | 2.00x | >= 2x | yes |' in table and '| 32 | 64 | 0.50x | >= 2x | NO |' in table
+  assert compare.NO_LM1B in table
+
+
+def test_compare_without_torch_says_so_and_keeps_the_in_process_rows(fake_worker, monkeypatch, capsys):
+  monkeypatch.setitem(compare.HAVE, 'torch', False)
+  monkeypatch.setitem(compare.HAVE, 'transformers', False)
+  compare.main(['--only', 'train,mfu,generate,input', '--variant', 'tiny', '--rounds', '1', '--steps', '1'])
+  table = capsys.readouterr().out
+  assert fake_worker() == ['ours', 'gemm_xla', 'ours_decode', 'ours_decode']  # no torch process started
+  assert f'| 200 | {compare.MISSING} |  | >= 1.0x | ? |' in table  # 100 tokens / 0.5 s
+  assert (
+    f'| 0.20 | {compare.MISSING} |' in table
+  )  # 1e6 FLOPs per token * 200 tokens/s / 1e9 and f'PyTorch: {compare.MISSING}' in table
+  assert f'| 16 | {compare.MISSING} |  | >= 2x | ? |' in table
+  assert '| figure | ours |' in table and '< 5%' in table  # the in-process input section still runs
+
+
+def test_compare_reports_a_failed_worker(fake_worker, monkeypatch, capsys):
+  monkeypatch.setattr(compare, 'WORKER', [sys.executable, '-c', 'import sys; sys.exit("no such model")'])
+  compare.main(['--only', 'train', '--variant', 'tiny', '--rounds', '1', '--no_torch_compile'])
+  assert '| ours failed: no such model |' in capsys.readouterr().out
+
+
+@pytest.mark.slow(15)
+def test_worker_measures_ours_in_its_own_process():
+  import subprocess
+
+  command = [sys.executable, os.path.join(ROOT, 'benchmarks', 'worker.py'), '--impl', 'ours', '--variant', 'tiny']
+  command += ['--set', 'positional=learned', '--steps', '2', '--warmup', '1']
+  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  config = bench_configs.get_config('tiny')
+  config.model.positional = 'learned'
+  model_config = setup.resolve(config).model_config
+  model = models.build_model(model_config)
+  params = summary.count_params(jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
+  assert result['impl'] == 'ours' and result['params'] == params  # the learned table counted: the override took
+  assert result['tokens'] == config.train.batch_size * config.data.seq_len
+  assert len(result['seconds']) == 2 and result['median_s'] == np.median(result['seconds'])
+  assert result['compile_s'] > 0 and np.isfinite(result['loss'])
+  assert result['flops_per_token'] == metrics.flops_per_token(model_config, config.data.seq_len)
+
+
+def test_worker_refuses_an_unknown_model_key():
+  import worker
+
+  with pytest.raises(SystemExit, match='--set .activaton=gelu.: give model_key=value with a key of config.model'):
+    worker.main(['--impl', 'ours', '--variant', 'tiny', '--set', 'activaton=gelu'])
+
+
+def test_machine_line_names_the_cpu(tmp_path):
+  import table
+
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text('processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n')
+  assert table.cpu_model(str(cpuinfo)) == 'Intel(R) Xeon(R) Platinum 8488C'
+  line = table.machine_line({'XLA': 3.0e11, 'PyTorch': 'torch not installed'}, 2048, 5)
+  assert 'XLA 300 GFLOP/s, PyTorch: torch not installed' in line and '2048x2048 (best of 5' in line
 
 
 def _torch_reference():
@@ -98,28 +205,15 @@ def _torch_reference():
   return torch_reference
 
 
-@pytest.mark.parametrize('variant', ['tiny', 'lm', 'lm12'])
-def test_torch_reference_has_our_parameter_count(variant):
-  torch_reference = _torch_reference()
-  model_config = setup.resolve(bench_configs.get_config(variant)).model_config
-  model = models.build_model(model_config)
-  ours = summary.count_params(jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
-  assert torch_reference.count_params(torch_reference.TorchLM(model_config)) == ours
-
-
-def test_torch_reference_computes_our_logits():
-  """Our parameters copied into the PyTorch model give our logits: it is the same function."""
-  torch_reference = _torch_reference()
+def _copy_into_torch_reference(reference, params, model_config):
   import torch
 
-  model_config = setup.resolve(bench_configs.get_config('tiny')).model_config
-  model = models.build_model(model_config)
-  params = models.init_params(model, jax.random.key(0))
-  reference = torch_reference.TorchLM(model_config)
   t = lambda x: torch.from_numpy(np.asarray(x).copy())
   stack = params['decoder']['stack']
   with torch.no_grad():
     reference.embedding.copy_(t(params['embedding']['embedding']))
+    if model_config.positional == 'learned':
+      reference.positions.copy_(t(params['decoder']['embedder']['position_embedding']['embedding']))
     for i, block in enumerate(reference.blocks):
       layer = stack[f'layer_{i}']
       attention = layer['self_attention']
@@ -135,11 +229,86 @@ def test_torch_reference_computes_our_logits():
         getattr(block, name).bias.copy_(t(layer['ffn'][name]['bias']))
     reference.final_norm.weight.copy_(t(stack['final_norm']['scale']))
     reference.final_norm.bias.copy_(t(stack['final_norm']['bias']))
+
+
+def _resolved_model_config(variant, **model_overrides):
+  config = bench_configs.get_config(variant)
+  config.model.update(model_overrides)
+  return setup.resolve(config).model_config
+
+
+GPT2_LIKE = dict(activation='gelu', positional='learned')  # compare.GPT2_LIKE, the issue's train and decode shape
+
+
+@pytest.mark.parametrize('variant', ['tiny', 'lm', 'lm12'])
+@pytest.mark.parametrize('positions', [{}, GPT2_LIKE], ids=['sinusoidal', 'learned'])
+def test_torch_reference_has_our_parameter_count(variant, positions):
+  torch_reference = _torch_reference()
+  model_config = _resolved_model_config(variant, **positions)
+  model = models.build_model(model_config)
+  ours = summary.count_params(jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
+  assert torch_reference.count_params(torch_reference.TorchLM(model_config)) == ours
+
+
+@pytest.mark.parametrize('positions', [{}, GPT2_LIKE], ids=['sinusoidal', 'learned'])
+def test_torch_reference_computes_our_logits(positions):
+  """Our parameters copied into the PyTorch model give our logits: it is the same function."""
+  torch_reference = _torch_reference()
+  import torch
+
+  model_config = _resolved_model_config('tiny', **positions)
+  model = models.build_model(model_config)
+  params = models.init_params(model, jax.random.key(0))
+  reference = torch_reference.TorchLM(model_config)
+  _copy_into_torch_reference(reference, params, model_config)
   tokens = np.random.default_rng(0).integers(3, model_config.vocab_size, (2, 12)).astype(np.int32)
   ours = model.apply({'params': params}, tokens)
   with torch.no_grad():
     theirs = reference(torch.from_numpy(tokens).long()).numpy()
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=2e-4, rtol=2e-4)
+
+
+def test_torch_reference_refuses_what_it_does_not_mirror():
+  torch_reference = _torch_reference()
+  with pytest.raises(ValueError, match='needs model.positional sinusoidal or learned, not .rope.'):
+    torch_reference.TorchLM(_resolved_model_config('tiny', positional='rope'))
+
+
+def _hf_reference():
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  import hf_reference
+
+  return hf_reference
+
+
+def test_gpt2_reference_computes_our_logits_and_greedy_tokens():
+  """GPT-2 with our parameters (zero attention biases) computes our function: equal logits, and greedy
+  `generate` writes the tokens ours writes. It has 4 d_model parameters per layer more (those biases)."""
+  hf_reference = _hf_reference()
+  import torch
+
+  model_config = _resolved_model_config('tiny', **GPT2_LIKE)
+  model, params, source = bench._decode_setup(model_config, batch=2, prompt_len=5)
+  gpt2 = hf_reference.build(model_config)
+  hf_reference.copy_ours(gpt2, jax.tree.map(np.asarray, params), model_config)
+  prompts = np.array(source['prompts'])  # a writable copy for torch.from_numpy
+  ours = model.apply({'params': params}, prompts)
+  with torch.no_grad():
+    theirs = gpt2(torch.from_numpy(prompts).long()).logits.numpy()
+  np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-5, rtol=1e-5)
+  extra = 4 * model_config.d_model * model_config.num_decoder_layers
+  assert hf_reference.count_params(gpt2) == summary.count_params(params) + extra
+  generated = decoding.generate(model, params, max_len=10, **source)
+  bench_hf = hf_reference.GenerateBench(model_config, batch=2, prompt_len=5, decode_len=10)
+  bench_hf.model, bench_hf.prompts = gpt2, torch.from_numpy(prompts).long()
+  np.testing.assert_array_equal(bench_hf.call()[:, 5:].numpy(), np.asarray(generated))
+
+
+def test_gpt2_reference_refuses_sinusoidal_positions():
+  hf_reference = _hf_reference()
+  with pytest.raises(ValueError, match="GPT-2 reference needs model.positional='learned', not 'sinusoidal'"):
+    hf_reference.build(_resolved_model_config('tiny', activation='gelu'))
 
 
 def test_torch_reference_trains():

@@ -1,0 +1,60 @@
+"""The comparison's table rows and the line naming the machine (CPU, cores, library versions, settings)."""
+
+import importlib.metadata
+import os
+
+HEADER = ('figure', 'ours', 'reference', 'ratio', 'goal', 'met?')
+# Settings that change either side's speed; shown when set, so a reader sees any handicap.
+SPEED_ENV = ('XLA_FLAGS', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'MKL_NUM_THREADS', 'KMP_BLOCKTIME')
+
+
+def row(figure, ours='', reference='', ratio='', goal='', met=''):
+  return (figure, ours, reference, ratio, goal, met)
+
+
+def yes(ok) -> str:
+  return 'yes' if ok else 'NO'
+
+
+def markdown(rows) -> str:
+  lines = ['| ' + ' | '.join(HEADER) + ' |', '|' + '---|' * len(HEADER)]
+  lines += ['| ' + ' | '.join(str(c) for c in r) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
+def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The CPU as the kernel names it ('model name'), or the platform's word for it where there is no such file."""
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() in ('model name', 'Model', 'cpu model') and value.strip():
+          return value.strip()
+  except OSError:
+    pass
+  import platform
+
+  return platform.processor() or platform.machine() or 'unknown CPU'
+
+
+def version(package: str) -> str | None:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def machine_line(gemm: dict, size: int, repeats: int) -> str:
+  """One Markdown line: CPU, cores, each library's measured f32 GEMM rate, versions and speed settings.
+  `gemm`: {'XLA': FLOP/s or why there is none, 'PyTorch': ...}."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  rates = [
+    f'{name} {rate / 1e9:,.0f} GFLOP/s' if isinstance(rate, float) else f'{name}: {rate}' for name, rate in gemm.items()
+  ]
+  gemm_text = f'f32 GEMM {size}x{size} (best of {repeats}, each library in its own process): ' + ', '.join(rates)
+  versions = ', '.join(f'{name} {version(name)}' for name in ('jax', 'torch', 'transformers') if version(name))
+  settings = ', '.join(f'{key}={os.environ[key]!r}' for key in SPEED_ENV if os.environ.get(key))
+  return (
+    f'**Machine:** {cpu_model()}, {cores} cores; {gemm_text}; {versions}; '
+    f'{"environment: " + settings if settings else "no thread or XLA settings in the environment"}.'
+  )
