@@ -30,9 +30,9 @@ _BYTES = {
   'c64': 8,
   'c128': 16,
 }
-_ARRAY = re.compile(r'\b([a-z]\w*)\[([\d,]*)\]')
+ARRAY = re.compile(r'\b([a-z]\w*)\[([\d,]*)\]')
 _HEADER = re.compile(r'^(ENTRY )?%?([\w.\-]+) .*\{\s*$')
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$')
+INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$')
 _CALLS = re.compile(r'\b(body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)')
 
 
@@ -49,12 +49,12 @@ def array_bytes(type_text: str) -> int:
   """Bytes of every array in an HLO type (`f32[8,64]{1,0}` or a tuple of them)."""
   return sum(
     _BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
-    for dtype, dims in _ARRAY.findall(type_text)
+    for dtype, dims in ARRAY.findall(type_text)
     if dtype in _BYTES or dtype.startswith('f8')
   )
 
 
-def _split(text: str):
+def split(text: str):
   """{computation: [instruction lines]} and the entry computation's name."""
   computations, entry, current = {}, None, None
   for line in text.splitlines():
@@ -100,12 +100,12 @@ def _runs(computations, entry):
 def _instructions(hlo_text: str):
   """(runs per step, name, result type, opcode, the rest of the line, {name: type} so far) of every
   instruction in a computation that runs."""
-  computations, entry = _split(hlo_text)
+  computations, entry = split(hlo_text)
   runs = _runs(computations, entry)
   for name, lines in computations.items():
     types = {}
     for line in lines:
-      match = _INSTRUCTION.match(line)
+      match = INSTRUCTION.match(line)
       if match:
         result, type_text, opcode, rest = match.groups()
         types[result] = type_text
@@ -135,17 +135,21 @@ def dot_flops(hlo_text: str) -> int:
   counted by their trip counts: unlike XLA's cost analysis, which sees a loop body once."""
   total = 0
   for runs, _, type_text, opcode, rest, types in _instructions(hlo_text):
-    if opcode != 'dot':
-      continue
-    lhs = _ARRAY.search(types.get(_operands(rest)[0], ''))
-    contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
-    if lhs is None or contracting is None:
-      raise ValueError(f'cannot read the operand shape of a dot: {rest[:200]}')
-    dims = [int(d) for d in lhs.group(2).split(',') if d]
-    contracted = math.prod(dims[int(i)] for i in contracting.group(1).split(',') if i)
-    out = math.prod(int(d) for d in _ARRAY.search(type_text).group(2).split(',') if d)
-    total += runs * 2 * out * contracted
+    if opcode == 'dot':
+      total += runs * one_dot_flops(type_text, rest, types)
   return total
+
+
+def one_dot_flops(type_text: str, rest: str, types: dict) -> int:
+  """FLOPs of one run of a `dot`: its result type, the text after `dot(`, and {name: type} of its operands."""
+  lhs = ARRAY.search(types.get(_operands(rest)[0], ''))
+  contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
+  if lhs is None or contracting is None:
+    raise ValueError(f'cannot read the operand shape of a dot: {rest[:200]}')
+  dims = [int(d) for d in lhs.group(2).split(',') if d]
+  contracted = math.prod(dims[int(i)] for i in contracting.group(1).split(',') if i)
+  out = math.prod(int(d) for d in ARRAY.search(type_text).group(2).split(',') if d)
+  return 2 * out * contracted
 
 
 def summary(found: list[Collective]) -> dict:

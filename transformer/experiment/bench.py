@@ -19,6 +19,7 @@ import numpy as np
 
 from transformer import decoding, hlo_audit, metrics, models, parallel, setup, summary, train
 from transformer.config import ConfigError, ModelConfig, TrainConfig, did_you_mean
+from transformer.experiment import profile
 from transformer.tokens import EOS_ID
 
 # `config.bench` (all optional): how long to measure and what else to measure.
@@ -33,6 +34,9 @@ DEFAULTS = dict(
   decode_repeats=3,
   uncached=True,  # time the uncached loop too (slow: it recomputes the prefix every step)
   audit=False,  # also count the compiled step's collectives against the layout's analytic traffic
+  profile=False,  # also trace the train step and print where its time goes, per op category (profile.py)
+  profile_steps=2,
+  profile_dir='',  # where the trace goes ('': a new temporary directory); TensorBoard's profiler reads it
   rounds=3,  # a sweep file's variants: rounds that time each variant in turn (bench_sweep.py)
 )
 
@@ -238,6 +242,8 @@ def measure_train(config, bench_settings: dict | None = None) -> dict:
     'backend': jax.default_backend(),
     'loss': bench.last_loss,
   }
+  if s['profile']:
+    result['profile'] = profile.profile_train(bench, int(s['profile_steps']), str(s['profile_dir']))
   data_s = time_input_pipeline(config, bench.runner.local_batch_size(), int(s['data_batches']))
   if data_s is not None:
     result['data_ms'] = 1000 * data_s
@@ -261,7 +267,9 @@ def run_bench(config) -> dict:
     if audit['expected']:
       result['collective_bytes_expected'] = sum(audit['expected'].values())
     result['dot_flops_ratio'] = audit['dot_flops_ratio']
-  print(format_table(result))
+  if 'profile' in result:
+    print(profile.format_breakdown(result['profile'], result['step_ms']))
+  print(format_table({k: v for k, v in result.items() if k != 'profile'}))
   print(json.dumps(result), flush=True)
   return result
 

@@ -1,0 +1,60 @@
+"""`--mode bench --config.bench.profile=True`: the op categories of a traced train step."""
+
+import json
+import os
+
+import pytest
+
+from transformer import hlo_audit
+from transformer.experiment import bench, overrides, profile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**model):
+  config = overrides.load_config(os.path.join(ROOT, 'experiments/bench.py:tiny'))
+  config.model.update(model)
+  config.bench.update(dict(steps=1, warmup=0, data_batches=0))
+  return config
+
+
+@pytest.mark.slow(25)
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_each_matmul_is_counted_once_in_its_category(scan_layers):
+  """The matmul FLOPs found from the trace's op runs equal those of the compiled module counted through
+  its loops' trip counts (hlo_audit), and split into categories exactly as the model's analytic count."""
+  b = bench.TrainBench(_config(scan_layers=scan_layers))
+  b.times(1)
+  result = profile.profile_train(b, steps=2)
+  assert result['unmatched'] == 0
+  compiled = b.runner.lower_train_step(b.batch).compile().as_text()
+  assert result['dot_gflop'] * 1e9 == pytest.approx(hlo_audit.dot_flops(compiled), rel=1e-9)
+
+  cfg, tokens = b.model_config, b.tokens_per_step
+  layers, d, ff, heads = cfg.num_decoder_layers, cfg.d_model, cfg.d_ff, cfg.num_heads
+  # Forward, and two matmuls backward (the input's and the weight's gradient) for each one.
+  projections = (
+    3 * layers * (2 * tokens * d * heads * cfg.head_dim_qk * 3 + 2 * tokens * d * d + 2 * 2 * tokens * d * ff)
+  )
+  logits = 3 * 2 * tokens * d * cfg.vocab_size
+  # Scores and weighted values: forward 2, backward 4.
+  attention = layers * 6 * 2 * tokens * b.seq_len * heads * cfg.head_dim_qk
+  gflop = lambda name: result['categories'][name]['gflop'] * 1e9
+  assert gflop('vocabulary matmuls') == pytest.approx(logits, rel=1e-9)
+  assert gflop('matmuls') == pytest.approx(projections, rel=1e-9)
+  # The attention category also holds its softmax's elementwise work (one FLOP per element).
+  assert attention <= gflop('attention') < attention * 1.5
+  for name in ('norms & elementwise', 'optimizer', 'vocabulary softmax/loss'):
+    assert result['categories'][name]['ms'] > 0, name
+
+
+@pytest.mark.slow(22)
+def test_bench_prints_the_profile_table(capsys, tmp_path):
+  config = _config()
+  config.bench.update(dict(profile=True, profile_dir=str(tmp_path)))
+  bench.run_bench(config)
+  out = capsys.readouterr().out
+  assert '| category | ms / step | share | GFLOP / step | GFLOP/s |' in out
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result['profile']['trace_dir'] == str(tmp_path) and list(tmp_path.rglob('*.xplane.pb'))
+  assert sum(row['share'] for row in result['profile']['categories'].values()) == pytest.approx(1.0)

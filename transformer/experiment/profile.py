@@ -1,0 +1,215 @@
+"""Where the compiled train step's time goes: `--mode bench --config.bench.profile=True`.
+
+A few steps run under `jax.profiler`; the runtime records one event per executed XLA op (its `hlo_op`
+stat). Each op is put in one category by the HLO instruction it runs: its opcode, whether it holds a
+matmul (`dot`), the size of its result, and the JAX operation it came from (the `op_name` metadata,
+which carries the Flax module path, e.g. `.../layer_3/self_attention/...`). The table gives each
+category's time per step, its share of all op time, and its FLOPs: exact for matmuls, one per result
+element for everything else (an estimate: it only says which rows are bound by memory, not compute).
+
+Op times are summed over the runtime's threads: two ops running at once both count, so shares are of
+the summed op time, which can exceed the step's wall time.
+"""
+
+import collections
+import dataclasses
+import glob
+import math
+import os
+import re
+import tempfile
+
+import jax
+
+from transformer import hlo_audit
+
+# (category, what it holds), in the order of the table.
+CATEGORIES = (
+  ('matmuls', 'projections (q, k, v, out) and the FFN, forward and backward'),
+  ('vocabulary matmuls', 'the logits (embedding.attend or the output layer) and their gradients'),
+  ('attention', 'the kernel: scores, mask, softmax over keys, weighted values'),
+  ('vocabulary softmax/loss', 'log-softmax, cross-entropy and accuracy over [tokens, vocab] arrays'),
+  ('norms & elementwise', 'layer norms, activations, residuals, embeddings, dropout'),
+  ('optimizer', 'clipping, the optimizer update and the step metrics (after the gradient)'),
+  ('copies & transposes', 'pure data movement'),
+  ('collectives', 'all-reduce, all-gather, reduce-scatter, ...'),
+  ('other', 'loop control and ops not found in the HLO'),
+)
+_MOVES = {'copy', 'transpose', 'bitcast', 'reshape', 'broadcast', 'parameter', 'constant', 'slice', 'concatenate'}
+_NO_FLOPS = _MOVES | {'tuple', 'get-tuple-element', 'iota', 'dynamic-slice', 'dynamic-update-slice', 'pad', 'gather'}
+_ATTENTION = re.compile(r'/(self|cross)_attention/(?!(query|key|value|out)/)')
+_VOCAB_MATMUL = re.compile(r'attend|/logits/|/output/')
+
+
+@dataclasses.dataclass
+class Op:
+  name: str
+  category: str
+  flops: int  # per run: matmul FLOPs plus one per result element of other arithmetic
+  dot_flops: int  # per run: matmul FLOPs only
+  op_name: str  # the JAX operation (HLO metadata)
+
+
+def _fused(computations):
+  """{fused computation: [(opcode, result type, line)]} of every computation a fusion may call."""
+  found = {}
+  for name, lines in computations.items():
+    rows = []
+    for line in lines:
+      match = hlo_audit.INSTRUCTION.match(line)
+      if match:
+        rows.append((match.group(3), match.group(2), line))
+    found[name] = rows
+  return found
+
+
+def _elements(type_text: str) -> int:
+  return sum(math.prod(int(d) for d in dims.split(',') if d) for _, dims in hlo_audit.ARRAY.findall(type_text))
+
+
+def _flops(rows, types) -> tuple[int, int]:
+  """(matmul FLOPs of the `dot`s among `rows`, one per result element of the other arithmetic)."""
+  dots = other = 0
+  for opcode, type_text, line in rows:
+    if opcode == 'dot':
+      dots += hlo_audit.one_dot_flops(type_text, line.split(' dot(', 1)[1], types)
+    elif opcode not in _NO_FLOPS and opcode != 'fusion':
+      other += _elements(type_text)
+  return dots, other
+
+
+def classify(hlo_text: str, vocab_elements: int) -> dict:
+  """{instruction name: Op} for every instruction of the compiled module's scheduled computations.
+
+  `vocab_elements`: tokens per step and device times the vocabulary: a result at least that large
+  (and not a matmul) is work over the vocabulary.
+  """
+  computations, _ = hlo_audit.split(hlo_text)
+  fused = _fused(computations)
+  types = {}
+  for rows in fused.values():
+    for _, type_text, line in rows:
+      types[hlo_audit.INSTRUCTION.match(line).group(1)] = type_text
+  ops = {}
+  for rows in fused.values():
+    for opcode, type_text, line in rows:
+      name = hlo_audit.INSTRUCTION.match(line).group(1)
+      op_name = (re.search(r'op_name="([^"]*)"', line) or [None, ''])[1]
+      inner = [(opcode, type_text, line)]
+      callee = re.search(r'calls=%?([\w.\-]+)', line)
+      if opcode == 'fusion' and callee and callee.group(1) in fused:
+        inner = fused[callee.group(1)]
+      opcodes = {row[0] for row in inner}
+      has_dot = bool(opcodes & {'dot', 'convolution'}) or 'matmul' in line.lower()
+      dots, other = _flops(inner, types)
+      category = _category(opcode, opcodes, has_dot, op_name, type_text, vocab_elements)
+      ops[name] = Op(name, category, dots + other, dots, op_name)
+  return ops
+
+
+def _category(opcode, opcodes, has_dot, op_name, type_text, vocab_elements) -> str:
+  if any(opcode.startswith(kind) for kind in hlo_audit.KINDS):
+    return 'collectives'
+  if opcode in ('while', 'conditional', 'call', 'tuple', 'get-tuple-element', 'parameter', 'constant'):
+    return 'other'
+  if opcodes <= _MOVES | {'fusion', 'dynamic-slice', 'dynamic-update-slice', 'pad', 'gather'}:
+    return 'copies & transposes'
+  if has_dot:
+    if _ATTENTION.search(op_name):
+      return 'attention'
+    return 'vocabulary matmuls' if _VOCAB_MATMUL.search(op_name) else 'matmuls'
+  if _ATTENTION.search(op_name):
+    return 'attention'
+  if _elements(type_text) >= vocab_elements:
+    return 'vocabulary softmax/loss'
+  if 'jvp(' not in op_name:
+    return 'optimizer'
+  return 'norms & elementwise'
+
+
+def op_times(trace_dir: str, module: str) -> dict:
+  """{hlo op name: [summed nanoseconds, runs]} of the ops of the XLA modules whose name contains
+  `module` (e.g. 'train_step': `jit_train_step`, `pmap_train_step`) in a trace, over all devices."""
+  paths = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True), key=os.path.getmtime)
+  if not paths:
+    raise FileNotFoundError(f'no profile (*.xplane.pb) was written under {trace_dir}')
+  data = jax.profiler.ProfileData.from_file(paths[-1])
+  times = collections.defaultdict(lambda: [0, 0])
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        if 'hlo_op' in stats and module in str(stats.get('hlo_module', '')):
+          entry = times[stats['hlo_op']]
+          entry[0] += event.duration_ns
+          entry[1] += 1
+  return dict(times)
+
+
+def trace(run_steps, steps: int, trace_dir: str | None = None) -> str:
+  """Runs `run_steps(steps)` under the profiler; returns the directory the trace went to."""
+  trace_dir = trace_dir or tempfile.mkdtemp(prefix='profile-')
+  jax.profiler.start_trace(trace_dir)
+  try:
+    run_steps(steps)
+  finally:
+    jax.profiler.stop_trace()
+  return trace_dir
+
+
+def breakdown(times: dict, ops: dict, steps: int) -> dict:
+  """Per step: {'categories': {category: {'ms', 'share', 'gflop', 'gflops'}}, 'op_ms': all op time,
+  'dot_gflop': all matmul work, 'top': the ten slowest ops as (ms, name, category, source)}. `times`
+  as `op_times` returns it."""
+  rows = {name: {'ms': 0.0, 'gflop': 0.0} for name, _ in CATEGORIES}
+  per_op = []
+  dot_gflop = 0.0
+  for name, (ns, runs) in times.items():
+    op = ops.get(name) or Op(name, 'other', 0, 0, '')
+    dot_gflop += op.dot_flops * runs / steps / 1e9
+    ms = ns / steps / 1e6
+    rows[op.category]['ms'] += ms
+    rows[op.category]['gflop'] += op.flops * runs / steps / 1e9
+    per_op.append((ms, op.name, op.category, '/'.join(op.op_name.split('/')[-3:])))
+  total_ms = sum(row['ms'] for row in rows.values()) or 1.0
+  for row in rows.values():
+    row['share'] = row['ms'] / total_ms
+    row['gflops'] = row['gflop'] / (row['ms'] / 1e3) if row['ms'] else 0.0
+  return {
+    'categories': {k: v for k, v in rows.items() if v['ms'] or v['gflop']},
+    'op_ms': total_ms,
+    'dot_gflop': dot_gflop,
+    'top': sorted(per_op, reverse=True)[:10],
+  }
+
+
+def format_breakdown(result: dict, step_ms: float) -> str:
+  lines = [
+    f'op time per step {result["op_ms"]:.4g} ms (summed over threads) for a {step_ms:.4g} ms step:',
+    '| category | ms / step | share | GFLOP / step | GFLOP/s |',
+    '|---|---|---|---|---|',
+  ]
+  for name, _ in CATEGORIES:
+    row = result['categories'].get(name)
+    if row:
+      lines.append(f'| {name} | {row["ms"]:.0f} | {row["share"]:.1%} | {row["gflop"]:.2f} | {row["gflops"]:.0f} |')
+  lines.append('slowest ops (ms / step, op, category, source):')
+  lines += [f'  {ms:8.3g}  {name}  [{category}]  {source}' for ms, name, category, source in result['top']]
+  lines.append(f'trace: {result["trace_dir"]}')
+  return '\n'.join(lines)
+
+
+def profile_train(bench, steps: int = 2, trace_dir: str = '') -> dict:
+  """`breakdown` of a `bench.TrainBench` (compiled and warmed up) over `steps` traced steps, per device,
+  with 'trace_dir': where the trace went (TensorBoard's profile plugin or xprof open it) and
+  'unmatched': ops of the trace not found in the compiled module's text (0 unless XLA renamed them)."""
+  trace_dir = trace(bench.times, steps, trace_dir or None)
+  times = op_times(trace_dir, 'train_step')
+  hlo = bench.runner.lower_train_step(bench.batch).compile().as_text()
+  devices = jax.local_device_count()
+  tokens = bench.runner.local_batch_size() * bench.seq_len // devices
+  ops = classify(hlo, tokens * bench.model_config.vocab_size)
+  result = breakdown(times, ops, steps * devices)
+  result['trace_dir'] = trace_dir
+  result['unmatched'] = sum(name not in ops for name in times)
+  return result
