@@ -151,7 +151,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
     parser.error('--steps and --repeats must be >= 1 and --warmup >= 0')
-  print(json.dumps(measure(args)), flush=True)
+  try:
+    result = measure(args)
+  except ValueError as error:  # a shape a reference cannot mirror (check_supported): one line, no traceback
+    raise SystemExit(f'{args.impl}: {error}') from None
+  print(json.dumps(result), flush=True)
 
 
 if __name__ == '__main__':

@@ -282,6 +282,7 @@ def _hf_reference():
   return hf_reference
 
 
+@pytest.mark.slow(12)
 def test_gpt2_reference_computes_our_logits_and_greedy_tokens():
   """GPT-2 with our parameters (zero attention biases) computes our function: equal logits, and greedy
   `generate` writes the tokens ours writes. It has 4 d_model parameters per layer more (those biases)."""
@@ -309,6 +310,10 @@ def test_gpt2_reference_refuses_sinusoidal_positions():
   hf_reference = _hf_reference()
   with pytest.raises(ValueError, match="GPT-2 reference needs model.positional='learned', not 'sinusoidal'"):
     hf_reference.build(_resolved_model_config('tiny', activation='gelu'))
+  import worker
+
+  with pytest.raises(SystemExit, match="^hf_generate: the GPT-2 reference needs model.positional='learned'"):
+    worker.main(['--impl', 'hf_generate', '--variant', 'tiny', '--set', 'activation=gelu'])
 
 
 def test_torch_reference_trains():
