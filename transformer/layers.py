@@ -32,8 +32,30 @@ class Embed(nn.Module):
 
   def attend(self, x):
     """Logits `x @ E^T`, in float32 for a stable softmax and loss."""
-    table = jnp.asarray(self.embedding, self.config.compute_dtype)
-    return jnp.einsum('...d,vd->...v', x, table, preferred_element_type=jnp.float32)
+    return logits_matmul(x, jnp.asarray(self.embedding, self.config.compute_dtype))
+
+
+@jax.custom_vjp
+def logits_matmul(x, table):
+  """`x [..., d] @ table [vocab, d]^T` in float32, with the table's gradient computed as
+  `(x^T @ g)^T`: autodiff's `g^T @ x` makes XLA copy the transposed `[tokens, vocab]` gradient
+  first (on CPU the largest copy of a language model's step); the small `[d, vocab]` result
+  transposes for free into the matmul."""
+  return jnp.einsum('...d,vd->...v', x, table, preferred_element_type=jnp.float32)
+
+
+def _logits_matmul_fwd(x, table):
+  return logits_matmul(x, table), (x, table)
+
+
+def _logits_matmul_bwd(residuals, g):
+  x, table = residuals
+  d_x = jnp.einsum('...v,vd->...d', g, table, preferred_element_type=jnp.float32)
+  d_table = jnp.einsum('...d,...v->dv', x, g, preferred_element_type=jnp.float32)
+  return d_x.astype(x.dtype), d_table.T.astype(table.dtype)
+
+
+logits_matmul.defvjp(_logits_matmul_fwd, _logits_matmul_bwd)
 
 
 def sinusoidal(positions, d_model: int, dtype=jnp.float32):
