@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import layers
+from transformer import cached_attention, layers
 from transformer.config import ConfigError, ModelConfig
 
 # A finite "minus infinity": a row with every key masked (a padding query) softmaxes to a uniform
@@ -84,12 +84,15 @@ def dot_product_attention(
 
   Args:
     query: `[B, T, N, Dk]`; key: `[B, S, K, Dk]`; value: `[B, S, K, Dv]`.
-    mask: bool `[B, 1, T, S]`; bias: float `[B or 1, N, T, S]` or None (ALiBi).
+    mask: bool `[B, 1, T, S]`, or a mask object with an `attend` method of this signature (which then
+      does the work: `causal_blocks.CausalBlocks`); bias: float `[B or 1, N, T, S]` or None (ALiBi).
     impl: `reference` (einsum, softmax in float32) or `xla` / `cudnn` (jax.nn.dot_product_attention).
     dropout_rate, dropout_rng: attention dropout on the weights (reference only).
   Returns:
     `[B, T, N, Dv]` in the dtype of `value`.
   """
+  if hasattr(mask, 'attend'):  # a mask that attends by blocks itself (causal_blocks.CausalBlocks)
+    return mask.attend(query, key, value, bias, impl=impl, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   scale = query.shape[-1] ** -0.5
   if impl == 'reference':
     return _reference_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng)
@@ -206,8 +209,9 @@ class MultiHeadAttention(nn.Module):
   """Self- or cross-attention with per-head sizes d_k / d_v, grouped KV heads and a KV cache.
 
   In decode mode self-attention writes the keys and values of the new tokens into the `cache`
-  collection at `cache_index` and attends to the whole cache; `mask` and `bias` must then cover the
-  cache's length (the decoder builds them). Cross-attention (`cross=True`) in decode mode stores the
+  collection at `cache_index` and attends to the cache: to its written slots only under a
+  `cached_attention.CacheMask`, else to all of it, `mask` and `bias` then covering the cache's length
+  (the decoder builds them). Cross-attention (`cross=True`) in decode mode stores the
   projected encoder keys/values whenever `inputs_kv` is given (the first decoding call) and reuses
   them when it is None, so later steps skip the two projections of the whole source.
   """
@@ -254,24 +258,29 @@ class MultiHeadAttention(nn.Module):
       self.variable('cache', 'cached_value', lambda: value).value = value
     elif self.decode and not self.cross:
       key, value = self._update_cache(key, value, cache_index)
+      if not isinstance(mask, cached_attention.CacheMask):  # the dense kernels' layout
+        key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
 
     dropout = cfg.attention_dropout_rate > 0.0 and not self.deterministic
     if dropout and dropout_rng is None:
       dropout_rng = self.make_rng('dropout')
     impl = resolve_impl(cfg, dropout=dropout)
-    attend = (
-      functools.partial(local_attention, mask=mask)
-      if isinstance(mask, LocalMask)
-      else functools.partial(dot_product_attention, mask=mask, bias=bias)
-    )
-    out = attend(
-      query,
-      key,
-      value,
-      impl=impl,
-      dropout_rate=cfg.attention_dropout_rate if dropout else 0.0,
-      dropout_rng=dropout_rng if dropout else None,
-    )
+    if isinstance(mask, cached_attention.CacheMask):  # a decoding step: only the written slots
+      out = cached_attention.cached_attention(query, key, value, mask)
+    else:
+      attend = (
+        functools.partial(local_attention, mask=mask)
+        if isinstance(mask, LocalMask)
+        else functools.partial(dot_product_attention, mask=mask, bias=bias)
+      )
+      out = attend(
+        query,
+        key,
+        value,
+        impl=impl,
+        dropout_rate=cfg.attention_dropout_rate if dropout else 0.0,
+        dropout_rng=dropout_rng if dropout else None,
+      )
     return nn.DenseGeneral(
       cfg.d_model,
       axis=(-2, -1),
@@ -291,13 +300,18 @@ class MultiHeadAttention(nn.Module):
     return self.get_variable('cache', 'cached_key'), self.get_variable('cache', 'cached_value')
 
   def _update_cache(self, key, value, cache_index):
-    """Writes the new keys/values at `cache_index`; returns the full cache. On init it only allocates."""
+    """Writes the new keys/values at `cache_index`; returns the full cache. On init it only allocates.
+
+    The cache is heads-major, `[B, K, S, D]`: a decoding step's matmuls read each head's slots as they
+    lie, where `[B, S, K, D]` made XLA transpose the cache (or the block of it read) at every step.
+    """
+    key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
     initialized = self.has_variable('cache', 'cached_key')
     cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
     cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
     if not initialized:
       return key, value
-    start = (0, cache_index, 0, 0)
+    start = (0, 0, cache_index, 0)
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), start)
     return cached_key.value, cached_value.value

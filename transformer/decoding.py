@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer import models
+from transformer import cached_attention, models
 from transformer.config import ConfigError
 from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
@@ -337,9 +337,11 @@ def _sample(rng, logits, temperature, top_k, top_p):
   return jnp.where(temperature > 0, drawn, greedy)
 
 
-def _batch_axes(model, cache):
-  """Each cache leaf's batch axis (None for the scalar index), found by comparing two batch sizes."""
-  shapes = [jax.eval_shape(lambda b=b: models.init_cache(model, b, 2, 2)) for b in (2, 3)]
+def _cache_axes(model, cache, which):
+  """Each cache leaf's axis that grows with `models.init_cache`'s argument `which` (0: the batch, 1: the
+  decoder's slots), None where none does; found by comparing two sizes."""
+  sizes = [tuple(3 if k == which and grown else 2 for k in range(3)) for grown in (False, True)]
+  shapes = [jax.eval_shape(lambda s=s: models.init_cache(model, *s)) for s in sizes]
   axes = jax.tree.map(lambda a, b: next((k for k, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), None), *shapes)
   return jax.tree.structure(cache).flatten_up_to(axes)
 
@@ -349,14 +351,44 @@ def _gather_batch(cache, axes, index):
   return tree.unflatten([x if ax is None else jnp.take(x, index, axis=ax) for x, ax in zip(leaves, axes)])
 
 
+def _reorder_beams(cache, batch_axes, slot_axes, index, filled):
+  """`cache` with row `index[r]` copied to row r, for beams that only ever take a parent in their own row.
+
+  Only leaves with decoder slots change, over their first `filled` slots (blocks of them, each gathered
+  and written back in place): slots after those are never read. The other leaves hold what every beam of
+  a row shares (the source's cross-attention keys and values, its segment ids): gathering them within a
+  row would copy them for nothing at every step.
+  """
+  if cached_attention.DENSE_REFERENCE:
+    return _gather_batch(cache, batch_axes, index)
+  leaves, tree = jax.tree.flatten(cache)
+  moved = [i for i, ax in enumerate(slot_axes) if ax is not None]
+  length = leaves[moved[0]].shape[slot_axes[moved[0]]]
+  block = min(cached_attention.BLOCK, length)
+
+  def turn(j, parts):
+    start = jnp.minimum(j * block, length - block)  # the last block ends at the cache's end
+    out = []
+    for x, i in zip(parts, moved):
+      part = jnp.take(jax.lax.dynamic_slice_in_dim(x, start, block, slot_axes[i]), index, axis=batch_axes[i])
+      out.append(jax.lax.dynamic_update_slice_in_dim(x, part, start, slot_axes[i]))
+    return out
+
+  parts = jax.lax.fori_loop(0, (filled + block - 1) // block, turn, [leaves[i] for i in moved])
+  for i, x in zip(moved, parts):
+    leaves[i] = x
+  return tree.unflatten(leaves)
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_len'))
 def _beam_search(model, params, inputs, prompts, lengths, alpha, *, beam_size, max_len):
   batch, beams = lengths.shape[0], beam_size
   cache, logits, step = _prefill(model, params, inputs, prompts, batch, max_len)
   vocab = logits.shape[-1]
-  axes = _batch_axes(model, cache)
+  axes, slot_axes = _cache_axes(model, cache, 0), _cache_axes(model, cache, 1)
   # Every beam starts as a copy of its row's prefill; only beam 0 is alive so the copies never compete.
   cache = _gather_batch(cache, axes, jnp.repeat(jnp.arange(batch), beams))
+  prefilled = 1 + (0 if prompts is None else prompts.shape[1])  # BOS and the prompt
   logits = jnp.repeat(logits, beams, axis=0)
   rows = jnp.arange(batch)[:, None]
   best_possible_penalty = length_penalty(lengths, alpha)
@@ -384,7 +416,8 @@ def _beam_search(model, params, inputs, prompts, lengths, alpha, *, beam_size, m
     # alive one can at most reach its current log-prob over the penalty of the row's length limit.
     bound = alive_logp[:, 0] / best_possible_penalty
     done = done | at_limit[:, 0] | (bound <= scores[:, -1])
-    cache = _gather_batch(cache, axes, (rows * beams + parent[rows, keep]).reshape(-1))
+    parents = (rows * beams + parent[rows, keep]).reshape(-1)
+    cache = _reorder_beams(cache, axes, slot_axes, parents, prefilled + i)  # i tokens fed after the prefill
     return i + 1, cache, alive, alive_logp, finished, scores, done
 
   def body(state):

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import layers
+from transformer import cached_attention, causal_blocks, layers
 from transformer.attention import LocalMask, MultiHeadAttention, make_attention_mask
 from transformer.config import ConfigError, ModelConfig
 from transformer.tokens import BOS_ID, PAD_ID
@@ -183,6 +183,8 @@ def _self_attention_ctx(cfg, q_positions, kv_positions, q_segments, kv_segments,
     and (cfg.positional != 'alibi')
   ):
     self_mask = LocalMask(q_positions, kv_positions, q_segments, kv_segments, window=window, causal=causal)
+  elif causal and not window and cache_index is None and causal_blocks.applies(length, kv_positions.shape[1]):
+    self_mask = causal_blocks.CausalBlocks(q_positions, q_segments)
   else:
     self_mask = make_attention_mask(q_positions, kv_positions, q_segments, kv_segments, causal=causal, window=window)
   return dict(
@@ -254,6 +256,14 @@ class Decoder(nn.Module):
     ctx = _self_attention_ctx(
       cfg, positions, kv_positions, segment_ids, kv_segments, causal=True, cache_index=cache_index
     )
+    dropout = cfg.attention_dropout_rate > 0 and not deterministic
+    if cache_index is not None and not dropout and not cached_attention.DENSE_REFERENCE:
+      # Attend to the written slots only: the dense mask and bias above go unused (XLA drops them).
+      filled = cache_index + tokens.shape[1]
+      mask = cached_attention.CacheMask(
+        positions, kv_positions, segment_ids, kv_segments, filled, cfg.attention_window, cfg.positional == 'alibi'
+      )
+      ctx.update(self_mask=mask, self_bias=None)
     if self.cross:
       if decode:
         encoder_segment_ids = self._cached_encoder_segments(encoded, encoder_segment_ids)
