@@ -1,5 +1,6 @@
 """Decoding: the cached loops against the uncached oracle, beam search invariants and scores, sampling."""
 
+import contextlib
 import dataclasses
 import functools
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny
 
-from transformer import decoding, models
+from transformer import cached_attention, decoding, models
 from transformer.config import ConfigError
 from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
@@ -311,3 +312,77 @@ def test_beam_search_stops_early_with_the_same_result():
   expected_tokens, expected_scores = _reference_beam_search(model, params, data, 4, ALPHA, BEAM_MAX_LEN, limits)
   np.testing.assert_array_equal(tokens, expected_tokens)
   np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-4)
+
+
+@contextlib.contextmanager
+def _decoding(dense: bool, block: int):
+  """Decoding with blocked step attention (`block` slots per block) or, `dense`, as before it: every step
+  attending over the whole cache and beams reordering all of it. The loops are traced anew (the functions
+  under the module's jit), so these settings hold whatever was compiled before."""
+  static = {
+    '_generate': ('model', 'max_len', 'sample', 'top_k', 'top_p'),
+    '_beam_search': ('model', 'beam_size', 'max_len'),
+  }
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(cached_attention, 'DENSE_REFERENCE', dense)
+    patch.setattr(cached_attention, 'BLOCK', block)
+    for name, names in static.items():
+      patch.setattr(decoding, name, jax.jit(getattr(decoding, name).__wrapped__, static_argnames=names))
+    yield
+
+
+# Each: grouped or multi-query heads with ALiBi and a window, RoPE and scanned layers, cross-attention;
+# sampling once (its steps are greedy's, only the pick differs).
+BLOCKED_CASES = {
+  'gqa-alibi-window': ('decoder_only', dict(num_kv_heads=2, positional='alibi', attention_window=3), True),
+  'mqa-rope-scanned': (
+    'decoder_only',
+    dict(num_kv_heads=1, positional='rope', scan_layers=True, num_decoder_layers=2),
+    False,
+  ),
+  'encoder_decoder-gqa-rope': ('encoder_decoder', dict(num_kv_heads=2, positional='rope'), False),
+}
+
+
+@pytest.mark.parametrize('kind, case, sample', BLOCKED_CASES.values(), ids=BLOCKED_CASES.keys())
+def test_blocked_step_attention_decodes_as_the_dense_one(kind, case, sample):
+  """Greedy, sampled and beam outputs and every step's logits equal those of dense attention over the whole
+  cache, with prompts (sources) of different lengths and a cache of 16 (10) slots in blocks of 3 (the last
+  one moved back to end at the cache's end)."""
+  data = _setup(kind)[2]
+  model = models.build_model(tiny(**{'kind': kind, 'num_encoder_layers': 1, 'num_decoder_layers': 1, **case}))
+  params = models.init_params(model, jax.random.key(0))
+  run = lambda fn, **kw: jax.tree.map(np.asarray, fn(model, params, max_len=MAX_LEN, **data, **kw))
+  calls = dict(
+    greedy=lambda: run(decoding.generate),
+    sample=lambda: run(decoding.generate, method='sample', rng=jax.random.key(7), temperature=1.5) if sample else 0,
+    beam=lambda: run(decoding.beam_search, beam_size=3, lengths=BEAM_LIMITS + 2),
+    logits=lambda: _step_logits(model, params, data),
+  )
+  outputs = {}
+  for dense in (False, True):
+    with _decoding(dense, block=3):
+      outputs[dense] = {name: call() for name, call in calls.items()}
+  new, old = outputs[False], outputs[True]
+  for name in ('greedy', 'sample'):
+    np.testing.assert_array_equal(new[name], old[name])
+  np.testing.assert_array_equal(new['beam'][0], old['beam'][0])
+  np.testing.assert_allclose(new['beam'][1], old['beam'][1], rtol=1e-5)
+  # Near-zero logits: their error is float32's at the scale of the row (up to about 25), not at theirs.
+  np.testing.assert_allclose(new['logits'], old['logits'], rtol=1e-5, atol=1e-6 * np.abs(old['logits']).max())
+  assert (_eos_steps(new['greedy']) == -1).any()  # rows that run to the end, through every block
+  assert not sample or (new['sample'] != new['greedy']).any()
+
+
+def _step_logits(model, params, data):
+  """The prefill's logits and those of MAX_LEN - 1 steps fed fixed tokens, `[steps, B, V]`."""
+
+  @jax.jit
+  def run(params, inputs, prompts, tokens):
+    cache, logits, step = decoding._prefill(model, params, inputs, prompts, len(ROW_LENGTHS), MAX_LEN)
+    turn = lambda cache, fed_i: step(cache, *fed_i)[::-1]
+    _, later = jax.lax.scan(turn, cache, (tokens, jnp.arange(MAX_LEN - 1)))
+    return jnp.concatenate([logits[None], later])
+
+  tokens = jax.random.randint(jax.random.key(5), (MAX_LEN - 1, len(ROW_LENGTHS)), 3, 37)
+  return np.asarray(run(params, data.get('inputs'), data.get('prompts'), tokens))

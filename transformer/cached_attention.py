@@ -48,20 +48,20 @@ class CacheMask:
   alibi: bool = flax.struct.field(pytree_node=False, default=False)
 
 
-def cached_attention(query, key, value, mask: CacheMask, *, block: int = BLOCK):
+def cached_attention(query, key, value, mask: CacheMask, *, block: int | None = None):
   """softmax(q k^T / sqrt(d_k) + bias, masked) v over the cache's first `mask.filled` slots.
 
   Args:
     query: `[B, T, N, Dk]`; key: `[B, K, S, Dk]`; value: `[B, K, S, Dv]` (the whole cache, heads-major).
     mask: the step's `CacheMask`.
-    block: slots per loop turn (capped at S).
+    block: slots per loop turn (default `BLOCK`; capped at S).
   Returns:
     `[B, T, N, Dv]` in the dtype of `value`; logits, softmax statistics and sums in float32.
   """
   batch, q_len, heads, d_k = query.shape
   kv_heads, length, d_v = key.shape[1], key.shape[2], value.shape[-1]
   groups = heads // kv_heads
-  block = min(block, length)
+  block = min(block or BLOCK, length)
   scale = d_k**-0.5
   grouped = query.reshape(batch, q_len, kv_heads, groups, d_k).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dk]
   slopes = layers.alibi_slopes(heads).reshape(1, kv_heads, groups, 1, 1) if mask.alibi else None
