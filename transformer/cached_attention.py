@@ -6,6 +6,10 @@ to the whole `max_len` cache would cost O(max_len) per step however little is wr
 visited in blocks of `block` slots with an online softmax (a running maximum and sum per query, the
 partial results rescaled as each block comes in), in a loop of ceil(filled / block) turns: O(filled).
 
+On CPU each block is copied out of the cache before its two matmuls (XLA's dot needs it contiguous), so
+against the dense kernel over a heads-major cache this wins where the cache is much longer than what is
+written, and is about even where half of it is (README, Performance).
+
 Masks and ALiBi biases are made block by block from the positions and segment ids the cache recorded,
 never as `[T, max_len]` arrays. Shapes as in attention.py: B batch, T queries, S cache slots, N query
 heads, K key/value heads (N = K * G), D per-head size.
@@ -17,8 +21,8 @@ import jax.numpy as jnp
 
 from transformer import layers
 
-# Slots per block. 128 measured best on the benchmark LM (cache of 288 slots), against 64 and 256:
-# README, Performance.
+# Slots per block. On the benchmark LM's 288-slot cache, 64, 128 and 256 measured within noise of each other
+# (batch 8, one loaded machine); 128 keeps the turns few (at most 3 there) and the masked tail short.
 BLOCK = 128
 
 # Test-only switch: True makes decoding attend over the whole cache with the dense kernel and reorder
