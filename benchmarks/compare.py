@@ -280,8 +280,11 @@ def main(argv=None):
   for name in SECTIONS:
     if name in only:
       section_start = time.perf_counter()
-      rows += SECTION_FUNCTIONS[name](args, state)
-      print(f'[{name}: {time.perf_counter() - section_start:.0f} s]', file=sys.stderr, flush=True)
+      section_rows = SECTION_FUNCTIONS[name](args, state)
+      rows += section_rows
+      # Each section's rows as soon as they exist: a long run stopped early keeps what it measured.
+      print(f'[{name}: {time.perf_counter() - section_start:.0f} s]', file=sys.stderr)
+      print(markdown(section_rows), file=sys.stderr, flush=True)
   print(machine_line(gemm_rates(args, state), GEMM_SIZE, GEMM_REPEATS))
   print()
   print(
