@@ -3,7 +3,7 @@
 table of median step time, the matmul rate the same process measured, and the ratio to the baseline.
 
     python benchmarks/xla_flags.py --rounds 2 --config experiments/bench.py:lm
-    python benchmarks/xla_flags.py --flags '--xla_cpu_use_onednn=true' '--xla_cpu_use_xnnpack=true'
+    python benchmarks/xla_flags.py --flag=--xla_cpu_use_onednn=true --flag='--xla_cpu_experimental_ynn_fusion_type='
 """
 
 import argparse
@@ -19,6 +19,7 @@ CANDIDATES = (
   '--xla_cpu_use_xnnpack=true',
   '--xla_cpu_enable_fast_math=true',
   '--xla_cpu_enable_custom_matmul_tiling=true',
+  '--xla_cpu_experimental_ynn_fusion_type=',  # matmuls by Eigen instead of YNNPACK
 )
 
 
@@ -43,11 +44,12 @@ def bench_once(config: str, flags: str, steps: int) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='experiments/bench.py:lm')
-  parser.add_argument('--flags', nargs='*', default=list(CANDIDATES))
+  # One set per --flag=...: with `=` argparse takes a value that itself starts with '--'.
+  parser.add_argument('--flag', action='append', dest='flags', help='an XLA_FLAGS set to compare (repeat)')
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--steps', type=int, default=4)
   args = parser.parse_args(argv)
-  sets = [''] + args.flags
+  sets = [''] + (args.flags or list(CANDIDATES))
   runs = {flags: [] for flags in sets}
   for _ in range(args.rounds):
     for flags in sets:
