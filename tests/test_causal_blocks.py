@@ -35,7 +35,7 @@ def _both(query, key, value, positions, segments, bias, cotangent):
   return results
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
   length=st.sampled_from([8, 13]),
   pieces=st.integers(1, 3),
