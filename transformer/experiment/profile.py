@@ -50,16 +50,12 @@ class Op:
   op_name: str  # the JAX operation (HLO metadata)
 
 
-def _fused(computations):
-  """{fused computation: [(opcode, result type, line)]} of every computation a fusion may call."""
+def _parsed(computations):
+  """{computation: [(name, opcode, result type, line)]}: each instruction's line read once."""
   found = {}
-  for name, lines in computations.items():
-    rows = []
-    for line in lines:
-      match = hlo_audit.INSTRUCTION.match(line)
-      if match:
-        rows.append((match.group(3), match.group(2), line))
-    found[name] = rows
+  for computation, lines in computations.items():
+    matches = [(hlo_audit.INSTRUCTION.match(line), line) for line in lines]
+    found[computation] = [(m.group(1), m.group(3), m.group(2), line) for m, line in matches if m]
   return found
 
 
@@ -70,7 +66,7 @@ def _elements(type_text: str) -> int:
 def _flops(rows, types) -> tuple[int, int]:
   """(matmul FLOPs of the `dot`s among `rows`, one per result element of the other arithmetic)."""
   dots = other = 0
-  for opcode, type_text, line in rows:
+  for _, opcode, type_text, line in rows:
     if opcode == 'dot':
       dots += hlo_audit.one_dot_flops(type_text, line.split(' dot(', 1)[1], types)
     elif opcode not in _NO_FLOPS and opcode != 'fusion':
@@ -85,21 +81,18 @@ def classify(hlo_text: str, vocab_elements: int) -> dict:
   (and not a matmul) is work over the vocabulary.
   """
   computations, _ = hlo_audit.split(hlo_text)
-  fused = _fused(computations)
-  types = {}
-  for rows in fused.values():
-    for _, type_text, line in rows:
-      types[hlo_audit.INSTRUCTION.match(line).group(1)] = type_text
+  parsed = _parsed(computations)
+  types = {name: type_text for rows in parsed.values() for name, _, type_text, _ in rows}
   ops = {}
-  for rows in fused.values():
-    for opcode, type_text, line in rows:
-      name = hlo_audit.INSTRUCTION.match(line).group(1)
+  for rows in parsed.values():
+    for row in rows:
+      name, opcode, type_text, line = row
       op_name = (re.search(r'op_name="([^"]*)"', line) or [None, ''])[1]
-      inner = [(opcode, type_text, line)]
+      inner = [row]
       callee = re.search(r'calls=%?([\w.\-]+)', line)
-      if opcode == 'fusion' and callee and callee.group(1) in fused:
-        inner = fused[callee.group(1)]
-      opcodes = {row[0] for row in inner}
+      if opcode == 'fusion' and callee and callee.group(1) in parsed:
+        inner = parsed[callee.group(1)]
+      opcodes = {r[1] for r in inner}
       has_dot = bool(opcodes & {'dot', 'convolution'}) or 'matmul' in line.lower()
       dots, other = _flops(inner, types)
       category = _category(opcode, opcodes, has_dot, op_name, type_text, vocab_elements)
