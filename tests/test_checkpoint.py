@@ -24,7 +24,7 @@ from conftest import tiny
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from transformer import models, optim, train
+from transformer import checkpoint, models, optim, train
 from transformer.checkpoint import CheckpointError, Checkpoints, PreemptionGuard
 from transformer.config import default_train_config
 
@@ -258,6 +258,40 @@ def test_damaged_latest_step_is_set_aside_and_the_previous_one_restored(state, t
   assert_bitwise_equal(restored, later)
   assert data_state == {'next_index': 2}
   assert sorted(os.listdir(tmp_path / 'damaged' / '2')) == sorted(os.listdir(tmp_path / '2'))  # kept as it was
+
+
+class _Pause:
+  def __await__(self):
+    yield
+
+
+def _abandoned_read(filename):
+  """A suspended coroutine whose code lives in `filename` and, closed, raises as orbax's array read does
+  (`except BaseException: raise Exception(...)`), so its garbage collection is an unraisable exception."""
+  source = (
+    'async def read(pause):\n  try:\n    await pause\n'
+    '  except BaseException as e:\n    raise Exception("read") from e\n'
+  )
+  namespace = {}
+  exec(compile(source, filename, 'exec'), namespace)
+  coroutine = namespace['read'](_Pause())
+  coroutine.send(None)
+  return coroutine
+
+
+def test_abandoned_orbax_reads_print_no_traceback(monkeypatch):
+  """Orbax's pending reads of a damaged checkpoint, closed by the garbage collector, reach the unraisable
+  hook; Checkpoints drops those (restore reports the damage once) and passes every other one on."""
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: seen.append(unraisable.object.cr_code.co_filename))
+  checkpoint._quiet_orbax_tracebacks()
+  checkpoint._quiet_orbax_tracebacks()  # installed once however many Checkpoints a process opens
+  orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'serialization.py')
+  other_file = os.path.join(os.sep, 'site-packages', 'other', 'serialization.py')
+  for filename in (orbax_file, other_file):
+    coroutine = _abandoned_read(filename)
+    del coroutine  # the last reference: Python closes it now, and the close raises
+  assert seen == [other_file]
 
 
 def test_no_complete_step_left_is_a_clear_error_not_a_fresh_start(state, tmp_path):
