@@ -16,6 +16,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A configured peak FLOP/s for MFU: otherwise each CPU run times a 2048^2 matmul (about 2 s) to measure one.
+# Tests compare no MFU; tests/test_metrics.py covers the measured basis.
+FIXED_PEAK = '--config.train.peak_flops=1e12'
 
 
 def free_port() -> int:
@@ -41,6 +44,7 @@ def start(
     str(workdir),
     '--mode',
     mode,
+    *((FIXED_PEAK,) if mode in ('train', 'sweep') else ()),
     *overrides,
   ]
   port = free_port() if processes > 1 else None

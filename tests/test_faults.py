@@ -44,6 +44,7 @@ SETTINGS = {
   'train.checkpoint_every': 3,
   'train.warmup_steps': 5,
   'train.num_samples': 0,
+  'train.peak_flops': 1e12,  # no matmul timed for MFU
 }
 
 

@@ -23,7 +23,18 @@ def small_config(num_steps, **train):
   config.model.dropout_rate = 0.1  # resume must reproduce the dropout masks too
   config.data.num_eval, config.data.max_len, config.data.seq_len = 16, 8, 12
   config.train.update(
-    {**dict(num_steps=num_steps, batch_size=8, log_every=1, eval_every=10, checkpoint_every=5, warmup_steps=5), **train}
+    {
+      **dict(
+        num_steps=num_steps,
+        batch_size=8,
+        log_every=1,
+        eval_every=10,
+        checkpoint_every=5,
+        warmup_steps=5,
+        peak_flops=1e12,
+      ),
+      **train,
+    }
   )
   return config
 

@@ -33,6 +33,7 @@ TINY = (
   '--config.train.warmup_steps=1',
   '--config.train.log_every=1',
   '--config.train.num_samples=0',
+  launching.FIXED_PEAK,
 )
 RUN = (
   *TINY,
@@ -225,6 +226,7 @@ def test_sweep_on_slurm_submits_each_run_once_waits_and_aggregates_like_a_local_
     'train.log_every': 1,
     'train.eval_every': 2,
     'train.checkpoint_every': 4,
+    'train.peak_flops': 1e12,  # no matmul timed for MFU
   }
   path = tmp_path / 'sweep_file.py'
   path.write_text(SWEEP_FILE.format(base=os.path.join(ROOT, CONFIG), overrides=overrides))

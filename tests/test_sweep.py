@@ -318,7 +318,7 @@ def get_config(arg=None):
       seeds=(0, 1), parallel=2,
       overrides=dict(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
                      eval_every=10, log_every=5, checkpoint_every=10, batch_size=8, num_eval=16,
-                     seq_len=12, num_samples=0, **{'data.max_len': 8}))
+                     seq_len=12, num_samples=0, peak_flops=1e12, **{'data.max_len': 8}))
 """
 
 
@@ -526,7 +526,7 @@ def get_config(arg=None):
       parallel=2, stall_timeout=STALL_TIMEOUT,
       overrides=dict(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
                      eval_every=10, log_every=5, checkpoint_every=10, batch_size=8, num_eval=16,
-                     seq_len=12, num_samples=0, num_steps=20, **{'data.max_len': 8}))
+                     seq_len=12, num_samples=0, peak_flops=1e12, num_steps=20, **{'data.max_len': 8}))
 """
 # Longer than a healthy tiny run's longest silence (its start: imports and the first compile) on a loaded CI
 # machine; the frozen run costs this much idle time.
