@@ -7,8 +7,9 @@ Every comparison with another library runs each implementation in its own proces
 defaults (no thread or flag settings added on either side), in rounds: ours, torch eager, torch.compile,
 ours, ... Each process warms up before it times; compile time is reported apart. Medians of the per-round
 medians are compared. The ours-vs-ours sections (compile, memory, decode, beam, long, input) run in this
-process (`inprocess.py`), after the others. PyTorch and transformers are optional
-(`pip install -e '.[bench]'`); without them their rows say so.
+process (`inprocess.py`), after the others. `matmuls` shows both libraries' float32 matmul rates at the
+model's own shapes (`matmul_shapes.py`): what the step's and the decoding loop's matmuls can reach. PyTorch
+and transformers are optional (`pip install -e '.[bench]'`); without them their rows say so.
 
     python benchmarks/compare.py                           # everything
     python benchmarks/compare.py --only train,mfu --rounds 5
@@ -33,7 +34,7 @@ WORKER = [sys.executable, os.path.join(HERE, 'worker.py')]
 MISSING = 'torch not installed'
 MISSING_HF = 'transformers not installed'
 NO_LM1B = 'not run: no Flax examples/lm1b model is installed here (the Flax examples are no package)'
-SUBPROCESS_SECTIONS = ('train', 'mfu', 'generate')
+SUBPROCESS_SECTIONS = ('train', 'mfu', 'generate', 'matmuls')
 SECTIONS = SUBPROCESS_SECTIONS + ('compile', 'memory', 'decode', 'beam', 'long', 'input')
 # The issue's train and decode shape: the `lm` variant with GPT-2's choices (GELU, learned positions).
 GPT2_LIKE = ('activation=gelu', 'positional=learned')
@@ -238,6 +239,35 @@ def generate_section(args, state):
   return rows
 
 
+def matmuls_section(args, state):
+  """XLA's and PyTorch's f32 matmul rates at the step's and the decoding loop's shapes (`matmul_shapes.py`),
+  each library in its own processes, alternated; per shape the best round."""
+  setting = ['--variant', args.variant, *(f'--set={item}' for item in GPT2_LIKE), '--repeats', str(GEMM_REPEATS)]
+  jobs = {'XLA': ('shapes_xla', setting)}
+  if HAVE['torch']:
+    jobs['PyTorch'] = ('shapes_torch', setting)
+  measured = alternate(jobs, args.rounds)
+  best = {}
+  for name, results in measured.items():
+    errors = [r['error'] for r in results if 'error' in r]
+    best[name] = errors[0] if errors else [max(rates) for rates in zip(*(r['rates'] for r in results))]
+  if isinstance(best['XLA'], str):
+    return [row("f32 matmul rates at the model's shapes", best['XLA'])]
+  torch_rates = best.get('PyTorch', MISSING)
+  rows = []
+  for index, (name, m, k, n, layout) in enumerate(measured['XLA'][0]['shapes']):
+    figure = f'f32 matmul rate, {name}: [{m} x {k}] x [{k} x {n}] ({layout}), XLA vs PyTorch'
+    xla = best['XLA'][index]
+    if isinstance(torch_rates, str):
+      rows.append(row(figure, f'{xla / 1e9:.0f} GFLOP/s', torch_rates, '', 'report'))
+      continue
+    torch_rate = torch_rates[index]
+    rows.append(
+      row(figure, f'{xla / 1e9:.0f} GFLOP/s', f'{torch_rate / 1e9:.0f} GFLOP/s', f'{xla / torch_rate:.2f}x', 'report')
+    )
+  return rows
+
+
 def in_process(name):
   def section(args, state):
     import inprocess  # imports JAX into this process: only after the subprocess sections
@@ -251,6 +281,7 @@ SECTION_FUNCTIONS = {
   'train': train_section,
   'mfu': mfu_section,
   'generate': generate_section,
+  'matmuls': matmuls_section,
   **{name: in_process(name) for name in SECTIONS if name not in SUBPROCESS_SECTIONS},
 }
 

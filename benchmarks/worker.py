@@ -7,9 +7,10 @@ implementation and round, so no implementation shares a process, threads or cach
 
 Train (`ours`, `torch`, `torch_compile`): the first step compiles, `--warmup` more steps run untimed, then
 `--steps` are timed one by one. Decode (`ours_decode`, `hf_generate`): one untimed call, then `--repeats`
-timed calls. GEMM (`gemm_xla`, `gemm_torch`): the best of `--repeats` float32 `size x size` matmuls.
+timed calls. GEMM (`gemm_xla`, `gemm_torch`): the best of `--repeats` float32 `size x size` matmuls; at the
+model's shapes (`shapes_xla`, `shapes_torch`, `matmul_shapes.py`): the best of `--repeats` for each shape.
 The JSON: `impl`, `seconds` (each timed step or call), `median_s`, `compile_s` (first call minus the median),
-and per kind `tokens` (per step or call), `params`, `flops_per_token`, or `flops_per_s`.
+and per kind `tokens` (per step or call), `params`, `flops_per_token`, `flops_per_s`, or `shapes` and their `rates`.
 Each side runs at its defaults: XLA's flags and PyTorch's threads as the environment leaves them.
 """
 
@@ -23,7 +24,17 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # experiments/ and the references beside this file
 
-IMPLS = ('ours', 'torch', 'torch_compile', 'ours_decode', 'hf_generate', 'gemm_xla', 'gemm_torch')
+IMPLS = (
+  'ours',
+  'torch',
+  'torch_compile',
+  'ours_decode',
+  'hf_generate',
+  'gemm_xla',
+  'gemm_torch',
+  'shapes_xla',
+  'shapes_torch',
+)
 
 
 def parse_value(text: str):
@@ -121,6 +132,16 @@ def gemm(args, library: str) -> dict:
   return {'flops_per_s': rate, 'size': args.size}
 
 
+def matmul_shapes(args, library: str) -> dict:
+  import matmul_shapes
+
+  config, resolved = experiment_config(args.variant, args.set)
+  tokens = int(resolved.train_config.batch_size) * int(config.data.seq_len)
+  rate = matmul_shapes.xla_rate if library == 'xla' else matmul_shapes.torch_rate
+  found = matmul_shapes.shapes(resolved.model_config, tokens)
+  return {'shapes': found, 'rates': [rate(m, k, n, layout, args.repeats) for _, m, k, n, layout in found]}
+
+
 def measure(args) -> dict:
   runs = {
     'ours': lambda: train_ours(args),
@@ -130,6 +151,8 @@ def measure(args) -> dict:
     'hf_generate': lambda: decode_hf(args),
     'gemm_xla': lambda: gemm(args, 'xla'),
     'gemm_torch': lambda: gemm(args, 'torch'),
+    'shapes_xla': lambda: matmul_shapes(args, 'xla'),
+    'shapes_torch': lambda: matmul_shapes(args, 'torch'),
   }
   start = time.perf_counter()
   result = runs[args.impl]()
