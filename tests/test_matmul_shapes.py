@@ -58,3 +58,37 @@ def test_each_layout_is_the_product_of_its_stored_operands_in_pytorch(layout):
   a, b, stored = operands(layout)
   result = matmul_shapes.torch_matmul(*(torch.from_numpy(x) for x in stored), layout)
   np.testing.assert_allclose(result.numpy(), a @ b, rtol=1e-5)
+
+
+def test_compare_shows_each_shapes_best_round_for_both_libraries(monkeypatch):
+  import compare
+
+  found = [('train: FFN in', 64, 16, 48, 'nn'), ('decode batch 8: logits', 8, 16, 100, 'nt')]
+  rounds = {
+    'XLA': [{'shapes': found, 'rates': [2e9, 1e9]}, {'shapes': found, 'rates': [1e9, 3e9]}],
+    'PyTorch': [{'shapes': found, 'rates': [4e9, 1e9]}, {'shapes': found, 'rates': [1e9, 1e9]}],
+  }
+  asked = []
+  monkeypatch.setattr(compare, 'alternate', lambda jobs, count: asked.append((jobs, count)) or rounds)
+  monkeypatch.setitem(compare.HAVE, 'torch', True)
+  args = compare.argparse.Namespace(variant='tiny', rounds=2)
+  rows = compare.matmuls_section(args, {})
+  assert [impl for impl, _ in asked[0][0].values()] == ['shapes_xla', 'shapes_torch'] and asked[0][1] == 2
+  assert rows == [
+    (
+      'f32 matmul rate, train: FFN in: [64 x 16] x [16 x 48] (nn), XLA vs PyTorch',
+      '2 GFLOP/s',
+      '4 GFLOP/s',
+      '0.50x',
+      'report',
+      '',
+    ),
+    (
+      'f32 matmul rate, decode batch 8: logits: [8 x 16] x [16 x 100] (nt), XLA vs PyTorch',
+      '3 GFLOP/s',
+      '1 GFLOP/s',
+      '3.00x',
+      'report',
+      '',
+    ),
+  ]
