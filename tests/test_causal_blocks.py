@@ -71,9 +71,9 @@ def test_model_logits_and_gradients_equal_the_dense_path(monkeypatch):
   tokens = jax.random.randint(jax.random.key(0), (2, 130), 3, 37).at[1, 100:].set(0)  # padded, 130 % 4 != 0
   params = models.init_params(model, jax.random.key(1))
   loss = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, tokens)))
-  blocked = jax.value_and_grad(loss)(params)
+  blocked = jax.jit(jax.value_and_grad(loss))(params)
   monkeypatch.setattr(causal_blocks, 'MIN_LENGTH', 10**9)
-  dense = jax.value_and_grad(loss)(params)
+  dense = jax.jit(jax.value_and_grad(loss))(params)
   np.testing.assert_allclose(blocked[0], dense[0], rtol=1e-5)
   # Gradients sum over every token: entries near 0 are held to 1e-5 of their array's scale.
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))

@@ -34,7 +34,7 @@ def _grads(fn, logits, targets, weights, smoothing, z_loss):
   return jax.value_and_grad(loss, argnums=(0, 1))(logits, weights)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
   shape=st.sampled_from([(1, 1, 2), (2, 3, 7), (3, 5, 40)]),
   smoothing=st.sampled_from([0.0, 0.1]),
