@@ -103,8 +103,12 @@ def test_cache_is_really_used():
   assert not np.allclose(alone[:, 0], full[:, 5], atol=1e-3)
 
 
-@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
-@pytest.mark.parametrize('positional', ['sinusoidal', 'rope', 'alibi'])
+# Positions are per token: only a mask or an attention bias can let a later token in. Every kind in the
+# decoder-only model; the encoder-decoder's decoder (the same masks) with a bias (ALiBi) and without.
+@pytest.mark.parametrize(
+  'kind,positional',
+  [('decoder_only', p) for p in ('sinusoidal', 'rope', 'alibi')] + [('encoder_decoder', p) for p in ('rope', 'alibi')],
+)
 def test_causality(kind, positional):
   model, params = _setup(tiny(kind=kind, positional=positional, attention_window=0))
   source, target = _tokens((2, 6), seed=1), _tokens((2, 8), seed=2)
@@ -145,8 +149,14 @@ def _pack(a, b, length):
   return tokens, segments, positions
 
 
-@pytest.mark.parametrize('kind', ['decoder_only', 'encoder_decoder'])
-@pytest.mark.parametrize('positional', ['sinusoidal', 'learned', 'rope', 'alibi', 'none'])
+# Every positional kind restarts its positions per segment in the decoder-only model. The encoder-decoder
+# adds the non-causal encoder's and the cross-attention's segment masks: with a table lookup (learned looks
+# positions up as sinusoidal does; none has none), with RoPE, and with ALiBi's two-sided bias.
+@pytest.mark.parametrize(
+  'kind,positional',
+  [('decoder_only', p) for p in ('sinusoidal', 'learned', 'rope', 'alibi', 'none')]
+  + [('encoder_decoder', p) for p in ('sinusoidal', 'rope', 'alibi')],
+)
 def test_packed_equals_unpacked(kind, positional):
   model, params = _setup(tiny(kind=kind, positional=positional, attention_window=4))
   src_a, src_b = _tokens((1, 5), seed=1), _tokens((1, 3), seed=2)
