@@ -200,6 +200,15 @@ def test_machine_line_names_the_cpu(tmp_path):
   assert 'XLA 300 GFLOP/s, PyTorch: torch not installed' in line and '2048x2048 (best of 5' in line
 
 
+@pytest.fixture(autouse=True)
+def _denormals_kept():
+  """benchmarks/torch_reference.py and hf_reference.py flush denormals process-wide when imported (for their
+  timings); later tests in this xdist worker must not inherit that (hypothesis refuses to draw floats then)."""
+  yield
+  if 'torch' in sys.modules:
+    sys.modules['torch'].set_flush_denormal(False)
+
+
 def _torch_reference():
   pytest.importorskip('torch')
   import torch_reference
