@@ -14,11 +14,10 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from conftest import PEAK_FLOPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A configured peak FLOP/s for MFU: otherwise each CPU run times a 2048^2 matmul (about 2 s) to measure one.
-# Tests compare no MFU; tests/test_metrics.py covers the measured basis.
-FIXED_PEAK = '--config.train.peak_flops=1e12'
+FIXED_PEAK = f'--config.train.peak_flops={PEAK_FLOPS}'  # conftest.PEAK_FLOPS: no matmul timed for MFU
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ import os
 
 import jax
 import pytest
+from conftest import PEAK_FLOPS
 
 from transformer import models, setup, summary
 from transformer.config import flatten
@@ -112,7 +113,7 @@ def test_a_few_steps_of_the_alibi_variant_log_a_loss_at_every_length(tmp_path):
   config = load('length')
   alibi = next(c for c in variant_configs(config).values() if c.model.positional == 'alibi')
   del alibi.sweep  # the run's own config, as its process would get it
-  alibi.train.update(num_steps=2, eval_every=2, checkpoint_every=2, peak_flops=1e12)
+  alibi.train.update(num_steps=2, eval_every=2, checkpoint_every=2, peak_flops=PEAK_FLOPS)
   # Its settings at a smaller width and depth: five evals of the whole dev book cost minutes at d_model 128.
   alibi.model.update(d_model=32, d_ff=64, num_decoder_layers=1)
   metrics = loop.train_and_evaluate(alibi, str(tmp_path))

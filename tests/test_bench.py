@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import tiny
+from conftest import PEAK_FLOPS, tiny
 
 from transformer import decoding, metrics, models, setup, summary
 from transformer.config import ConfigError
@@ -51,7 +51,7 @@ def test_bench_mode_prints_a_table_then_json(capsys):
 
 def test_bench_decode_figures(capsys):
   config = _tiny_config(decode=True, decode_len=6, prompt_len=3, decode_repeats=1)
-  config.train.peak_flops = 1e12  # no matmul timed for MFU: the test above covers the measured basis
+  config.train.peak_flops = PEAK_FLOPS  # no matmul timed for MFU: the test above covers the measured basis
   result = bench.run_bench(config)
   assert result['decode_tokens_per_sec'] > 0 and result['uncached_tokens_per_sec'] > 0
   assert result['decode_speedup'] > 0

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the experiments package
+from conftest import PEAK_FLOPS
+
 from experiments import music as music_experiment  # noqa: E402
 from experiments import synthetic as synthetic_experiment  # noqa: E402
 from experiments import text as text_experiment  # noqa: E402
@@ -56,7 +58,7 @@ def text_config(corpus, eval_lengths, **model):
     eval_every=2,
     checkpoint_every=2,
     num_samples=0,
-    peak_flops=1e12,  # no matmul timed for MFU
+    peak_flops=PEAK_FLOPS,  # no matmul timed for MFU
     eval_lengths=eval_lengths,
   )
   return config

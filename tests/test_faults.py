@@ -19,6 +19,7 @@ import launching
 import pytest
 
 sys.path.insert(0, launching.ROOT)
+from conftest import PEAK_FLOPS
 from test_checkpoint import corrupt  # noqa: E402
 
 from experiments import synthetic  # noqa: E402
@@ -44,7 +45,7 @@ SETTINGS = {
   'train.checkpoint_every': 3,
   'train.warmup_steps': 5,
   'train.num_samples': 0,
-  'train.peak_flops': 1e12,  # no matmul timed for MFU
+  'train.peak_flops': PEAK_FLOPS,  # no matmul timed for MFU
 }
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import PEAK_FLOPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,7 +32,7 @@ def small_config(num_steps, **train):
         eval_every=10,
         checkpoint_every=5,
         warmup_steps=5,
-        peak_flops=1e12,
+        peak_flops=PEAK_FLOPS,
       ),
       **train,
     }

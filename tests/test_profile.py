@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from conftest import PEAK_FLOPS
 
 from transformer import hlo_audit
 from transformer.experiment import bench, overrides, profile
@@ -52,7 +53,7 @@ def test_each_matmul_is_counted_once_in_its_category():
 def test_bench_prints_the_profile_table(capsys, tmp_path):
   config = _config()
   config.bench.update(dict(profile=True, profile_dir=str(tmp_path)))
-  config.train.peak_flops = 1e12  # no matmul timed for MFU
+  config.train.peak_flops = PEAK_FLOPS  # no matmul timed for MFU
   bench.run_bench(config)
   out = capsys.readouterr().out
   assert '| category | ms / step | share | GFLOP / step | GFLOP/s |' in out

@@ -16,6 +16,7 @@ import launching
 import ml_collections
 import numpy as np
 import pytest
+from conftest import PEAK_FLOPS
 
 from transformer.config import ConfigError
 from transformer.experiment import results, slurm, sweep
@@ -226,7 +227,7 @@ def test_sweep_on_slurm_submits_each_run_once_waits_and_aggregates_like_a_local_
     'train.log_every': 1,
     'train.eval_every': 2,
     'train.checkpoint_every': 4,
-    'train.peak_flops': 1e12,  # no matmul timed for MFU
+    'train.peak_flops': PEAK_FLOPS,  # no matmul timed for MFU
   }
   path = tmp_path / 'sweep_file.py'
   path.write_text(SWEEP_FILE.format(base=os.path.join(ROOT, CONFIG), overrides=overrides))

@@ -13,6 +13,8 @@ import pytest
 import sacrebleu
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the experiments package
+from conftest import PEAK_FLOPS
+
 from experiments import synthetic as synthetic_experiment  # noqa: E402
 from experiments import text as text_experiment  # noqa: E402
 from experiments import translation as translation_experiment  # noqa: E402
@@ -41,7 +43,7 @@ def _tiny(config, workdir):
     warmup_steps=2,
     num_samples=2,
     decode_examples=3,
-    peak_flops=1e12,  # no matmul timed for MFU
+    peak_flops=PEAK_FLOPS,  # no matmul timed for MFU
   )
   os.environ['TRANSFORMER_CACHE'] = str(workdir / 'cache')  # tokenizers of the test's own corpora
   return config
