@@ -27,9 +27,15 @@ def _setup(cfg, seed=0):
 
 
 def _apply(model, variables, *args, **kwargs):
-  # Eager on purpose: each test builds new tiny models, and compiling each with jit costs more than
-  # dispatching their ops one by one (whose compiled kernels are shared across tests).
-  return model.apply(variables, *args, **kwargs)
+  # Jitted: eager, each of the model's ops compiles on its own, which costs more than one program.
+  arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, dict))}
+  static = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items() if k not in arrays))
+  return _jitted(model, static)(variables, *args, **arrays)
+
+
+@functools.cache
+def _jitted(model, static):
+  return jax.jit(functools.partial(model.apply, **dict(static)))
 
 
 def _forward(model, params, source, target, **kwargs):
@@ -45,11 +51,20 @@ def _decode_incrementally(model, params, source, target, prefill):
   if model.config.kind == 'encoder_decoder':
     segments = (source != PAD_ID).astype(jnp.int32)
     encoded = _apply(model, {'params': params}, source, segment_ids=segments, method='encode')
-    step = lambda cache, tokens: model.apply(
-      {'params': params, 'cache': cache}, encoded, segments, tokens, decode=True, method='decode', mutable=['cache']
+    step = lambda cache, tokens: _apply(
+      model,
+      {'params': params, 'cache': cache},
+      encoded,
+      segments,
+      tokens,
+      decode=True,
+      method='decode',
+      mutable=['cache'],
     )
   else:
-    step = lambda cache, tokens: model.apply({'params': params, 'cache': cache}, tokens, decode=True, mutable=['cache'])
+    step = lambda cache, tokens: _apply(
+      model, {'params': params, 'cache': cache}, tokens, decode=True, mutable=['cache']
+    )
   logits, variables = step(cache, target[:, :prefill])
   outputs = [logits]
   for t in range(prefill, length):

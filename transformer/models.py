@@ -371,13 +371,14 @@ def dummy_inputs(config: ModelConfig, batch_size: int = 1, length: int = 8, sour
 def init_params(model: nn.Module, rng, batch_size: int = 1, length: int = 8):
   """Initial parameters (logical-axis boxes removed; `parallel.state_shardings` reads them).
 
-  Eager: cheap for one call. The training engine jits its own init, with output shardings.
+  Jitted: eager, every initializer and layer op would compile on its own (hundreds of small programs
+  for a model that compiles in one). The training engine jits its own init, with output shardings.
   `scan_layers` is a layout, not a model: scanned parameters are the unrolled ones stacked, so one
   seed gives the same weights (and losses) in both layouts.
   """
   cfg = model.config
   twin = model.clone(config=dataclasses.replace(cfg, scan_layers=False)) if cfg.scan_layers else model
-  params = nn.unbox(twin.init(rng, *dummy_inputs(cfg, batch_size, length))['params'])
+  params = nn.unbox(jax.jit(twin.init)(rng, *dummy_inputs(cfg, batch_size, length))['params'])
   return stack_layers(params) if cfg.scan_layers else params
 
 
