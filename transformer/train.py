@@ -215,9 +215,13 @@ def make_train_step(
       return sums, None
 
     micro_batches = (jax.tree.map(split, batch), split(row_ids))
-    zeros = jax.tree.map(
-      lambda x: jnp.zeros(x.shape, x.dtype),
-      jax.eval_shape(micro_grads, state.params, *jax.tree.map(lambda x: x[0], micro_batches), step_key),
+    # The carry: micro_grads' output shapes, written out (jax.eval_shape of it would trace the model once more,
+    # about a second for a tiny one): gradients like the parameters, then the float32 sums of loss, tokens and
+    # correct tokens; each with a leading [shards] axis when per shard. A wrong guess fails scan's type check.
+    lead = (layout.shards,) if per_shard else ()
+    zeros = (
+      jax.tree.map(lambda p: jnp.zeros(lead + p.shape, p.dtype), state.params),
+      *(jnp.zeros(lead, jnp.float32) for _ in range(3)),
     )
     (grads, loss, count, correct), _ = jax.lax.scan(micro_step, zeros, micro_batches)
     if per_shard:
