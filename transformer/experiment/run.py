@@ -32,14 +32,18 @@ def dry_run(config) -> str:
 
 
 def enable_compilation_cache():
-  """JAX's persistent cache: a re-run or resume of the same shapes skips XLA compilation."""
+  """JAX's persistent cache: a re-run or resume of the same shapes skips XLA compilation. JAX's own
+  variables, when set, win over the defaults here (the tests share one folder and cache shorter compiles)."""
   import jax
 
-  directory = os.environ.get(
-    'TRANSFORMER_COMPILATION_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'transformer-jax')
+  directory = os.environ.get('TRANSFORMER_COMPILATION_CACHE') or os.environ.get(
+    'JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.expanduser('~'), '.cache', 'transformer-jax')
   )
   jax.config.update('jax_compilation_cache_dir', directory)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update(
+    'jax_persistent_cache_min_compile_time_secs',
+    float(os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 1.0)),
+  )
 
 
 def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
