@@ -163,7 +163,7 @@ def test_compare_reports_a_failed_worker(fake_worker, monkeypatch, capsys):
   assert '| ours failed: no such model |' in capsys.readouterr().out
 
 
-@pytest.mark.slow(15)
+@pytest.mark.slow(8)
 def test_worker_measures_ours_in_its_own_process():
   import subprocess
 
@@ -293,7 +293,7 @@ def _hf_reference():
   return hf_reference
 
 
-@pytest.mark.slow(12)
+@pytest.mark.slow(11)
 def test_gpt2_reference_computes_our_logits_and_greedy_tokens():
   """GPT-2 with our parameters (zero attention biases) computes our function: equal logits, and greedy
   `generate` writes the tokens ours writes. It has 4 d_model parameters per layer more (those biases)."""

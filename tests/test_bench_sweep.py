@@ -104,6 +104,7 @@ def _tiny_sweep(tmp_path):
   return overrides.load_config(str(path))
 
 
+@pytest.mark.slow(22)
 def test_bench_of_a_sweep_compares_its_variants_in_alternating_rounds(tmp_path, capsys, monkeypatch):
   config = _tiny_sweep(tmp_path)
   config.bench.update(dict(steps=1, warmup=0, decode_len=4, prompt_len=3, decode_repeats=1, rounds=2))

@@ -88,7 +88,7 @@ def direct_loss(model, params, windows, length):
   return total / count, count
 
 
-@pytest.mark.slow(20)  # 45 s measured at a load average of 10 on the 2 cores
+@pytest.mark.slow(6)  # measured in the whole suite (pytest -n 2); 45 s once at a load average of 10
 def test_each_length_is_the_token_weighted_loss_of_a_direct_forward_pass(corpus, tmp_path):
   config = text_config(corpus, (SEQ_LEN, 40), positional='rope')
   loop.train_and_evaluate(config, str(tmp_path))
@@ -111,7 +111,7 @@ def test_each_length_is_the_token_weighted_loss_of_a_direct_forward_pass(corpus,
   assert 'eval/notes' not in row
 
 
-@pytest.mark.slow(15)  # 30 s measured at a load average of 10
+@pytest.mark.slow(5)  # measured in the whole suite; 30 s once at a load average of 10
 def test_learned_positions_past_max_len_are_null_with_a_note(corpus, tmp_path, capsys):
   config = text_config(corpus, (SEQ_LEN, 32, 64), positional='learned', max_len=SEQ_LEN)
   loop.train_and_evaluate(config, str(tmp_path))

@@ -84,7 +84,7 @@ def assert_same_run(directory, reference):
     assert got[step]['eval/loss'] == want[step]['eval/loss'], step
 
 
-@pytest.mark.slow(42)
+@pytest.mark.slow(33)
 def test_killed_at_seeded_points_and_inside_a_save_resumes_exactly(reference, tmp_path):
   """SIGKILL after two seeded steps, then inside the asynchronous save of a seeded checkpoint step (held
   open by a test hook after orbax wrote its files under the temporary name, before the rename). Each run
@@ -269,6 +269,7 @@ def test_disk_filling_up_fails_at_the_save_with_one_message_and_the_last_checkpo
   assert [got[s] for s in range(1, STEPS + 1)] == [want[s] for s in range(1, STEPS + 1)]
 
 
+@pytest.mark.slow(21)
 def test_sigterm_in_an_eval_saves_and_resumes_exactly(reference, tmp_path):
   """SIGTERM during the eval of step 6 (the run signals itself as the eval starts, by a test hook): the eval
   finishes and is logged, a checkpoint of step 6 is saved right after it (checkpoints are otherwise saved at

@@ -108,7 +108,7 @@ def _audit_all():
   print(json.dumps(out))
 
 
-@pytest.mark.slow(36)
+@pytest.mark.slow(21)
 def test_compiled_step_communicates_what_its_layout_needs():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(

@@ -166,7 +166,7 @@ def _coordinator_port(proc) -> int:
   return int(next(a for a in arguments if a.startswith('--coordinator_address=')).rsplit(':', 1)[1])
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow(20)
 def test_a_two_process_run_listens_only_on_the_coordinator_port_and_one_gloo_port_each(tmp_path):
   """Process 0 listens on the coordinator port (JAX's coordination service); each process also listens on one
   port of the CPU collectives' Gloo TCP transport, opened when Gloo connects the ranks (which it logs). Nothing

@@ -189,7 +189,7 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.slow(72)
+@pytest.mark.slow(39)
 def test_jit_meshes_on_8_devices_match_one_device(tmp_path):
   launched = _launch(dict(runs=LAYOUTS), 8, tmp_path, 'eight')
   # This process has one device: its references are computed while the subprocess runs.

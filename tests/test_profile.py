@@ -19,7 +19,7 @@ def _config(**model):
   return config
 
 
-@pytest.mark.slow(25)
+@pytest.mark.slow(5)
 def test_each_matmul_is_counted_once_in_its_category():
   """The matmul FLOPs found from the trace's op runs equal those of the compiled module counted through
   its loops' trip counts (hlo_audit: scanned layers run in a loop), and split into categories exactly as
@@ -49,7 +49,7 @@ def test_each_matmul_is_counted_once_in_its_category():
     assert result['categories'][name]['ms'] > 0, name
 
 
-@pytest.mark.slow(22)
+@pytest.mark.slow(5)
 def test_bench_prints_the_profile_table(capsys, tmp_path):
   config = _config()
   config.bench.update(dict(profile=True, profile_dir=str(tmp_path)))

@@ -139,7 +139,7 @@ def reference(corpus, shared):
   return workdir
 
 
-@pytest.mark.slow(25)
+@pytest.mark.slow(20)
 @pytest.mark.parametrize('layout', list(LAYOUTS))
 def test_every_layout_matches_one_device(layout, corpus, reference, tmp_path):
   overrides, devices, processes = LAYOUTS[layout]
@@ -156,7 +156,7 @@ def _assert_each_process_fed_half(workdir):
   assert '"rows": [0, 8]' in rows['process_0.jsonl'] and '"rows": [8, 16]' in rows['process_1.jsonl']
 
 
-@pytest.mark.slow(113)
+@pytest.mark.slow(86)
 def test_two_hosts_match_one_device_resume_exactly_when_killed_and_restore_elsewhere(corpus, reference, tmp_path):
   """2 processes x 4 devices (mesh (2,2,2)) match one device. Rerun with process 1 SIGKILLed after step 5
   (the step-4 checkpoint may still be in flight), both restart from the newest complete checkpoint: every
@@ -225,7 +225,7 @@ def _translation(corpus, *extra):
   )
 
 
-@pytest.mark.slow(48)
+@pytest.mark.slow(68)
 def test_two_hosts_train_evaluate_decode_and_checkpoint_like_one(corpus, tmp_path):
   """Translation on 2 processes x 2 devices: training with periodic evals that decode (BLEU, chrF and
   beam-search samples) and checkpoints. Evaluating and decoding its checkpoint on one process gives the

@@ -114,7 +114,7 @@ def _steps_fed(workdir) -> int:
   return min(reached)
 
 
-@pytest.mark.slow(61)
+@pytest.mark.slow(48)
 def test_sbatch_job_signalled_saves_on_every_task_requeues_itself_and_resumes_exactly(cluster, reference, tmp_path):
   """scripts/slurm/train.sbatch with two tasks, sent SIGTERM as `--signal=TERM@<lead>` does before a time limit:
   both processes stop at the step they agreed on (6 or 10) and save it, the job requeues itself, and the requeued
@@ -208,7 +208,7 @@ def get_config(arg=None):
 """
 
 
-@pytest.mark.slow(33)
+@pytest.mark.slow(30)
 def test_sweep_on_slurm_submits_each_run_once_waits_and_aggregates_like_a_local_sweep(cluster, tmp_path):
   """`--mode sweep --config.sweep.executor=slurm`: one job per variant x seed, the command returning once they
   are queued; the same command again while they are queued, and after they ended, submits nothing; with

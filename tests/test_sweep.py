@@ -347,7 +347,7 @@ def final_losses(directory):
   return [r['eval/loss'] for r in map(json.loads, open(os.path.join(directory, 'metrics.jsonl'))) if 'eval/loss' in r]
 
 
-@pytest.mark.slow(50)
+@pytest.mark.slow(47)
 def test_sweep_end_to_end_with_a_failure_a_resume_and_re_aggregation(tmp_path):
   sweep_file, workdir = str(tmp_path / 'tiny_sweep.py'), str(tmp_path / 'sweep')
   with open(sweep_file, 'w') as f:
@@ -546,7 +546,7 @@ def sweep_table(workdir):
   return [(r['variant'], r['seed'], r['status']) for r in rows], errors
 
 
-@pytest.mark.slow(84)
+@pytest.mark.slow(69)
 def test_sweep_survives_sigterm_crash_nan_and_stall_and_resumes_to_the_uninterrupted_losses(tmp_path):
   sweep_file, workdir = str(tmp_path / 'faults.py'), str(tmp_path / 'sweep')
   with open(sweep_file, 'w') as f:
