@@ -195,3 +195,27 @@ def test_a_sweep_file_outside_sweep_mode_is_refused():
 
   with pytest.raises(ConfigError, match='This config is a sweep: run it with --mode sweep'):
     run.run(norm.get_config(), 'train', '/nonexistent')
+
+
+def test_compilation_cache_takes_jax_variables_unless_ours_is_set(monkeypatch, tmp_path):
+  """The tests' launch.py runs share the session's cache and its threshold through JAX's own variables."""
+  import jax
+
+  from transformer.experiment import run
+
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
+  before = {name: getattr(jax.config, name) for name in names}
+  settings = lambda: tuple(getattr(jax.config, name) for name in names)
+  try:
+    monkeypatch.delenv('TRANSFORMER_COMPILATION_CACHE', raising=False)
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'jax'))
+    monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.25')
+    run.enable_compilation_cache()
+    assert settings() == (str(tmp_path / 'jax'), 0.25)
+    monkeypatch.setenv('TRANSFORMER_COMPILATION_CACHE', str(tmp_path / 'ours'))
+    monkeypatch.delenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')
+    run.enable_compilation_cache()
+    assert settings() == (str(tmp_path / 'ours'), 1.0)
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
