@@ -294,6 +294,28 @@ def test_abandoned_orbax_reads_print_no_traceback(monkeypatch):
   assert seen == [other_file]
 
 
+def _raised_in(filename):
+  namespace = {}
+  exec(compile('def write():\n  raise ValueError("RESOURCE_EXHAUSTED: Error writing")\n', filename, 'exec'), namespace)
+  try:
+    namespace['write']()
+  except ValueError as error:
+    return error
+
+
+def test_orbax_futures_never_retrieved_are_not_logged(caplog):
+  """A failed orbax write that asyncio logs as "never retrieved" when collected (a full disk; save reports it
+  once) is dropped before its traceback is formatted; asyncio's other errors are logged as before."""
+  checkpoint._quiet_orbax_tracebacks()
+  checkpoint._quiet_orbax_tracebacks()  # one filter however many Checkpoints a process opens
+  asyncio_logger = logging.getLogger('asyncio')
+  assert sum(isinstance(f, checkpoint._NoOrbaxFutures) for f in asyncio_logger.filters) == 1
+  for directory in ('orbax', 'other'):
+    error = _raised_in(os.path.join(os.sep, 'site-packages', directory, 'serialization.py'))
+    asyncio_logger.error(f'Future exception was never retrieved ({directory})', exc_info=error)
+  assert [r.getMessage() for r in caplog.records] == ['Future exception was never retrieved (other)']
+
+
 def test_no_complete_step_left_is_a_clear_error_not_a_fresh_start(state, tmp_path):
   with Checkpoints(str(tmp_path), async_save=False) as ckpt:
     ckpt.save(3, state)

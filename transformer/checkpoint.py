@@ -362,10 +362,33 @@ class _NoOrbaxTracebacks(std_logging.Filter):
     return True
 
 
+class _NoOrbaxFutures(std_logging.Filter):
+  """asyncio logs "Future exception was never retrieved", with a traceback, when the garbage collector frees
+  one of orbax's failed writes (a full disk), in whatever thread it runs; `Checkpoints.save` reports that
+  failure once. Dropped before any formatting: Python 3.11 parses source with `ast` to format a traceback,
+  which is not thread-safe (a concurrent `ast.parse` elsewhere failed with "AST constructor recursion depth
+  mismatch")."""
+
+  def filter(self, record):
+    return not (record.exc_info and _raised_in_orbax(record.exc_info[1]))
+
+
+def _raised_in_orbax(error) -> bool:
+  frame = getattr(error, '__traceback__', None)
+  while frame is not None:
+    if f'{os.sep}orbax{os.sep}' in frame.tb_frame.f_code.co_filename:
+      return True
+    frame = frame.tb_next
+  return False
+
+
 def _quiet_orbax_tracebacks() -> None:
-  absl_logger = logging.get_absl_logger()
-  if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl_logger.filters):
-    absl_logger.addFilter(_NoOrbaxTracebacks())
+  for logger, kind in (
+    (logging.get_absl_logger(), _NoOrbaxTracebacks),
+    (std_logging.getLogger('asyncio'), _NoOrbaxFutures),
+  ):
+    if not any(isinstance(f, kind) for f in logger.filters):
+      logger.addFilter(kind())
   if not getattr(sys.unraisablehook, 'drops_orbax_reads', False):
     sys.unraisablehook = _drop_orbax_reads(sys.unraisablehook)
 
