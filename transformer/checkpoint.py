@@ -351,13 +351,18 @@ class _SaveErrors:
     ) from None
 
 
+def _in_orbax(filename: str) -> bool:
+  """Whether a source file is orbax's own: the one test the filters and the hook below share."""
+  return f'{os.sep}orbax{os.sep}' in filename
+
+
 class _NoOrbaxTracebacks(std_logging.Filter):
   """orbax logs a failed save's traceback several times from its threads (and a failed read's); Checkpoints
   raises that error once, as a message naming the step, so the tracebacks go (orbax's one-line messages
   stay)."""
 
   def filter(self, record):
-    if record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname:
+    if record.exc_info and _in_orbax(record.pathname):
       record.exc_info, record.exc_text = None, None
     return True
 
@@ -376,7 +381,7 @@ class _NoOrbaxFutures(std_logging.Filter):
 def _raised_in_orbax(error) -> bool:
   frame = getattr(error, '__traceback__', None)
   while frame is not None:
-    if f'{os.sep}orbax{os.sep}' in frame.tb_frame.f_code.co_filename:
+    if _in_orbax(frame.tb_frame.f_code.co_filename):
       return True
     frame = frame.tb_next
   return False
@@ -401,7 +406,7 @@ def _drop_orbax_reads(previous):
 
   def hook(unraisable):
     code = getattr(unraisable.object, 'cr_code', None)
-    if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
+    if code is not None and _in_orbax(code.co_filename):
       return
     previous(unraisable)
 
