@@ -4,6 +4,8 @@ Multi-device and multi-process cases run this file as a script in subprocesses (
 the device count must be in XLA_FLAGS before JAX starts.
 """
 
+import asyncio
+import gc
 import glob
 import json
 import logging
@@ -14,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import grain
 import jax
@@ -316,6 +319,59 @@ def test_orbax_futures_never_retrieved_are_not_logged(caplog):
   assert [r.getMessage() for r in caplog.records] == ['Future exception was never retrieved (other)']
 
 
+def _closed_loop_callback():
+  """What tensorstore's thread hands the unraisable hook when a read finishes after its event loop closed."""
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as error:
+    return types.SimpleNamespace(
+      exc_type=RuntimeError, exc_value=error, exc_traceback=error.__traceback__, err_msg=None, object=None
+    )
+
+
+def test_reads_abandoned_by_a_failed_restore_are_silent_and_nothing_else_is(monkeypatch, caplog):
+  """A failed restore's other reads finish later in tensorstore's threads: each calls back into the closed
+  event loop (an unraisable "Event loop is closed") and leaves a read error asyncio logs as "never retrieved".
+  Both are dropped only while a restore of that step folder runs or after it failed."""
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: seen.append(str(unraisable.exc_value)))
+  monkeypatch.setattr(checkpoint, '_UNFINISHED_RESTORES', [])
+  checkpoint._quiet_orbax_tracebacks()
+
+  def read_error(folder):
+    return ValueError(f'FAILED_PRECONDITION: Error reading "w/0.0" in OCDBT database at local file "{folder}state/"')
+
+  def report_both(folder):
+    sys.unraisablehook(_closed_loop_callback())
+    logging.getLogger('asyncio').error('Future exception was never retrieved', exc_info=read_error(folder))
+
+  report_both('/ckpt/7/')  # no restore has failed: both are someone else's errors
+  assert seen == ['Event loop is closed'] and len(caplog.records) == 1
+  checkpoint._UNFINISHED_RESTORES.append('/ckpt/7/')
+  report_both('/ckpt/7/')
+  assert seen == ['Event loop is closed'] and len(caplog.records) == 1
+  report_both('/ckpt/70/')  # another folder's read error is still logged
+  assert len(caplog.records) == 2 and '/ckpt/70/' in str(caplog.records[1].exc_info[1])
+
+
+def test_a_damaged_checkpoint_of_many_arrays_prints_one_message_and_no_traceback(tmp_path):
+  """End to end, in a fresh process (as `launch.py` meets it): 300 arrays keep tensorstore reads in flight
+  when the damaged one fails, which printed hundreds of "Event loop is closed" tracebacks before."""
+  state = {f'w{i}': jax.random.normal(jax.random.key(i), (64, 64)) for i in range(300)}
+  with Checkpoints(str(tmp_path), async_save=False) as ckpt:
+    ckpt.save(1, state)
+  for path in glob.glob(str(tmp_path / '1' / 'state' / 'ocdbt.process_*' / 'd' / '*')):  # every data file zeroed
+    with open(path, 'r+b') as f:
+      f.write(bytes(os.path.getsize(path)))
+  result = run_self('restore_many_damaged', str(tmp_path))
+  assert result.returncode == 0 and 'every checkpoint there is damaged' in result.stdout, result.stderr[-3000:]
+  assert result.stderr.count('is damaged') == 1, result.stderr[-3000:]
+  for noise in ('Traceback', 'Event loop is closed', 'never retrieved'):
+    assert noise not in result.stderr, result.stderr[-3000:]
+
+
 def test_no_complete_step_left_is_a_clear_error_not_a_fresh_start(state, tmp_path):
   with Checkpoints(str(tmp_path), async_save=False) as ckpt:
     ckpt.save(3, state)
@@ -347,6 +403,16 @@ if __name__ == '__main__':
     assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding == s, restored, shardings))
     assert_bitwise_equal(restored, expected)
     print('restored on 2 devices')
+  elif command == 'restore_many_damaged':
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract_state = {f'w{i}': jax.ShapeDtypeStruct((64, 64), np.float32, sharding=one_device) for i in range(300)}
+    with Checkpoints(args[0]) as ckpt:
+      try:
+        ckpt.restore(abstract_state)
+      except CheckpointError as error:
+        print(error)
+    gc.collect()
+    time.sleep(1)  # the abandoned reads finish meanwhile, in tensorstore's threads
   elif command == 'preempt':
     port, index = args
     jax.distributed.initialize(f'localhost:{port}', num_processes=2, process_id=int(index))

@@ -197,6 +197,14 @@ class Checkpoints:
       self._set_aside(step, error)
 
   def _restore_step(self, abstract_state, step):
+    # Listed while read, and kept listed if the read fails: orbax then abandons reads that finish later.
+    folder = os.path.join(self.directory, str(step), '')
+    _UNFINISHED_RESTORES.append(folder)
+    restored = self._read_step(abstract_state, step)
+    _UNFINISHED_RESTORES.remove(folder)
+    return restored
+
+  def _read_step(self, abstract_state, step):
     metadata = self._manager.item_metadata(step)['state']
     if metadata is None:  # orbax found no readable metadata for the item
       raise FileNotFoundError('the metadata of the state (state/_METADATA) is missing or unreadable')
@@ -369,13 +377,14 @@ class _NoOrbaxTracebacks(std_logging.Filter):
 
 class _NoOrbaxFutures(std_logging.Filter):
   """asyncio logs "Future exception was never retrieved", with a traceback, when the garbage collector frees
-  one of orbax's failed writes (a full disk), in whatever thread it runs; `Checkpoints.save` reports that
-  failure once. Dropped before any formatting: Python 3.11 parses source with `ast` to format a traceback,
-  which is not thread-safe (a concurrent `ast.parse` elsewhere failed with "AST constructor recursion depth
-  mismatch")."""
+  one of orbax's failed writes (a full disk) or one of the reads a failed restore abandoned (see
+  `_drop_orbax_reads`), in whatever thread it runs; `Checkpoints` reports either failure once. Dropped
+  before any formatting: Python 3.11 parses source with `ast` to format a traceback, which is not
+  thread-safe (a concurrent `ast.parse` elsewhere failed with "AST constructor recursion depth mismatch")."""
 
   def filter(self, record):
-    return not (record.exc_info and _raised_in_orbax(record.exc_info[1]))
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and (_raised_in_orbax(error) or _reads_abandoned_step(error)))
 
 
 def _raised_in_orbax(error) -> bool:
@@ -385,6 +394,31 @@ def _raised_in_orbax(error) -> bool:
       return True
     frame = frame.tb_next
   return False
+
+
+# The step folders (`<directory>/<step>/`) being restored, or whose restore failed, in this process: after a
+# failure orbax stops waiting for the other reads, which tensorstore still finishes in its own threads.
+_UNFINISHED_RESTORES: list[str] = []
+
+
+def _reads_abandoned_step(error) -> bool:
+  """A tensorstore read error that names a step folder being restored or whose restore failed (reported)."""
+  return any(step in str(error) for step in _UNFINISHED_RESTORES)
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+  """A tensorstore read finishing after orbax closed the event loop of a failed restore: its completion
+  callback (`loop.call_soon_threadsafe`, called from tensorstore's thread) raises "Event loop is closed"."""
+  frame = unraisable.exc_traceback
+  while frame is not None and frame.tb_frame.f_code.co_name != 'call_soon_threadsafe':
+    frame = frame.tb_next
+  return (
+    unraisable.object is None
+    and isinstance(unraisable.exc_value, RuntimeError)
+    and str(unraisable.exc_value) == 'Event loop is closed'
+    and frame is not None
+    and bool(_UNFINISHED_RESTORES)
+  )
 
 
 def _quiet_orbax_tracebacks() -> None:
@@ -399,14 +433,19 @@ def _quiet_orbax_tracebacks() -> None:
 
 
 def _drop_orbax_reads(previous):
-  """An unraisable-exception hook without orbax's abandoned array reads: when one array of a damaged
-  checkpoint fails, the reads still pending are closed, and orbax's `except BaseException` turns each
-  close into an exception Python prints as a traceback ("Exception ignored in: <coroutine ...>"), at
-  whatever moment the garbage collector runs. The one failure is reported by `Checkpoints.restore`."""
+  """An unraisable-exception hook without the noise of the array reads a failed restore abandons. When one
+  array of a damaged checkpoint fails, orbax's `asyncio.gather` returns and its event loop is closed while
+  the other reads are pending; then, at whatever moment,
+  - the garbage collector closes each pending read, and orbax's `except BaseException` turns the close into
+    an exception Python prints as a traceback ("Exception ignored in: <coroutine ...>");
+  - tensorstore finishes each read in its own thread and calls back into the closed loop ("Event loop is
+    closed"; only while a restore runs or after one failed).
+  Orbax offers no way to wait for the abandoned reads; the one failure is reported by `Checkpoints.restore`,
+  and every other unraisable exception reaches `previous`."""
 
   def hook(unraisable):
     code = getattr(unraisable.object, 'cr_code', None)
-    if code is not None and _in_orbax(code.co_filename):
+    if (code is not None and _in_orbax(code.co_filename)) or _is_closed_loop_callback(unraisable):
       return
     previous(unraisable)
 
