@@ -331,28 +331,33 @@ def _closed_loop_callback():
     )
 
 
-def test_reads_abandoned_by_a_failed_restore_are_silent_and_nothing_else_is(monkeypatch, caplog):
-  """A failed restore's other reads finish later in tensorstore's threads: each calls back into the closed
-  event loop (an unraisable "Event loop is closed") and leaves a read error asyncio logs as "never retrieved".
-  Both are dropped only while a restore of that step folder runs or after it failed."""
+def test_operations_abandoned_by_a_failed_save_or_restore_are_silent_and_nothing_else_is(
+  state, tmp_path, monkeypatch, caplog
+):
+  """A failed restore's (or save's) other reads (writes) finish later in tensorstore's threads: each calls
+  back into the closed event loop (an unraisable "Event loop is closed") and leaves an error asyncio logs as
+  "never retrieved". Both are dropped only while a save or restore of that step folder (or of its temporary
+  `<step>.orbax-checkpoint-tmp`) is in flight or after it failed; a healthy save and restore list nothing."""
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: seen.append(str(unraisable.exc_value)))
-  monkeypatch.setattr(checkpoint, '_UNFINISHED_RESTORES', [])
-  checkpoint._quiet_orbax_tracebacks()
+  monkeypatch.setattr(checkpoint, '_UNFINISHED', [])
+  with Checkpoints(str(tmp_path)) as ckpt:
+    ckpt.save(1, state)
+    ckpt.restore(abstract(state))
+  assert checkpoint._UNFINISHED == []
 
-  def read_error(folder):
-    return ValueError(f'FAILED_PRECONDITION: Error reading "w/0.0" in OCDBT database at local file "{folder}state/"')
-
-  def report_both(folder):
+  def report_both(path):
     sys.unraisablehook(_closed_loop_callback())
-    logging.getLogger('asyncio').error('Future exception was never retrieved', exc_info=read_error(folder))
+    error = ValueError(f'FAILED_PRECONDITION: Error reading "w/0.0" in OCDBT database at local file "{path}"')
+    logging.getLogger('asyncio').error('Future exception was never retrieved', exc_info=error)
 
-  report_both('/ckpt/7/')  # no restore has failed: both are someone else's errors
+  report_both('/ckpt/7/state/')  # no save or restore failed: both are someone else's errors
   assert seen == ['Event loop is closed'] and len(caplog.records) == 1
-  checkpoint._UNFINISHED_RESTORES.append('/ckpt/7/')
-  report_both('/ckpt/7/')
+  checkpoint._UNFINISHED.append('/ckpt/7')
+  report_both('/ckpt/7/state/')
+  report_both('/ckpt/7.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/')
   assert seen == ['Event loop is closed'] and len(caplog.records) == 1
-  report_both('/ckpt/70/')  # another folder's read error is still logged
+  report_both('/ckpt/70/state/')  # another folder's error is still logged
   assert len(caplog.records) == 2 and '/ckpt/70/' in str(caplog.records[1].exc_info[1])
 
 

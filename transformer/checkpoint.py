@@ -168,9 +168,9 @@ class Checkpoints:
       items['data_pos'] = ProcessStateSave(data_state)
     if config is not None:
       items['config'] = ocp.args.JsonSave(config)
-    with self._failed_save_is_clear(self._saving):  # the previous save's error surfaces here
-      self._manager.wait_until_finished()
+    self.wait()  # the previous save's error surfaces here
     self._saving = step
+    _UNFINISHED.append(self._folder(step))
     with self._failed_save_is_clear(step):
       return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -197,11 +197,9 @@ class Checkpoints:
       self._set_aside(step, error)
 
   def _restore_step(self, abstract_state, step):
-    # Listed while read, and kept listed if the read fails: orbax then abandons reads that finish later.
-    folder = os.path.join(self.directory, str(step), '')
-    _UNFINISHED_RESTORES.append(folder)
+    _UNFINISHED.append(self._folder(step))  # kept listed if the read fails (see _UNFINISHED)
     restored = self._read_step(abstract_state, step)
-    _UNFINISHED_RESTORES.remove(folder)
+    _finished(self._folder(step))
     return restored
 
   def _read_step(self, abstract_state, step):
@@ -289,6 +287,12 @@ class Checkpoints:
   def wait(self) -> None:
     with self._failed_save_is_clear(self._saving):
       self._manager.wait_until_finished()
+    if self._saving is not None:  # complete: none of its writes is left behind
+      _finished(self._folder(self._saving))
+      self._saving = None
+
+  def _folder(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def close(self) -> None:
     self._manager.close()
@@ -377,14 +381,14 @@ class _NoOrbaxTracebacks(std_logging.Filter):
 
 class _NoOrbaxFutures(std_logging.Filter):
   """asyncio logs "Future exception was never retrieved", with a traceback, when the garbage collector frees
-  one of orbax's failed writes (a full disk) or one of the reads a failed restore abandoned (see
-  `_drop_orbax_reads`), in whatever thread it runs; `Checkpoints` reports either failure once. Dropped
+  one of orbax's failed writes (a full disk) or one of the operations a failed save or restore abandoned
+  (see `_drop_orbax_reads`), in whatever thread it runs; `Checkpoints` reports the failure once. Dropped
   before any formatting: Python 3.11 parses source with `ast` to format a traceback, which is not
   thread-safe (a concurrent `ast.parse` elsewhere failed with "AST constructor recursion depth mismatch")."""
 
   def filter(self, record):
     error = record.exc_info[1] if record.exc_info else None
-    return not (error is not None and (_raised_in_orbax(error) or _reads_abandoned_step(error)))
+    return not (error is not None and (_raised_in_orbax(error) or _names_unfinished_step(error)))
 
 
 def _raised_in_orbax(error) -> bool:
@@ -396,19 +400,26 @@ def _raised_in_orbax(error) -> bool:
   return False
 
 
-# The step folders (`<directory>/<step>/`) being restored, or whose restore failed, in this process: after a
-# failure orbax stops waiting for the other reads, which tensorstore still finishes in its own threads.
-_UNFINISHED_RESTORES: list[str] = []
+# The step folders (`<directory>/<step>`) whose save or restore is in flight, or failed, in this process:
+# when one array fails, orbax stops waiting for the others, which tensorstore still finishes in its threads.
+_UNFINISHED: list[str] = []
 
 
-def _reads_abandoned_step(error) -> bool:
-  """A tensorstore read error that names a step folder being restored or whose restore failed (reported)."""
-  return any(step in str(error) for step in _UNFINISHED_RESTORES)
+def _finished(folder: str) -> None:
+  if folder in _UNFINISHED:
+    _UNFINISHED.remove(folder)
+
+
+def _names_unfinished_step(error) -> bool:
+  """A tensorstore error naming a step folder (or its temporary `<step>.orbax-checkpoint-tmp-*`) listed in
+  `_UNFINISHED`: the failure `Checkpoints` reports once, or one of the operations it abandoned."""
+  return any(re.search(re.escape(folder) + r'[./]', str(error)) for folder in _UNFINISHED)
 
 
 def _is_closed_loop_callback(unraisable) -> bool:
-  """A tensorstore read finishing after orbax closed the event loop of a failed restore: its completion
-  callback (`loop.call_soon_threadsafe`, called from tensorstore's thread) raises "Event loop is closed"."""
+  """A tensorstore read or write finishing after orbax closed the event loop of a failed restore or save: its
+  completion callback (`loop.call_soon_threadsafe`, from tensorstore's thread) raises "Event loop is closed".
+  Dropped only while a save or restore is in flight or after one failed (`_UNFINISHED`)."""
   frame = unraisable.exc_traceback
   while frame is not None and frame.tb_frame.f_code.co_name != 'call_soon_threadsafe':
     frame = frame.tb_next
@@ -417,7 +428,7 @@ def _is_closed_loop_callback(unraisable) -> bool:
     and isinstance(unraisable.exc_value, RuntimeError)
     and str(unraisable.exc_value) == 'Event loop is closed'
     and frame is not None
-    and bool(_UNFINISHED_RESTORES)
+    and bool(_UNFINISHED)
   )
 
 
@@ -433,15 +444,15 @@ def _quiet_orbax_tracebacks() -> None:
 
 
 def _drop_orbax_reads(previous):
-  """An unraisable-exception hook without the noise of the array reads a failed restore abandons. When one
-  array of a damaged checkpoint fails, orbax's `asyncio.gather` returns and its event loop is closed while
-  the other reads are pending; then, at whatever moment,
+  """An unraisable-exception hook without the noise of the array operations a failed restore (a damaged
+  checkpoint) or save (a full disk) abandons. When one array fails, orbax's `asyncio.gather` returns and
+  its event loop is closed while the others are pending; then, at whatever moment,
   - the garbage collector closes each pending read, and orbax's `except BaseException` turns the close into
     an exception Python prints as a traceback ("Exception ignored in: <coroutine ...>");
-  - tensorstore finishes each read in its own thread and calls back into the closed loop ("Event loop is
-    closed"; only while a restore runs or after one failed).
-  Orbax offers no way to wait for the abandoned reads; the one failure is reported by `Checkpoints.restore`,
-  and every other unraisable exception reaches `previous`."""
+  - tensorstore finishes each read or write in its own thread and calls back into the closed loop ("Event
+    loop is closed", see `_is_closed_loop_callback`).
+  Orbax offers no way to wait for them; `Checkpoints` reports the one failure, and every other unraisable
+  exception reaches `previous`."""
 
   def hook(unraisable):
     code = getattr(unraisable.object, 'cr_code', None)
