@@ -10,7 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from transformer import layout
+from transformer import layout, tensorboard
 from transformer.config import ModelConfig
 
 
@@ -23,17 +23,12 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(layout.metrics_file(workdir), 'a')
-    try:  # TensorBoard is optional: the JSONL file carries every figure anyway
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(workdir)
-    except ImportError:
-      self._tb = None
+    self._tb = tensorboard.EventWriter(workdir)
 
   @property
   def tensorboard(self) -> bool:
-    """Whether TensorBoard event files are written (tensorboardX installed, process 0)."""
-    return self.enabled and self._tb is not None
+    """Whether TensorBoard event files are written (process 0)."""
+    return self.enabled
 
   def write(self, step: int, scalars: dict):
     """One metrics.jsonl row: numbers as floats; None (a value that does not exist, JSON null) and strings
@@ -43,16 +38,13 @@ class MetricsWriter:
     scalars = {k: v if v is None or isinstance(v, str) else float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
     self._jsonl.flush()
-    if self._tb is not None:
-      for tag, value in scalars.items():
-        if isinstance(value, float):
-          self._tb.add_scalar(tag, value, int(step))
-      self._tb.flush()
+    self._tb.scalars(int(step), {tag: value for tag, value in scalars.items() if isinstance(value, float)})
 
   def close(self):
     if self.enabled:
-      self._jsonl.close()
-      if self._tb is not None:
+      try:
+        self._jsonl.close()
+      finally:  # a full disk failing the first close still closes the second file
         self._tb.close()
 
 
