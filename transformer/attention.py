@@ -228,7 +228,12 @@ class MultiHeadAttention(nn.Module):
     cfg = self.config
     heads, kv_heads = cfg.num_heads, cfg.kv_heads
     proj = functools.partial(
-      nn.DenseGeneral, axis=-1, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype
+      nn.DenseGeneral,
+      axis=-1,
+      use_bias=False,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.storage_dtype,
+      dot_general=layers.dot_general,
     )
     # DenseGeneral initialises the kernel flattened to [fan_in, fan_out]: plain Glorot is right.
     init_in = init_out = nn.initializers.xavier_uniform()
@@ -287,6 +292,7 @@ class MultiHeadAttention(nn.Module):
       use_bias=False,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.storage_dtype,
+      dot_general=layers.dot_general,
       name='out',
       kernel_init=nn.with_logical_partitioning(init_out, ('heads', 'kv', 'embed')),
     )(out)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer import cached_attention, models
+from transformer import cached_attention, layers, models
 from transformer.config import ConfigError
 from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
@@ -287,7 +287,8 @@ def _prefill(model, params, inputs, prompts, batch, max_len):
   def step(cache, tokens, i):
     copies = tokens.shape[0] // batch
     positions = jnp.repeat(prompt_lengths, copies) + 1 + i
-    logits, state = call(cache, tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None])
+    with layers.kernel_first_matmuls(enabled=not cfg.scan_layers):
+      logits, state = call(cache, tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None])
     return logits[:, 0], state['cache']
 
   return state['cache'], first, step

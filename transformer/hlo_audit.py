@@ -97,6 +97,27 @@ def _runs(computations, entry):
   return runs
 
 
+def loop_computations(hlo_text: str) -> set[str]:
+  """The computations that run inside a while loop: its bodies and conditions and all they call."""
+  computations, _ = split(hlo_text)
+  callees = {name: set() for name in computations}
+  starts = set()
+  for name, lines in computations.items():
+    for line in lines:
+      for role, names in _CALLS.findall(line):
+        called = {c for c in names.strip('{}').replace('%', '').replace(' ', '').split(',') if c in computations}
+        callees[name] |= called
+        if role in ('body', 'condition'):
+          starts |= called
+  found, todo = set(), list(starts)
+  while todo:
+    name = todo.pop()
+    if name not in found:
+      found.add(name)
+      todo.extend(callees[name])
+  return found
+
+
 def _instructions(hlo_text: str):
   """(runs per step, name, result type, opcode, the rest of the line, {name: type} so far) of every
   instruction in a computation that runs."""

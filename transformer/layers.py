@@ -1,5 +1,7 @@
 """Embeddings, positional encodings, norms and feed-forward blocks."""
 
+import contextlib
+import contextvars
 import math
 
 import flax.linen as nn
@@ -35,13 +37,49 @@ class Embed(nn.Module):
     return logits_matmul(x, jnp.asarray(self.embedding, self.config.compute_dtype))
 
 
+# A decoding step's rows (batch times beams) from which up to which `dot_general` puts the kernel first.
+FEW_ROWS = (2, 32)
+_KERNEL_FIRST = contextvars.ContextVar('kernel_first', default=False)
+
+
+@contextlib.contextmanager
+def kernel_first_matmuls(enabled: bool = True):
+  """Within it, `dot_general` multiplies few rows kernel first (on the CPU). For the steps of a decoding loop
+  over unrolled layers only: there XLA makes the kernels' transposed copies once, before the loop; applied
+  to one call, or in `scan_layers`' loop over layers, it would transpose every kernel at every call."""
+  token = _KERNEL_FIRST.set(enabled)
+  try:
+    yield
+  finally:
+    _KERNEL_FIRST.reset(token)
+
+
+def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general(x, kernel, ...)` for `nn.Dense`, `nn.DenseGeneral` and the logits. Inside
+  `kernel_first_matmuls`, for 2-32 rows on the CPU, it computes `kernel^T x^T` from a copy of the kernel with
+  its contracting axes minor, and transposes that small result: XLA CPU's kernels for a few rows against a
+  wide matrix ran up to twice as fast in this order (docs/performance.md). The same sums in another order:
+  equal to float32 rounding, not bitwise."""
+  (x_contract, k_contract), (x_batch, _) = dimension_numbers
+  rows = math.prod(size for axis, size in enumerate(x.shape) if axis not in x_contract)
+  low, high = FEW_ROWS
+  if x_batch or not _KERNEL_FIRST.get() or not low <= rows <= high or jax.default_backend() != 'cpu':
+    return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
+  free = [axis for axis in range(kernel.ndim) if axis not in k_contract]
+  if free + list(k_contract) != list(range(kernel.ndim)):  # the barrier keeps XLA from folding it back
+    kernel = jax.lax.optimization_barrier(kernel.transpose(free + list(k_contract)))
+    k_contract = tuple(range(len(free), kernel.ndim))
+  out = jax.lax.dot_general(kernel, x, ((k_contract, x_contract), ((), ())), precision, preferred_element_type)
+  return out.transpose(tuple(range(len(free), out.ndim)) + tuple(range(len(free))))  # x's free axes first
+
+
 @jax.custom_vjp
 def logits_matmul(x, table):
   """`x [..., d] @ table [vocab, d]^T` in float32, with the table's gradient computed as
   `(x^T @ g)^T`: autodiff's `g^T @ x` makes XLA copy the transposed `[tokens, vocab]` gradient
   first (on CPU the largest copy of a language model's step); the small `[d, vocab]` result
   transposes for free into the matmul."""
-  return jnp.einsum('...d,vd->...v', x, table, preferred_element_type=jnp.float32)
+  return dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _logits_matmul_fwd(x, table):
@@ -140,6 +178,7 @@ class FeedForward(nn.Module):
         dtype=cfg.compute_dtype,
         param_dtype=cfg.storage_dtype,
         name=name,
+        dot_general=dot_general,
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
       )
