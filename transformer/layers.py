@@ -37,7 +37,7 @@ class Embed(nn.Module):
     return logits_matmul(x, jnp.asarray(self.embedding, self.config.compute_dtype))
 
 
-# A decoding step's rows (batch times beams) from which up to which `dot_general` puts the kernel first.
+# The row counts (a decoding step's batch times beams) for which `dot_general` puts the kernel first.
 FEW_ROWS = (2, 32)
 _KERNEL_FIRST = contextvars.ContextVar('kernel_first', default=False)
 
