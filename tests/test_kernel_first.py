@@ -63,11 +63,20 @@ def test_decoding_kernel_first_equals_x_times_kernel(monkeypatch, kind, beams):
     else decoding.beam_search(model, params, beam_size=beams, max_len=8, **source)
   )
   got = run()
-  monkeypatch.setattr(layers, 'FEW_ROWS', (2, 1))
-  jax.clear_caches()
-  want = run()
+  try:  # the loops traced again with every step `x @ kernel`, then once more as before for later tests
+    monkeypatch.setattr(layers, 'FEW_ROWS', (2, 1))
+    _retrace_decoding()
+    want = run()
+  finally:
+    monkeypatch.undo()
+    _retrace_decoding()
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _retrace_decoding():
+  for loop in (decoding._generate, decoding._beam_search):
+    loop.clear_cache()
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])
