@@ -69,23 +69,28 @@ def split(text: str):
   return computations, entry
 
 
+def _calls(computations):
+  """(caller, role, callee, the calling line) for each computation an instruction calls (`body=`, `calls=`...)."""
+  for name, lines in computations.items():
+    for line in lines:
+      for role, callees in _CALLS.findall(line):
+        for callee in callees.strip('{}').replace('%', '').replace(' ', '').split(','):
+          if callee in computations:
+            yield name, role, callee, line
+
+
 def _runs(computations, entry):
   """Times each computation runs per step: while bodies multiply by their known trip count."""
   edges = {name: [] for name in computations}
-  for name, lines in computations.items():
-    for line in lines:
+  for name, role, callee, line in _calls(computations):
+    if role == 'body':
       trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-      for role, callees in _CALLS.findall(line):
-        for callee in callees.strip('{}').replace('%', '').replace(' ', '').split(','):
-          if callee in edges[name] or callee not in computations:
-            continue
-          if role == 'body':
-            if trips is None:
-              raise ValueError(f'while loop without a known trip count in {name}: {line[:200]}')
-            factor = int(trips.group(1))
-          else:
-            factor = 1  # conditionals count as if every branch ran: an upper bound
-          edges[name].append((callee, factor))
+      if trips is None:
+        raise ValueError(f'while loop without a known trip count in {name}: {line[:200]}')
+      factor = int(trips.group(1))
+    else:
+      factor = 1  # conditionals count as if every branch ran: an upper bound
+    edges[name].append((callee, factor))
   runs = {}
 
   def visit(name, factor):
@@ -101,15 +106,12 @@ def loop_computations(hlo_text: str) -> set[str]:
   """The computations that run inside a while loop: its bodies and conditions and all they call."""
   computations, _ = split(hlo_text)
   callees = {name: set() for name in computations}
-  starts = set()
-  for name, lines in computations.items():
-    for line in lines:
-      for role, names in _CALLS.findall(line):
-        called = {c for c in names.strip('{}').replace('%', '').replace(' ', '').split(',') if c in computations}
-        callees[name] |= called
-        if role in ('body', 'condition'):
-          starts |= called
-  found, todo = set(), list(starts)
+  todo = []
+  for name, role, callee, _ in _calls(computations):
+    callees[name].add(callee)
+    if role in ('body', 'condition'):
+      todo.append(callee)
+  found = set()
   while todo:
     name = todo.pop()
     if name not in found:
