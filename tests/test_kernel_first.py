@@ -1,5 +1,9 @@
 """Decoding steps multiply kernel first (`layers.dot_general` in `kernel_first_matmuls`): the same numbers as
-`x @ kernel`, and XLA transposes the kernels once, before the decoding loop, never inside it."""
+`x @ kernel`, and XLA transposes the kernels once, before the decoding loop, never inside it.
+
+Whole decodes are checked in tests/test_decoding.py: greedy (8 rows) and beam search (4 x 8 rows) take the
+kernel-first steps there, and must give the tokens and scores of full forward passes, which multiply
+`x @ kernel` (a kernel-first result off by 0.1% fails the beam search test)."""
 
 import re
 
@@ -8,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from transformer import decoding, hlo_audit, layers, models
@@ -27,8 +31,12 @@ def _numbers(x_axes, kernel_axes, x_ndim):
   return ((tuple(a % x_ndim for a in x_axes), kernel_axes), ((), ()))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(layout=st.sampled_from(sorted(LAYOUTS)), batch=st.integers(1, 40), steps=st.sampled_from([1, 2]))
+@example(layout='out', batch=1, steps=1).via('the bounds of FEW_ROWS')
+@example(layout='dense', batch=1, steps=2).via('the bounds of FEW_ROWS')
+@example(layout='query', batch=16, steps=2).via('the bounds of FEW_ROWS')
+@example(layout='logits', batch=33, steps=1).via('the bounds of FEW_ROWS')
 def test_kernel_first_equals_x_times_kernel(layout, batch, steps):
   """Every layout and row count (batch x steps): equal to `lax.dot_general` to float32 rounding; the kernel is
   put first (an optimisation barrier around its transposed copy, or the table as stored) exactly for 2-32 rows."""
@@ -47,36 +55,6 @@ def test_kernel_first_equals_x_times_kernel(layout, batch, steps):
   kernel_first = 2 <= batch * steps <= 32
   assert ('transpose' in jaxpr) == kernel_first, jaxpr  # of the result, rows back in front
   assert ('optimization_barrier' in jaxpr) == (kernel_first and layout != 'logits'), jaxpr
-
-
-@pytest.mark.parametrize('kind, beams', [('decoder_only', 1), ('encoder_decoder', 4)])
-def test_decoding_kernel_first_equals_x_times_kernel(monkeypatch, kind, beams):
-  """Greedy decoding (8 rows) and beam search (4 x 4 rows) give the tokens and scores they give with every
-  step multiplying `x @ kernel` (FEW_ROWS emptied)."""
-  model = models.build_model(tiny(kind=kind, d_model=40, d_ff=56, num_heads=5))
-  params = jax.jit(lambda: models.init_params(model, jax.random.key(0)))()
-  prompts = jax.random.randint(jax.random.key(1), (8 if beams == 1 else 4, 3), 4, 37)
-  source = dict(prompts=prompts) if kind == 'decoder_only' else dict(inputs=prompts)
-  run = lambda: (
-    decoding.generate(model, params, max_len=8, **source)
-    if beams == 1
-    else decoding.beam_search(model, params, beam_size=beams, max_len=8, **source)
-  )
-  got = run()
-  try:  # the loops traced again with every step `x @ kernel`, then once more as before for later tests
-    monkeypatch.setattr(layers, 'FEW_ROWS', (2, 1))
-    _retrace_decoding()
-    want = run()
-  finally:
-    monkeypatch.undo()
-    _retrace_decoding()
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-def _retrace_decoding():
-  for loop in (decoding._generate, decoding._beam_search):
-    loop.clear_cache()
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])
