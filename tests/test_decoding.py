@@ -246,7 +246,7 @@ def test_user_errors():
 
 
 def test_beam_search_reorders_a_scanned_cache():
-  """With `scan_layers` the cache has a leading layer axis: beams are still gathered on the batch axis."""
+  """A `scan_layers` model decodes with its layers unrolled (its parameters unstacked): the same beams."""
   model, params, data = _setup('decoder_only')
   scanned = models.build_model(dataclasses.replace(model.config, scan_layers=True))
   tokens, scores = decoding.beam_search(

@@ -59,9 +59,10 @@ def test_kernel_first_equals_x_times_kernel(layout, batch, steps):
 
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_kernels_are_transposed_before_the_decoding_loop_not_in_it(scan_layers):
-  """The compiled greedy loop at batch 8: with unrolled layers every kernel's transposed copy is made in the
-  entry computation, none inside the while loop (where it would cost a pass over the weights per token); with
-  `scan_layers` (where it would be per layer and step) the steps multiply `x @ kernel`, with no copy at all."""
+  """The compiled greedy loop at batch 8: every kernel's transposed copy is made outside the while loops, none
+  inside (where it would cost a pass over the weights per token). A `scan_layers` model decodes with its
+  layers unrolled (`decoding._unrolled`): no array of its stacked cache's shape is inside the loops, where
+  XLA copied the whole cache in and out of the loop over layers at every token."""
   config = tiny(d_model=40, d_ff=56, num_heads=5, scan_layers=scan_layers)
   model = models.build_model(config)
   params = jax.jit(lambda: models.init_params(model, jax.random.key(0)))()
@@ -83,8 +84,13 @@ def test_kernels_are_transposed_before_the_decoding_loop_not_in_it(scan_layers):
     return found
 
   assert kernel_transposes(in_loops) == 0
-  outside = [name for name in computations if name not in in_loops]
-  assert (kernel_transposes(outside) > 0) == (not scan_layers)
+  assert kernel_transposes([name for name in computations if name not in in_loops]) > 0
+  # BOS, the prompt and all but the last token: the cache's slots.
+  cache = jax.eval_shape(lambda: models.init_cache(model, 8, 1 + 3 + 8 - 1))
+  stacked = {','.join(map(str, leaf.shape)) for leaf in jax.tree.leaves(cache) if leaf.ndim == 5}
+  assert bool(stacked) == scan_layers  # heads-major keys and values, with the layer axis first
+  loop_text = '\n'.join(line for name in in_loops for line in computations[name])
+  assert not [shape for shape in stacked if f'[{shape}]' in loop_text], stacked
 
 
 def _kernels(params):

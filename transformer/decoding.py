@@ -13,6 +13,7 @@ Outputs hold the generated tokens only: EOS included, PAD (0) after it (PAD itse
 Compiled loops are cached by jit on (model, static options, shapes): the model is a hashable module.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -238,6 +239,18 @@ def _prompt_lengths(prompts):
   return (prompts != PAD_ID).sum(axis=1).astype(jnp.int32)
 
 
+def _unrolled(model, params):
+  """The model and parameters a decoding loop runs: a `scan_layers` model with its layers unrolled (its
+  parameters unstacked, under jit) and without remat, which changes no number. In a scanned step XLA copied
+  every layer's KV cache into and out of the loop over layers at every token (4.7x slower greedy decoding of
+  the lm shape at batch 8, docs/performance.md); unrolled, each layer's cache is updated in place. The cost:
+  the decoding call holds a copy of the layers' weights, and its compile time grows with depth."""
+  cfg = model.config
+  if not cfg.scan_layers:
+    return model, params
+  return model.clone(config=dataclasses.replace(cfg, scan_layers=False, remat='none')), models.unstack_layers(params)
+
+
 def _prefill(model, params, inputs, prompts, batch, max_len):
   """Cache after `[BOS, prompt]`, the logits for the first new token `[B, V]`, and a step function.
 
@@ -287,7 +300,7 @@ def _prefill(model, params, inputs, prompts, batch, max_len):
   def step(cache, tokens, i):
     copies = tokens.shape[0] // batch
     positions = jnp.repeat(prompt_lengths, copies) + 1 + i
-    with layers.kernel_first_matmuls(enabled=not cfg.scan_layers):
+    with layers.kernel_first_matmuls():
       logits, state = call(cache, tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None])
     return logits[:, 0], state['cache']
 
@@ -296,6 +309,7 @@ def _prefill(model, params, inputs, prompts, batch, max_len):
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_len', 'sample', 'top_k', 'top_p'))
 def _generate(model, params, inputs, prompts, lengths, rng, temperature, *, max_len, sample, top_k, top_p):
+  model, params = _unrolled(model, params)
   batch = lengths.shape[0]
   cache, logits, step = _prefill(model, params, inputs, prompts, batch, max_len)
 
@@ -383,6 +397,7 @@ def _reorder_beams(cache, batch_axes, slot_axes, index, filled):
 
 @functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_len'))
 def _beam_search(model, params, inputs, prompts, lengths, alpha, *, beam_size, max_len):
+  model, params = _unrolled(model, params)
   batch, beams = lengths.shape[0], beam_size
   cache, logits, step = _prefill(model, params, inputs, prompts, batch, max_len)
   vocab = logits.shape[-1]

@@ -43,11 +43,11 @@ _KERNEL_FIRST = contextvars.ContextVar('kernel_first', default=False)
 
 
 @contextlib.contextmanager
-def kernel_first_matmuls(enabled: bool = True):
+def kernel_first_matmuls():
   """Within it, `dot_general` multiplies few rows kernel first (on the CPU). For the steps of a decoding loop
   over unrolled layers only: there XLA makes the kernels' transposed copies once, before the loop; applied
   to one call, or in `scan_layers`' loop over layers, it would transpose every kernel at every call."""
-  token = _KERNEL_FIRST.set(enabled)
+  token = _KERNEL_FIRST.set(True)
   try:
     yield
   finally:
