@@ -212,7 +212,8 @@ def _translation(corpus, *extra):
     '--config.model.d_ff=64',
     '--config.model.num_heads=4',
     '--config.model.num_encoder_layers=1',
-    '--config.model.num_decoder_layers=1',
+    '--config.model.num_decoder_layers=2',
+    '--config.model.scan_layers=True',  # stacked parameters, sharded; decoding unstacks them
     '--config.train.batch_size=8',
     '--config.train.num_steps=4',
     '--config.train.warmup_steps=1',
@@ -227,8 +228,8 @@ def _translation(corpus, *extra):
 
 @pytest.mark.slow(68)
 def test_two_hosts_train_evaluate_decode_and_checkpoint_like_one(corpus, tmp_path):
-  """Translation on 2 processes x 2 devices: training with periodic evals that decode (BLEU, chrF and
-  beam-search samples) and checkpoints. Evaluating and decoding its checkpoint on one process gives the
+  """Translation with scanned layers on 2 processes x 2 devices: training with periodic evals that decode
+  (BLEU, chrF and beam-search samples) and checkpoints. Evaluating and decoding its checkpoint on one process gives the
   same metrics and the same translations, and `--mode decode` on 2 processes writes those translations."""
   workdir = tmp_path / 'translation'
   mesh = _mesh(1, 2, 2)
