@@ -13,7 +13,6 @@ Outputs hold the generated tokens only: EOS included, PAD (0) after it (PAD itse
 Compiled loops are cached by jit on (model, static options, shapes): the model is a hashable module.
 """
 
-import dataclasses
 import functools
 import math
 
@@ -245,10 +244,9 @@ def _unrolled(model, params):
   every layer's KV cache into and out of the loop over layers at every token (4.7x slower greedy decoding of
   the lm shape at batch 8, docs/performance.md); unrolled, each layer's cache is updated in place. The cost:
   the decoding call holds a copy of the layers' weights, and its compile time grows with depth."""
-  cfg = model.config
-  if not cfg.scan_layers:
+  if not model.config.scan_layers:
     return model, params
-  return model.clone(config=dataclasses.replace(cfg, scan_layers=False, remat='none')), models.unstack_layers(params)
+  return models.unrolled(model), models.unstack_layers(params)
 
 
 def _prefill(model, params, inputs, prompts, batch, max_len):

@@ -377,9 +377,17 @@ def init_params(model: nn.Module, rng, batch_size: int = 1, length: int = 8):
   seed gives the same weights (and losses) in both layouts.
   """
   cfg = model.config
-  twin = model.clone(config=dataclasses.replace(cfg, scan_layers=False)) if cfg.scan_layers else model
-  params = nn.unbox(jax.jit(twin.init)(rng, *dummy_inputs(cfg, batch_size, length))['params'])
+  params = nn.unbox(jax.jit(unrolled(model).init)(rng, *dummy_inputs(cfg, batch_size, length))['params'])
   return stack_layers(params) if cfg.scan_layers else params
+
+
+def unrolled(model: nn.Module) -> nn.Module:
+  """A `scan_layers` model's unrolled twin (remat off too, which only trades memory in a backward pass): the
+  same function of `unstack_layers(params)`. Any other model as it is."""
+  cfg = model.config
+  if not cfg.scan_layers:
+    return model
+  return model.clone(config=dataclasses.replace(cfg, scan_layers=False, remat='none'))
 
 
 def init_cache(model: nn.Module, batch_size: int, max_length: int, source_length: int = 1):
