@@ -64,13 +64,29 @@ def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_
   rows = math.prod(size for axis, size in enumerate(x.shape) if axis not in x_contract)
   low, high = FEW_ROWS
   if x_batch or not _KERNEL_FIRST.get() or not low <= rows <= high or jax.default_backend() != 'cpu':
-    return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
+    return _matrix_product(x, kernel, dimension_numbers, precision, preferred_element_type)
   free = [axis for axis in range(kernel.ndim) if axis not in k_contract]
   if free + list(k_contract) != list(range(kernel.ndim)):  # the barrier keeps XLA from folding it back
     kernel = jax.lax.optimization_barrier(kernel.transpose(free + list(k_contract)))
     k_contract = tuple(range(len(free), kernel.ndim))
   out = jax.lax.dot_general(kernel, x, ((k_contract, x_contract), ((), ())), precision, preferred_element_type)
   return out.transpose(tuple(range(len(free), out.ndim)) + tuple(range(len(free))))  # x's free axes first
+
+
+def _matrix_product(x, kernel, dimension_numbers, precision, preferred_element_type):
+  """`lax.dot_general` as one 2-d matrix product when x contracts its trailing axes with the kernel's
+  leading ones (every Dense and attention projection): `[batch, length, ...]` flattened to rows. Left
+  with several row axes, the gradient's `x^T g` contracts two axes, and XLA CPU copied both operands
+  transposed to contract them (the ReLU's `[tokens, d_ff]` gradient and each norm's output, per layer)."""
+  (x_contract, k_contract), (x_batch, _) = dimension_numbers
+  free = x.ndim - len(x_contract)
+  if x_batch or tuple(x_contract) != tuple(range(free, x.ndim)) or tuple(k_contract) != tuple(range(len(k_contract))):
+    return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
+  depth = math.prod(x.shape[free:])
+  out = jax.lax.dot_general(
+    x.reshape(-1, depth), kernel.reshape(depth, -1), (((1,), (0,)), ((), ())), precision, preferred_element_type
+  )
+  return out.reshape(x.shape[:free] + kernel.shape[len(k_contract) :])
 
 
 @jax.custom_vjp
@@ -89,7 +105,8 @@ def _logits_matmul_fwd(x, table):
 def _logits_matmul_bwd(residuals, g):
   x, table = residuals
   d_x = jnp.einsum('...v,vd->...d', g, table, preferred_element_type=jnp.float32)
-  d_table = jnp.einsum('...d,...v->dv', x, g, preferred_element_type=jnp.float32)
+  rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # one contracted axis (`_matrix_product`)
+  d_table = jnp.einsum('td,tv->dv', rows_x, rows_g, preferred_element_type=jnp.float32)
   return d_x.astype(x.dtype), d_table.T.astype(table.dtype)
 
 

@@ -1,0 +1,69 @@
+"""`layers.dot_general` computes every projection as one 2-d matrix product: the numbers of `lax.dot_general`,
+and a gradient that XLA computes without transposed copies of the activations."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import tiny
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transformer import layers
+
+# (x's shape after the row axes, kernel's shape, contracting axes of x and of the kernel): nn.Dense, the
+# attention's query/key/value (nn.DenseGeneral to heads), its output projection, and the logits' layout,
+# which contracts the kernel's last axis and keeps `lax.dot_general`.
+LAYOUTS = {
+  'dense': ((6,), (6, 10), ((-1,), (0,))),
+  'query': ((6,), (6, 3, 4), ((-1,), (0,))),
+  'out': ((3, 4), (3, 4, 6), ((-2, -1), (0, 1))),
+  'logits': ((6,), (10, 6), ((-1,), (1,))),
+}
+
+
+@settings(max_examples=20, deadline=None)
+@given(layout=st.sampled_from(sorted(LAYOUTS)), rows=st.lists(st.integers(1, 5), min_size=0, max_size=3))
+def test_values_and_gradients_equal_lax_dot_general(layout, rows):
+  """Any number of row axes (none, as one token; batch and length; more): the values and both gradients of
+  `lax.dot_general`, to float32 rounding."""
+  x_tail, kernel_shape, (x_axes, kernel_axes) = LAYOUTS[layout]
+  x = jax.random.normal(jax.random.key(len(rows)), (*rows, *x_tail))
+  kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+  numbers = ((tuple(a % x.ndim for a in x_axes), kernel_axes), ((), ()))
+  cotangent = jax.random.normal(jax.random.key(2), jax.lax.dot_general(x, kernel, numbers).shape)
+
+  def vjp(dot):
+    out, pullback = jax.vjp(lambda x, kernel: dot(x, kernel, numbers), x, kernel)
+    return (out, *pullback(cotangent))
+
+  for ours, want in zip(jax.jit(vjp, static_argnums=0)(layers.dot_general), vjp(jax.lax.dot_general)):
+    assert ours.shape == want.shape
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
+
+
+class _Projections(nn.Module):
+  """The FFN, and attention's projections to heads and back, with a ReLU between (as in the models)."""
+
+  @nn.compact
+  def __call__(self, x):
+    config = tiny(d_model=32, d_ff=48, activation='relu')
+    x = x + layers.FeedForward(config)(nn.LayerNorm()(x))
+    heads = nn.DenseGeneral((4, 8), dot_general=layers.dot_general)(nn.LayerNorm()(x))
+    return nn.DenseGeneral(32, axis=(-2, -1), dot_general=layers.dot_general)(jax.nn.relu(heads))
+
+
+def test_the_gradient_copies_no_activation():
+  """XLA CPU contracted batch and length of `x^T g` (each weight's gradient) by copying the ReLU's
+  gradient, the norms' outputs and the heads' gradients transposed: per layer of the `lm` shape about 150 ms
+  of a 4 s step (docs/performance.md). Flattened to rows, the compiled gradient copies no activation."""
+  model, x = _Projections(), jnp.ones((4, 16, 32))
+  params = model.init(jax.random.key(0), x)
+  loss = lambda params, x: jnp.sum(model.apply(params, x) ** 2)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+  shapes = re.findall(r'= f32\[([\d,]+)\]\{[\d,]+\} (?:copy|transpose)\(', hlo)
+  tokens = 4 * 16
+  activations = [s for s in shapes if np.prod([int(d) for d in s.split(',')]) >= tokens * 32]
+  assert not activations, activations
