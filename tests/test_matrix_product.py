@@ -1,5 +1,6 @@
 """`layers.dot_general` computes every projection as one 2-d matrix product: the numbers of `lax.dot_general`,
-and a gradient that XLA computes without transposed copies of the activations."""
+a gradient that XLA computes without transposed copies of the activations, and for a wide kernel on the CPU a
+weight gradient from the rows transposed first."""
 
 import re
 
@@ -11,7 +12,7 @@ from conftest import tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformer import layers
+from transformer import layers, models
 
 # (x's shape after the row axes, kernel's shape, contracting axes of x and of the kernel): nn.Dense, the
 # attention's query/key/value (nn.DenseGeneral to heads), its output projection, and the logits' layout,
@@ -67,3 +68,32 @@ def test_the_gradient_copies_no_activation():
   tokens = 4 * 16
   activations = [s for s in shapes if np.prod([int(d) for d in s.split(',')]) >= tokens * 32]
   assert not activations, activations
+
+
+DENSE = (((1,), (0,)), ((), ()))
+
+
+def _compiled_gradient(fn, kernel, x):
+  return jax.jit(jax.value_and_grad(fn)).lower(kernel, x).compile().as_text()
+
+
+def test_a_wide_kernels_gradient_multiplies_the_rows_transposed_first():
+  """Rows [64, 8]: for a kernel 4x as wide as deep the compiled weight gradient contracts the minor axis of a
+  transposed copy (`lhs_contracting_dims={1}`); for a square one XLA gets the rows as they are ({0})."""
+  x = jax.random.normal(jax.random.key(0), (64, 8))
+  for features, contracted in ((4 * 8, '1'), (8, '0')):
+    kernel = jax.random.normal(jax.random.key(1), (8, features))
+    hlo = _compiled_gradient(lambda kernel, x: jnp.sum(layers.dot_general(x, kernel, DENSE) ** 2), kernel, x)
+    gradient = re.findall(rf'f32\[8,{features}\]\{{1,0\}} dot\([^\n]*lhs_contracting_dims=\{{(\d)\}}', hlo)
+    assert gradient == [contracted], hlo
+
+
+def test_remat_dots_policy_saves_a_wide_product_as_any_matmul():
+  """Remat's `dots` policy saves every matmul's result; a wide product (a custom gradient) is named for it.
+  Counted in the differentiated program (XLA would merge a recomputed matmul with the forward one): as many
+  matmuls as without remat, fewer than with full remat, which recomputes the product."""
+  x, kernel = jax.random.normal(jax.random.key(0), (64, 8)), jax.random.normal(jax.random.key(1), (8, 32))
+  loss = lambda kernel, x: jnp.sum(jnp.tanh(layers.dot_general(x, kernel, DENSE)) ** 2)
+  matmuls = lambda fn: str(jax.make_jaxpr(jax.value_and_grad(fn))(kernel, x)).count('dot_general')
+  plain, full = matmuls(loss), matmuls(jax.checkpoint(loss))
+  assert matmuls(jax.checkpoint(loss, policy=models._REMAT_POLICIES['dots'])) == plain < full

@@ -237,24 +237,21 @@ class MultiHeadAttention(nn.Module):
     )
     # DenseGeneral initialises the kernel flattened to [fan_in, fan_out]: plain Glorot is right.
     init_in = init_out = nn.initializers.xavier_uniform()
-    query = proj(
-      (heads, cfg.head_dim_qk),
-      name='query',
-      kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'heads', 'kv')),
-    )(inputs_q)
+    # Projections of rows ([tokens, d_model]) flattened once per input: flattened by each projection
+    # (`layers.dot_general`), a scanned layer's backward pass kept a copy of the rows per projection.
+    flat_q = inputs_q.reshape(-1, inputs_q.shape[-1])
+
+    def project(name, flat, inputs, features, axes):
+      kernel = proj(features, name=name, kernel_init=nn.with_logical_partitioning(init_in, axes))
+      return kernel(flat).reshape(*inputs.shape[:-1], *features)
+
+    query = project('query', flat_q, inputs_q, (heads, cfg.head_dim_qk), ('embed', 'heads', 'kv'))
     if inputs_kv is None and self.decode and self.cross:
       key, value = self._cached_cross_kv()
     else:
-      key = proj(
-        (kv_heads, cfg.head_dim_qk),
-        name='key',
-        kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')),
-      )(inputs_kv)
-      value = proj(
-        (kv_heads, cfg.head_dim_v),
-        name='value',
-        kernel_init=nn.with_logical_partitioning(init_in, ('embed', 'kv_heads', 'kv')),
-      )(inputs_kv)
+      flat_kv = flat_q if inputs_kv is inputs_q else inputs_kv.reshape(-1, inputs_kv.shape[-1])
+      key = project('key', flat_kv, inputs_kv, (kv_heads, cfg.head_dim_qk), ('embed', 'kv_heads', 'kv'))
+      value = project('value', flat_kv, inputs_kv, (kv_heads, cfg.head_dim_v), ('embed', 'kv_heads', 'kv'))
     if rope_positions is not None:
       query = layers.apply_rope(query, rope_positions, cfg.rope_base)
       key = layers.apply_rope(key, rope_positions, cfg.rope_base)

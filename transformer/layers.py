@@ -2,11 +2,13 @@
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from transformer.config import ModelConfig
 
@@ -83,10 +85,54 @@ def _matrix_product(x, kernel, dimension_numbers, precision, preferred_element_t
   if x_batch or tuple(x_contract) != tuple(range(free, x.ndim)) or tuple(k_contract) != tuple(range(len(k_contract))):
     return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
   depth = math.prod(x.shape[free:])
-  out = jax.lax.dot_general(
-    x.reshape(-1, depth), kernel.reshape(depth, -1), (((1,), (0,)), ((), ())), precision, preferred_element_type
-  )
+  rows, matrix = x.reshape(-1, depth), kernel.reshape(depth, -1)
+  if _transposes_rows(rows, matrix.shape[1]):
+    # Named, so that remat's `dots` policy (models._REMAT_POLICIES) saves it as it saves a plain matmul.
+    out = checkpoint_name(_wide_product(rows, matrix, precision, preferred_element_type), WIDE_PRODUCT)
+  else:
+    out = jax.lax.dot_general(rows, matrix, (((1,), (0,)), ((), ())), precision, preferred_element_type)
   return out.reshape(x.shape[:free] + kernel.shape[len(k_contract) :])
+
+
+# A weight gradient `rows^T g` takes rows transposed first (on the CPU) from this ratio of the kernel's
+# output to input features up: measured 1.2-1.5x at 4 (a [512, 2048] FFN input) and 1.7-2x at 16 (the
+# [512, 8192] logits), even at 1, slower at 1/4 (docs/performance.md).
+WIDE_KERNEL = 2
+WIDE_PRODUCT = 'wide_product'
+
+
+def _transposes_rows(rows, features: int) -> bool:
+  return jax.default_backend() == 'cpu' and features >= WIDE_KERNEL * rows.shape[1]
+
+
+def _rows_transposed(rows, features: int):
+  """`rows^T` for the weight gradient `rows^T g` with `features` columns in g. XLA CPU runs `rows^T g` as
+  given (the operand's contracting axis major) with a slower matmul than a plain product; for a wide g,
+  a copy of the smaller `rows^T` made first pays for itself. The barrier keeps XLA from folding the
+  transpose back into the matmul."""
+  return jax.lax.optimization_barrier(rows.T) if _transposes_rows(rows, features) else rows.T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _wide_product(rows, kernel, precision, preferred_element_type):
+  """`rows [n, d] @ kernel [d, f]`, whose kernel gradient is `_rows_transposed(rows) @ g`."""
+  return jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())), precision, preferred_element_type)
+
+
+def _wide_product_fwd(rows, kernel, precision, preferred_element_type):
+  return _wide_product(rows, kernel, precision, preferred_element_type), (rows, kernel)
+
+
+def _wide_product_bwd(precision, preferred_element_type, residuals, g):
+  rows, kernel = residuals
+  d_rows = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())), precision, preferred_element_type)
+  d_kernel = jax.lax.dot_general(
+    _rows_transposed(rows, kernel.shape[1]), g, (((1,), (0,)), ((), ())), precision, preferred_element_type
+  )
+  return d_rows.astype(rows.dtype), d_kernel.astype(kernel.dtype)
+
+
+_wide_product.defvjp(_wide_product_fwd, _wide_product_bwd)
 
 
 @jax.custom_vjp
@@ -106,7 +152,7 @@ def _logits_matmul_bwd(residuals, g):
   x, table = residuals
   d_x = jnp.einsum('...v,vd->...d', g, table, preferred_element_type=jnp.float32)
   rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # one contracted axis (`_matrix_product`)
-  d_table = jnp.einsum('td,tv->dv', rows_x, rows_g, preferred_element_type=jnp.float32)
+  d_table = jnp.matmul(_rows_transposed(rows_x, table.shape[0]), rows_g, preferred_element_type=jnp.float32)
   return d_x.astype(x.dtype), d_table.T.astype(table.dtype)
 
 

@@ -23,7 +23,10 @@ from transformer.tokens import BOS_ID, PAD_ID
 
 _REMAT_POLICIES = {
   'full': None,  # save nothing: recompute the whole block in the backward pass
-  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'dots': jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(layers.WIDE_PRODUCT),  # a matmul with a custom gradient
+  ),
 }
 
 
