@@ -24,7 +24,12 @@ STEPS = 3
 BATCH = 16
 # Decoder-only with multi-query attention: kv_heads=1 cannot be split over 'tensor' (replicated instead).
 # Encoder-decoder with scanned, rematerialised layers: its parameters get a leading 'layers' axis.
-MODELS = {'decoder_only': dict(num_kv_heads=1), 'encoder_decoder': dict(scan_layers=True, remat='full')}
+# Both with d_ff 4x d_model (the paper's ratio): the FFN's weight gradient takes `layers`' wide-kernel path.
+WIDE_FFN = dict(d_ff=128)
+MODELS = {
+  'decoder_only': dict(num_kv_heads=1, **WIDE_FFN),
+  'encoder_decoder': dict(scan_layers=True, remat='full', **WIDE_FFN),
+}
 
 
 def _setup(kind, parallelism='jit', mesh=(-1, 1, 1), dropout=0.0, accum=1):
