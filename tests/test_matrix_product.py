@@ -58,8 +58,8 @@ class _Projections(nn.Module):
 
 def test_the_gradient_copies_no_activation():
   """XLA CPU contracted batch and length of `x^T g` (each weight's gradient) by copying the ReLU's
-  gradient, the norms' outputs and the heads' gradients transposed: per layer of the `lm` shape about 150 ms
-  of a 4 s step (docs/performance.md). Flattened to rows, the compiled gradient copies no activation."""
+  gradient, the norms' outputs and the heads' gradients transposed (removing them made the `lm` step 1.15x
+  faster: docs/performance.md). Flattened to rows, the compiled gradient copies no activation."""
   model, x = _Projections(), jnp.ones((4, 16, 32))
   params = model.init(jax.random.key(0), x)
   loss = lambda params, x: jnp.sum(model.apply(params, x) ** 2)
