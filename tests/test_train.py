@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from transformer import metrics, models, optim, train
 from transformer.config import TrainConfig
@@ -26,6 +28,21 @@ def test_smoothed_loss_minimum_is_zero():
   logits = jax.random.normal(jax.random.key(1), (1, 3, vocab))
   nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).sum()
   np.testing.assert_allclose(train.cross_entropy(logits, targets, jnp.ones((1, 3)))[0], nll, rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 9), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_accuracy_is_argmax_with_its_tie_break(vocab, levels, seed):
+  """`is_argmax` equals `argmax == targets`, the first maximum winning a tie. Few distinct logit values
+  make ties common (levels=1: every logit equal, as a zero-initialised output layer gives), and half the
+  targets are a maximum, so a version that counted any maximum, or the last one, fails."""
+  rng = np.random.default_rng(seed)
+  logits = rng.integers(0, levels, (4, 6, vocab)).astype(np.float32)
+  targets = rng.integers(0, vocab, (4, 6))
+  tied = np.stack([rng.choice(np.flatnonzero(row == row.max())) for row in logits.reshape(-1, vocab)])
+  targets = np.where(rng.random((4, 6)) < 0.5, tied.reshape(4, 6), targets)
+  expected = np.argmax(logits, -1) == targets
+  np.testing.assert_array_equal(train.is_argmax(jnp.asarray(logits), jnp.asarray(targets)), expected)
 
 
 def test_z_loss_adds_log_z_squared():
