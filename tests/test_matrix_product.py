@@ -88,6 +88,18 @@ def test_a_wide_kernels_gradient_multiplies_the_rows_transposed_first():
     assert gradient == [contracted], hlo
 
 
+def test_the_logits_table_gradient_is_a_plain_product_transposed_after():
+  """The tied table's gradient `(x^T g)^T` is a plain product of the transposed rows and g (contracting
+  g's major axis, as autodiff's `g^T x` does, ran 1.7x slower), then a transpose of the small result. Without
+  the barrier on the product XLA folded that transpose back into the matmul as `g^T x^T^T`."""
+  x = jax.random.normal(jax.random.key(0), (64, 8))
+  table = jax.random.normal(jax.random.key(1), (4 * 8, 8))
+  hlo = _compiled_gradient(lambda table, x: jnp.sum(layers.logits_matmul(x, table) ** 2), table, x)
+  products = re.findall(r'= f32\[(\d+),(\d+)\]\{1,0\} dot\([^\n]*lhs_contracting_dims=\{(\d)\}', hlo)
+  gradient = [p for p in products if p[0] != '64']  # the logits and x's gradient have a row per token
+  assert gradient == [('8', '32', '1')], hlo
+
+
 def test_remat_dots_policy_saves_a_wide_product_as_any_matmul():
   """Remat's `dots` policy saves every matmul's result; a wide product (a custom gradient) is named for it.
   Counted in the differentiated program (XLA would merge a recomputed matmul with the forward one): as many
