@@ -49,6 +49,30 @@ def test_each_matmul_is_counted_once_in_its_category():
     assert result['categories'][name]['ms'] > 0, name
 
 
+def test_an_async_matmul_spans_to_its_end_event_and_overlapping_ops_share_the_wall_time():
+  """XLA CPU's trace of an Eigen matmul: its thunk returns after 1 us, its `end:` event comes at 100 us,
+  while a fusion runs 10-60 us beside it (the fusion's own end event comes late, at 90 us). The matmul
+  gets 100 us of span; the 50 us the two share are split between them, so the shares sum to the 100 us of
+  wall time that some op ran (not 150, and not the 51 us the op events alone hold)."""
+  us = 1000
+  events = [
+    ('dot.1', 0, 1 * us, 'dot.1'),
+    ('fusion.2', 10 * us, 50 * us, 'fusion.2'),
+    ('end: fusion.2', 90 * us, 0, None),  # a synchronous op's end event, late: its own event counts
+    ('ThreadpoolListener::StartRegion', 2 * us, 0, None),
+    ('end: dot.1', 100 * us, 0, None),
+    ('copy.3', 150 * us, 5 * us, 'copy.3'),  # no end event: its own duration
+  ]
+  found = profile.spans(events, {'dot.1'})
+  assert sorted(found) == [(0, 100 * us, 'dot.1'), (10 * us, 60 * us, 'fusion.2'), (150 * us, 155 * us, 'copy.3')]
+  times = profile.wall_shares(found)
+  assert times == {'dot.1': [75 * us, 1], 'fusion.2': [25 * us, 1], 'copy.3': [5 * us, 1]}
+  # Two runs of one op (two steps) add up, each matched with its own end event.
+  later = [(name, start + 200 * us, duration, op) for name, start, duration, op in events]
+  twice = profile.spans(events + later, {'dot.1'})
+  assert profile.wall_shares(twice)['dot.1'] == [150 * us, 2]
+
+
 @pytest.mark.slow(5)
 def test_bench_prints_the_profile_table(capsys, tmp_path):
   config = _config()

@@ -7,8 +7,11 @@ which carries the Flax module path, e.g. `.../layer_3/self_attention/...`). The 
 category's time per step, its share of all op time, and its FLOPs: exact for matmuls, one per result
 element for everything else (an estimate: it only says which rows are bound by memory, not compute).
 
-Op times are summed over the runtime's threads: two ops running at once both count, so shares are of
-the summed op time, which can exceed the step's wall time.
+Each op's time runs from its start to its completion (for a matmul that XLA hands to Eigen's thread pool,
+its `end:` event, not the moment its thunk returns), and every instant of wall time is split equally
+between the ops running then: the shares add up to the time some op was running, never more than the
+step. Summed op durations, as a trace viewer shows them, miss the asynchronous matmuls and count twice
+the ops that share the cores with them.
 """
 
 import collections
@@ -48,6 +51,7 @@ class Op:
   flops: int  # per run: matmul FLOPs plus one per result element of other arithmetic
   dot_flops: int  # per run: matmul FLOPs only
   op_name: str  # the JAX operation (HLO metadata)
+  asynchronous: bool = False  # an unfused matmul: XLA CPU hands it to Eigen's thread pool and goes on
 
 
 def _parsed(computations):
@@ -96,7 +100,7 @@ def classify(hlo_text: str, vocab_elements: int) -> dict:
       has_dot = bool(opcodes & {'dot', 'convolution'}) or 'matmul' in line.lower()
       dots, other = _flops(inner, types)
       category = _category(opcode, opcodes, has_dot, op_name, type_text, vocab_elements)
-      ops[name] = Op(name, category, dots + other, dots, op_name)
+      ops[name] = Op(name, category, dots + other, dots, op_name, opcode in ('dot', 'convolution'))
   return ops
 
 
@@ -120,22 +124,60 @@ def _category(opcode, opcodes, has_dot, op_name, type_text, vocab_elements) -> s
   return 'norms & elementwise'
 
 
-def op_times(trace_dir: str, module: str) -> dict:
-  """{hlo op name: [summed nanoseconds, runs]} of the ops of the XLA modules whose name contains
-  `module` (e.g. 'train_step': `jit_train_step`, `pmap_train_step`) in a trace, over all devices."""
+def op_times(trace_dir: str, module: str, asynchronous=frozenset()) -> dict:
+  """{hlo op name: [nanoseconds, runs]} of the ops of the XLA modules whose name contains `module` (e.g.
+  'train_step': `jit_train_step`, `pmap_train_step`) in a trace, over all devices: each op's share of the
+  wall time (`wall_shares`) from its start to its completion (`spans`)."""
   paths = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True), key=os.path.getmtime)
   if not paths:
     raise FileNotFoundError(f'no profile (*.xplane.pb) was written under {trace_dir}')
   data = jax.profiler.ProfileData.from_file(paths[-1])
-  times = collections.defaultdict(lambda: [0, 0])
+  events = []
   for plane in data.planes:
     for line in plane.lines:
       for event in line.events:
         stats = dict(event.stats)
-        if 'hlo_op' in stats and module in str(stats.get('hlo_module', '')):
-          entry = times[stats['hlo_op']]
-          entry[0] += event.duration_ns
-          entry[1] += 1
+        op = stats.get('hlo_op') if module in str(stats.get('hlo_module', '')) else None
+        events.append((event.name, event.start_ns, event.duration_ns, op))
+  return wall_shares(spans(events, asynchronous))
+
+
+def spans(events, asynchronous=frozenset()) -> list:
+  """[(start, end, op)] from trace events (name, start, duration, hlo op or None). XLA CPU records an op's
+  event while its thunk runs. The `asynchronous` ops (a plain `dot`, which Eigen's thread pool computes:
+  a weight gradient `x^T g`) return at once, and only their `end: <op>` event marks when the work finished;
+  for the others that event can come much later (when the executor gets to it), so their own event counts."""
+  pending = collections.defaultdict(collections.deque)
+  found = []
+  for name, start, duration, op in sorted(events, key=lambda event: event[1]):
+    if op in asynchronous:
+      pending[op].append((start, start + duration))
+    elif op:
+      found.append((start, start + duration, op))
+    elif name.startswith('end: ') and pending[name[5:]]:
+      begin, end = pending[name[5:]].popleft()
+      found.append((begin, max(end, start), name[5:]))
+  found += [(begin, end, op) for op, runs in pending.items() for begin, end in runs]
+  return found
+
+
+def wall_shares(op_spans) -> dict:
+  """{op: [nanoseconds, runs]}: every instant of wall time split equally between the ops running then, so
+  that ops overlapping on the CPU's cores (an async matmul beside the next op) are not counted twice and
+  the shares add up to the time some op was running."""
+  times = collections.defaultdict(lambda: [0.0, 0])
+  edges = sorted(edge for i, (begin, end, _) in enumerate(op_spans) for edge in ((begin, 1, i), (end, -1, i)))
+  running, last = set(), None
+  for at, change, i in edges:
+    if running:
+      for j in running:
+        times[op_spans[j][2]][0] += (at - last) / len(running)
+    last = at
+    if change > 0:
+      running.add(i)
+      times[op_spans[i][2]][1] += 1
+    else:
+      running.discard(i)
   return dict(times)
 
 
@@ -178,7 +220,7 @@ def breakdown(times: dict, ops: dict, steps: int) -> dict:
 
 def format_breakdown(result: dict, step_ms: float) -> str:
   lines = [
-    f'op time per step {result["op_ms"]:.4g} ms (summed over threads) for a {step_ms:.4g} ms step:',
+    f'op time per step {result["op_ms"]:.4g} ms (wall time with an op running) for a {step_ms:.4g} ms step:',
     '| category | ms / step | share | GFLOP / step | GFLOP/s |',
     '|---|---|---|---|---|',
   ]
@@ -197,11 +239,11 @@ def profile_train(bench, steps: int = 2, trace_dir: str = '') -> dict:
   with 'trace_dir': where the trace went (TensorBoard's profile plugin or xprof open it) and
   'unmatched': ops of the trace not found in the compiled module's text (0 unless XLA renamed them)."""
   trace_dir = trace(bench.times, steps, trace_dir or None)
-  times = op_times(trace_dir, 'train_step')
   hlo = bench.runner.lower_train_step(bench.batch).compile().as_text()
   devices = jax.local_device_count()
   tokens = bench.runner.local_batch_size() * bench.seq_len // devices
   ops = classify(hlo, tokens * bench.model_config.vocab_size)
+  times = op_times(trace_dir, 'train_step', {name for name, op in ops.items() if op.asynchronous})
   result = breakdown(times, ops, steps * devices)
   result['trace_dir'] = trace_dir
   result['unmatched'] = sum(name not in ops for name in times)
