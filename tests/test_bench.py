@@ -196,6 +196,9 @@ def test_machine_line_names_the_cpu(tmp_path):
   cpuinfo = tmp_path / 'cpuinfo'
   cpuinfo.write_text('processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n')
   assert table.cpu_model(str(cpuinfo)) == 'Intel(R) Xeon(R) Platinum 8488C'
+  # One name covers CPU generations whose GEMM rates differ 3x: family, model and vector unit tell them apart.
+  cpuinfo.write_text('cpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f\n')
+  assert table.cpu_model(str(cpuinfo)) == 'AMD EPYC (family 26 model 2, AVX-512)'
   line = table.machine_line({'XLA': 3.0e11, 'PyTorch': 'torch not installed'}, 2048, 5)
   assert 'XLA 300 GFLOP/s, PyTorch: torch not installed' in line and '2048x2048 (best of 5' in line
 
