@@ -91,7 +91,7 @@ def test_a_wide_kernels_gradient_multiplies_the_rows_transposed_first():
 def test_the_logits_table_gradient_is_a_plain_product_transposed_after():
   """The tied table's gradient `(x^T g)^T` is a plain product of the transposed rows and g (contracting
   g's major axis, as autodiff's `g^T x` does, ran 1.7x slower), then a transpose of the small result. Without
-  the barrier on the product XLA folded that transpose back into the matmul as `g^T x^T^T`."""
+  the barrier on the product XLA folded that transpose back into the matmul, as `g^T x`."""
   x = jax.random.normal(jax.random.key(0), (64, 8))
   table = jax.random.normal(jax.random.key(1), (4 * 8, 8))
   hlo = _compiled_gradient(lambda table, x: jnp.sum(layers.logits_matmul(x, table) ** 2), table, x)
