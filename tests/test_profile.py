@@ -67,6 +67,10 @@ def test_an_async_matmul_spans_to_its_end_event_and_overlapping_ops_share_the_wa
   assert sorted(found) == [(0, 100 * us, 'dot.1'), (10 * us, 60 * us, 'fusion.2'), (150 * us, 155 * us, 'copy.3')]
   times = profile.wall_shares(found)
   assert times == {'dot.1': [75 * us, 1], 'fusion.2': [25 * us, 1], 'copy.3': [5 * us, 1]}
+  # A while loop's event holds its body's ops: they keep their time, the loop gets only the gaps.
+  loop = profile.spans(events + [('while.4', 140 * us, 30 * us, 'while.4')], {'dot.1'})
+  shares = profile.wall_shares(loop, {'while.4'})
+  assert shares['copy.3'] == [5 * us, 1] and shares['while.4'] == [25 * us, 1]
   # Two runs of one op (two steps) add up, each matched with its own end event.
   later = [(name, start + 200 * us, duration, op) for name, start, duration, op in events]
   twice = profile.spans(events + later, {'dot.1'})

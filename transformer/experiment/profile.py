@@ -38,6 +38,7 @@ CATEGORIES = (
   ('collectives', 'all-reduce, all-gather, reduce-scatter, ...'),
   ('other', 'loop control and ops not found in the HLO'),
 )
+_LOOPS = {'while', 'conditional', 'call'}
 _MOVES = {'copy', 'transpose', 'bitcast', 'reshape', 'broadcast', 'parameter', 'constant', 'slice', 'concatenate'}
 _NO_FLOPS = _MOVES | {'tuple', 'get-tuple-element', 'iota', 'dynamic-slice', 'dynamic-update-slice', 'pad', 'gather'}
 _ATTENTION = re.compile(r'/(self|cross)_attention/(?!(query|key|value|out)/)')
@@ -51,7 +52,9 @@ class Op:
   flops: int  # per run: matmul FLOPs plus one per result element of other arithmetic
   dot_flops: int  # per run: matmul FLOPs only
   op_name: str  # the JAX operation (HLO metadata)
-  asynchronous: bool = False  # an unfused matmul: XLA CPU hands it to Eigen's thread pool and goes on
+  # How the trace times it: 'event' (its own event), 'async' (an unfused matmul: XLA CPU hands it to Eigen's
+  # thread pool and goes on; `spans`) or 'loop' (a while, conditional or call, whose event holds its body's).
+  timing: str = 'event'
 
 
 def _parsed(computations):
@@ -100,7 +103,8 @@ def classify(hlo_text: str, vocab_elements: int) -> dict:
       has_dot = bool(opcodes & {'dot', 'convolution'}) or 'matmul' in line.lower()
       dots, other = _flops(inner, types)
       category = _category(opcode, opcodes, has_dot, op_name, type_text, vocab_elements)
-      ops[name] = Op(name, category, dots + other, dots, op_name, opcode in ('dot', 'convolution'))
+      timing = 'async' if opcode in ('dot', 'convolution') else 'loop' if opcode in _LOOPS else 'event'
+      ops[name] = Op(name, category, dots + other, dots, op_name, timing)
   return ops
 
 
@@ -124,10 +128,10 @@ def _category(opcode, opcodes, has_dot, op_name, type_text, vocab_elements) -> s
   return 'norms & elementwise'
 
 
-def op_times(trace_dir: str, module: str, asynchronous=frozenset()) -> dict:
+def op_times(trace_dir: str, module: str, timing=None) -> dict:
   """{hlo op name: [nanoseconds, runs]} of the ops of the XLA modules whose name contains `module` (e.g.
   'train_step': `jit_train_step`, `pmap_train_step`) in a trace, over all devices: each op's share of the
-  wall time (`wall_shares`) from its start to its completion (`spans`)."""
+  wall time (`wall_shares`) from its start to its completion (`spans`). `timing`: {op: `Op.timing`}."""
   paths = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True), key=os.path.getmtime)
   if not paths:
     raise FileNotFoundError(f'no profile (*.xplane.pb) was written under {trace_dir}')
@@ -139,7 +143,9 @@ def op_times(trace_dir: str, module: str, asynchronous=frozenset()) -> dict:
         stats = dict(event.stats)
         op = stats.get('hlo_op') if module in str(stats.get('hlo_module', '')) else None
         events.append((event.name, event.start_ns, event.duration_ns, op))
-  return wall_shares(spans(events, asynchronous))
+  timing = timing or {}
+  asynchronous = {op for op, kind in timing.items() if kind == 'async'}
+  return wall_shares(spans(events, asynchronous), {op for op, kind in timing.items() if kind == 'loop'})
 
 
 def spans(events, asynchronous=frozenset()) -> list:
@@ -161,17 +167,19 @@ def spans(events, asynchronous=frozenset()) -> list:
   return found
 
 
-def wall_shares(op_spans) -> dict:
+def wall_shares(op_spans, loops=frozenset()) -> dict:
   """{op: [nanoseconds, runs]}: every instant of wall time split equally between the ops running then, so
   that ops overlapping on the CPU's cores (an async matmul beside the next op) are not counted twice and
-  the shares add up to the time some op was running."""
+  the shares add up to the time some op was running. A `loops` op (a while loop: scanned layers) runs its
+  body's ops inside its own event, so it gets only the instants when none of them runs."""
   times = collections.defaultdict(lambda: [0.0, 0])
   edges = sorted(edge for i, (begin, end, _) in enumerate(op_spans) for edge in ((begin, 1, i), (end, -1, i)))
   running, last = set(), None
   for at, change, i in edges:
     if running:
-      for j in running:
-        times[op_spans[j][2]][0] += (at - last) / len(running)
+      working = [j for j in running if op_spans[j][2] not in loops] or running
+      for j in working:
+        times[op_spans[j][2]][0] += (at - last) / len(working)
     last = at
     if change > 0:
       running.add(i)
@@ -243,7 +251,7 @@ def profile_train(bench, steps: int = 2, trace_dir: str = '') -> dict:
   devices = jax.local_device_count()
   tokens = bench.runner.local_batch_size() * bench.seq_len // devices
   ops = classify(hlo, tokens * bench.model_config.vocab_size)
-  times = op_times(trace_dir, 'train_step', {name for name, op in ops.items() if op.asynchronous})
+  times = op_times(trace_dir, 'train_step', {name: op.timing for name, op in ops.items()})
   result = breakdown(times, ops, steps * devices)
   result['trace_dir'] = trace_dir
   result['unmatched'] = sum(name not in ops for name in times)
