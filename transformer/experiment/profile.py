@@ -40,7 +40,8 @@ CATEGORIES = (
 )
 _LOOPS = {'while', 'conditional', 'call'}
 _MOVES = {'copy', 'transpose', 'bitcast', 'reshape', 'broadcast', 'parameter', 'constant', 'slice', 'concatenate'}
-_NO_FLOPS = _MOVES | {'tuple', 'get-tuple-element', 'iota', 'dynamic-slice', 'dynamic-update-slice', 'pad', 'gather'}
+_INDEXING = {'tuple', 'get-tuple-element', 'iota', 'dynamic-slice', 'dynamic-update-slice', 'pad', 'gather'}
+_NO_FLOPS = _MOVES | _LOOPS | _INDEXING  # no arithmetic (a loop's own result is its body's)
 _ATTENTION = re.compile(r'/(self|cross)_attention/(?!(query|key|value|out)/)')
 _VOCAB_MATMUL = re.compile(r'attend|/logits/|/output/')
 
