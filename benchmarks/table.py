@@ -26,14 +26,14 @@ def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
   """The CPU as the kernel names it ('model name'), with its family, model and widest vector unit where the
   name alone leaves them out ('AMD EPYC' covered CPUs whose f32 GEMM rates differed 3x), or the platform's
   word for it where there is no such file."""
+  fields = {}
   try:
     with open(cpuinfo) as f:
-      fields = {}
       for line in f:
         key, _, value = line.partition(':')
         fields.setdefault(key.strip(), value.strip())
   except OSError:
-    fields = {}
+    pass
   name = next((fields[key] for key in ('model name', 'Model', 'cpu model') if fields.get(key)), None)
   if name is None:
     import platform

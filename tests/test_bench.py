@@ -369,7 +369,7 @@ def test_windowed_model_uses_local_attention_and_matches_dense(monkeypatch):
   tokens = np.random.default_rng(0).integers(3, config.vocab_size, (2, 21)).astype(np.int32)
   tokens[1, 15:] = 0
   batch = {'targets': tokens}
-  loss = lambda p: train._sums(model, p, batch, True, None, 0.0, 0.0)[0]
+  loss = lambda p: train._sums(train._apply(model, p, batch, True), batch, 0.0, 0.0)[0]
   calls = []
   blocked = attention.local_attention
   monkeypatch.setattr(attention, 'local_attention', lambda *a, **k: calls.append(1) or blocked(*a, **k))

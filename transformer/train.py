@@ -84,8 +84,8 @@ def token_weights(batch):
   return real.astype(jnp.float32)
 
 
-def _sums(model, params, batch, deterministic, rng, label_smoothing, z_loss):
-  logits = _apply(model, params, batch, deterministic, rng)
+def _sums(logits, batch, label_smoothing, z_loss):
+  """(summed loss, (tokens, correct tokens)) of a batch's logits: what the train and eval steps add up."""
   weights = token_weights(batch)
   loss, count = cross_entropy(logits, batch['targets'], weights, label_smoothing, z_loss)
   correct = jnp.sum(is_argmax(logits, batch['targets']) * weights)
@@ -171,10 +171,7 @@ def make_train_step(
       logits = jax.vmap(one_row, spmd_axis_name=row_axes)(batch, keys)
     else:
       logits = _apply(model, params, batch, False)
-    weights = token_weights(batch)
-    loss, count = cross_entropy(logits, batch['targets'], weights, smoothing, z_loss)
-    correct = jnp.sum(is_argmax(logits, batch['targets']) * weights)
-    return loss, (count, correct)
+    return _sums(logits, batch, smoothing, z_loss)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -257,7 +254,7 @@ def make_eval_step(model, axis_name=None, layout: MeshLayout | None = None):
     with sharding_context(layout):
       if layout is not None and layout.param_shardings is not None:
         params = jax.tree.map(jax.lax.with_sharding_constraint, params, layout.param_shardings)
-      loss, (count, correct) = _sums(model, params, batch, True, None, 0.0, 0.0)
+      loss, (count, correct) = _sums(_apply(model, params, batch, True), batch, 0.0, 0.0)
     sums = {'loss': loss, 'tokens': count, 'correct': correct}
     return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
 
