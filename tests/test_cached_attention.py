@@ -1,5 +1,6 @@
 """The blocked attention of decoding steps against the dense kernel over the whole cache (the computation
-it replaced): any filled length, block size, query count, grouping of heads, window, ALiBi and padding."""
+it replaced): any filled length, block size, query count, grouping of heads, window, ALiBi and padding; and
+the cache's blocks written in place against a write into the whole cache."""
 
 import functools
 
@@ -10,6 +11,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 
 from transformer import attention, layers
+from transformer import cached_attention as blocks
 from transformer.cached_attention import CacheMask, cached_attention
 
 PROFILE = settings(derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -21,8 +23,9 @@ def _both(query, key, value, q_pos, kv_pos, q_seg, kv_seg, filled, poisoned, *, 
   """(blocked over `poisoned` keys/values, dense over `key`/`value`): the old step's mask and bias span
   the whole cache; its keys are `[B, S, K, D]`, the cache's heads-major layout transposed."""
   mask = CacheMask(q_pos, kv_pos, q_seg, kv_seg, filled, window, alibi)
-  heads_major = lambda x: x.transpose(0, 2, 1, 3)
-  blocked = cached_attention(query, heads_major(poisoned[0]), heads_major(poisoned[1]), mask, block=block)
+  keys = blocks.split(poisoned[0].transpose(0, 2, 3, 1), blocks.KEY_AXIS, block)  # the cache's layouts
+  values = blocks.split(poisoned[1].transpose(0, 2, 1, 3), blocks.VALUE_AXIS, block)
+  blocked = cached_attention(query, keys, values, mask)
   dense_mask = attention.make_attention_mask(q_pos, kv_pos, q_seg, kv_seg, causal=True, window=window)
   bias = layers.alibi_bias(q_pos, kv_pos, HEADS) if alibi else None
   return blocked, attention.dot_product_attention(query, key, value, dense_mask, bias)
@@ -81,3 +84,23 @@ def test_bfloat16_keeps_its_dtype_and_float32_statistics():
   exact = np.asarray(blocked32)[real]
   for out in (blocked16, dense16):
     np.testing.assert_allclose(np.asarray(out.astype(jnp.float32))[real], exact, atol=3e-2, rtol=3e-2)
+
+
+@settings(PROFILE, max_examples=20)
+@given(length=st.integers(1, 12), axis=st.sampled_from([blocks.KEY_AXIS, blocks.VALUE_AXIS]), data=st.data())
+def test_writing_into_the_blocks_equals_writing_into_the_whole_cache(length, axis, data):
+  """One slot (a decoding step) or several (a prefill) at any index, into blocks of any size (the last one
+  shorter), along either cache's slots: the joined blocks equal `dynamic_update_slice` on the whole cache,
+  and the blocks keep their sizes."""
+  size = data.draw(st.integers(1, length), label='size')
+  count = data.draw(st.integers(1, length), label='slots')
+  index = data.draw(st.integers(0, length - count), label='index')
+  rng = np.random.default_rng(length * 100 + size)
+  shape = [2, 3, 4, 4]
+  cache = jnp.asarray(rng.standard_normal(shape[:axis] + [length] + shape[axis + 1 :]), jnp.float32)
+  new = jnp.asarray(rng.standard_normal(shape[:axis] + [count] + shape[axis + 1 :]), jnp.float32)
+  split = blocks.split(cache, axis, size)
+  written = jax.jit(blocks.write, static_argnums=3)(split, new, jnp.int32(index), axis)
+  expected = jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis)
+  np.testing.assert_array_equal(blocks.join(written, axis), expected)
+  assert [b.shape for b in written] == [b.shape for b in split]

@@ -9,6 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from transformer import cached_attention, decoding, models
 from transformer.config import ConfigError
@@ -388,3 +391,16 @@ def _step_logits(model, params, data):
 
   tokens = jax.random.randint(jax.random.key(5), (MAX_LEN - 1, len(ROW_LENGTHS)), 3, 37)
   return np.asarray(run(params, data.get('inputs'), data.get('prompts'), tokens))
+
+
+@settings(derandomize=True, deadline=None, database=None, max_examples=40)
+@given(
+  hnp.arrays(
+    np.float32,
+    hnp.array_shapes(min_dims=1, max_dims=2, max_side=7),
+    elements=st.sampled_from([-np.inf, -1.0, 0.0, 2.0, np.inf, np.nan]),
+  )
+)
+def test_argmax_picks_numpys_first_maximum(scores):
+  """Few distinct values force ties (the first maximum wins), all -inf rows and NaN (the first NaN wins)."""
+  np.testing.assert_array_equal(jax.jit(decoding.argmax)(scores), np.argmax(scores, axis=-1))

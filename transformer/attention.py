@@ -261,7 +261,8 @@ class MultiHeadAttention(nn.Module):
     elif self.decode and not self.cross:
       key, value = self._update_cache(key, value, cache_index)
       if not isinstance(mask, cached_attention.CacheMask):  # the dense kernels' layout
-        key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+        key = cached_attention.join(key, cached_attention.KEY_AXIS).transpose(0, 3, 1, 2)
+        value = cached_attention.join(value, cached_attention.VALUE_AXIS).transpose(0, 2, 1, 3)
 
     dropout = cfg.attention_dropout_rate > 0.0 and not self.deterministic
     if dropout and dropout_rng is None:
@@ -303,18 +304,22 @@ class MultiHeadAttention(nn.Module):
     return self.get_variable('cache', 'cached_key'), self.get_variable('cache', 'cached_value')
 
   def _update_cache(self, key, value, cache_index):
-    """Writes the new keys/values at `cache_index`; returns the full cache. On init it only allocates.
+    """Writes the new keys/values at `cache_index`; returns the cache's key and value blocks
+    (`cached_attention.split`). On init it only allocates.
 
-    The cache is heads-major, `[B, K, S, D]`: a decoding step's matmuls read each head's slots as they
-    lie, where `[B, S, K, D]` made XLA transpose the cache (or the block of it read) at every step.
+    The cache is heads-major, keys `[B, K, D, S]` and values `[B, K, S, D]`, in blocks: a decoding step's
+    matmuls read each head's slots as they lie, where `[B, S, K, D]` made XLA transpose the cache (or the
+    block of it read) at every step.
     """
-    key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+    key, value = key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3)
     initialized = self.has_variable('cache', 'cached_key')
-    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+    empty = lambda x, axis: cached_attention.split(jnp.zeros(x.shape, x.dtype), axis)
+    cached_key = self.variable('cache', 'cached_key', empty, key, cached_attention.KEY_AXIS)
+    cached_value = self.variable('cache', 'cached_value', empty, value, cached_attention.VALUE_AXIS)
     if not initialized:
-      return key, value
-    start = (0, 0, cache_index, 0)
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), start)
+      return cached_attention.split(key, cached_attention.KEY_AXIS), cached_attention.split(
+        value, cached_attention.VALUE_AXIS
+      )
+    cached_key.value = cached_attention.write(cached_key.value, key, cache_index, cached_attention.KEY_AXIS)
+    cached_value.value = cached_attention.write(cached_value.value, value, cache_index, cached_attention.VALUE_AXIS)
     return cached_key.value, cached_value.value

@@ -316,7 +316,7 @@ def _generate(model, params, inputs, prompts, lengths, rng, temperature, *, max_
     if sample:
       token = _sample(jax.random.fold_in(rng, i), logits, temperature, top_k, top_p)
     else:
-      token = jnp.argmax(logits, axis=-1)
+      token = argmax(logits)
     token = jnp.where(done, PAD_ID, token).astype(jnp.int32)
     tokens = tokens.at[:, i].set(token)
     done = done | (token == EOS_ID) | (i + 1 >= lengths)
@@ -333,9 +333,18 @@ def _generate(model, params, inputs, prompts, lengths, rng, temperature, *, max_
   return tokens
 
 
+def argmax(scores):
+  """`jnp.argmax(scores, axis=-1)` (the first maximum wins, a NaN before all) as two plain reductions: XLA
+  CPU runs argmax's paired (value, index) reduction 5x slower (164 against 34 us for 8 rows of 8192)."""
+  best = jnp.max(scores, axis=-1, keepdims=True)
+  hit = (scores == best) | jnp.isnan(scores)
+  vocab = scores.shape[-1]
+  return jnp.min(jnp.where(hit, jnp.arange(vocab), vocab), axis=-1)
+
+
 def _sample(rng, logits, temperature, top_k, top_p):
   """One token per row from the filtered, tempered distribution; argmax when temperature is 0."""
-  greedy = jnp.argmax(logits, axis=-1)
+  greedy = argmax(logits)
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -352,11 +361,23 @@ def _sample(rng, logits, temperature, top_k, top_p):
 
 def _cache_axes(model, cache, which):
   """Each cache leaf's axis that grows with `models.init_cache`'s argument `which` (0: the batch, 1: the
-  decoder's slots), None where none does; found by comparing two sizes."""
+  decoder's slots), None where none does; found by comparing two small caches (of one block each, so a
+  block of `cache` is looked up by its tuple's path)."""
   sizes = [tuple(3 if k == which and grown else 2 for k in range(3)) for grown in (False, True)]
   shapes = [jax.eval_shape(lambda s=s: models.init_cache(model, *s)) for s in sizes]
   axes = jax.tree.map(lambda a, b: next((k for k, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), None), *shapes)
-  return jax.tree.structure(cache).flatten_up_to(axes)
+  by_path = {_unblocked(path): axis for path, axis in jax.tree_util.tree_flatten_with_path(axes)[0]}
+  # A None axis is no leaf of `axes`: a path missing there has none.
+  return [by_path.get(_unblocked(path)) for path, _ in jax.tree_util.tree_flatten_with_path(cache)[0]]
+
+
+def _block_index(path):
+  """A cache leaf's place in its tuple of blocks (`cached_attention.split`), None if it is no block."""
+  return path[-1].idx if isinstance(path[-1], jax.tree_util.SequenceKey) else None
+
+
+def _unblocked(path):
+  return path[:-1] if _block_index(path) is not None else path
 
 
 def _gather_batch(cache, axes, index):
@@ -367,30 +388,28 @@ def _gather_batch(cache, axes, index):
 def _reorder_beams(cache, batch_axes, slot_axes, index, filled):
   """`cache` with row `index[r]` copied to row r, for beams that only ever take a parent in their own row.
 
-  Only leaves with decoder slots change, over their first `filled` slots (blocks of them, each gathered
-  and written back in place): slots after those are never read. The other leaves hold what every beam of
-  a row shares (the source's cross-attention keys and values, its segment ids): gathering them within a
-  row would copy them for nothing at every step.
+  Only leaves with decoder slots change. A block of a self-attention cache (`cached_attention.split`: an
+  element of a tuple) is gathered only if it holds one of the `filled` written slots: slots after those are
+  never read. The slots' positions and segment ids (small) are always gathered. The other leaves hold what
+  every beam of a row shares (the source's cross-attention keys and values, its segment ids): gathering
+  them within a row would copy them for nothing at every step.
   """
   if cached_attention.DENSE_REFERENCE:
     return _gather_batch(cache, batch_axes, index)
-  leaves, tree = jax.tree.flatten(cache)
-  moved = [i for i, ax in enumerate(slot_axes) if ax is not None]
-  length = leaves[moved[0]].shape[slot_axes[moved[0]]]
-  block = min(cached_attention.BLOCK, length)
-
-  def turn(j, parts):
-    start = jnp.minimum(j * block, length - block)  # the last block ends at the cache's end
-    out = []
-    for x, i in zip(parts, moved):
-      part = jnp.take(jax.lax.dynamic_slice_in_dim(x, start, block, slot_axes[i]), index, axis=batch_axes[i])
-      out.append(jax.lax.dynamic_update_slice_in_dim(x, part, start, slot_axes[i]))
-    return out
-
-  parts = jax.lax.fori_loop(0, (filled + block - 1) // block, turn, [leaves[i] for i in moved])
-  for i, x in zip(moved, parts):
-    leaves[i] = x
-  return tree.unflatten(leaves)
+  leaves, tree = jax.tree_util.tree_flatten_with_path(cache)
+  block = _block_index
+  # The longest block is `block_size` long (all but the last are): block j starts at j times that.
+  size = max((x.shape[ax] for (path, x), ax in zip(leaves, slot_axes) if block(path) is not None), default=0)
+  out = []
+  for (path, x), batch_axis, slot_axis in zip(leaves, batch_axes, slot_axes):
+    gather = lambda x, axis=batch_axis: jnp.take(x, index, axis=axis)
+    if slot_axis is None:
+      out.append(x)
+    elif not block(path):  # the first block, or positions and segment ids
+      out.append(gather(x))
+    else:
+      out.append(jax.lax.cond(block(path) * size < filled, gather, lambda x: x, x))
+  return tree.unflatten(out)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_len'))

@@ -52,7 +52,7 @@ def kv_cache_bytes(model_config, batch: int, source_length: int = 1) -> dict:
   kv = other = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     size = leaf.size * leaf.dtype.itemsize
-    if str(getattr(path[-1], 'key', '')) in ('cached_key', 'cached_value'):
+    if {'cached_key', 'cached_value'} & {str(getattr(k, 'key', '')) for k in path}:  # a block of them, or all
       kv += size
     else:
       other += size
