@@ -146,11 +146,10 @@ def cached_attention(query, keys, values, mask: CacheMask):
   carry = (jnp.full(stats, -jnp.inf), jnp.zeros(stats), jnp.zeros(stats[:-1] + (d_v,)))
   start = 0
   for key, value in zip(keys, values):
-    if start == 0:  # every call writes a slot: the first block is always read
-      carry = attend(carry, key, value, start)
-    else:
-      turn = lambda c, k, v, start=start: attend(c, k, v, start)
-      carry = jax.lax.cond(start < mask.filled, turn, lambda c, k, v: c, carry, key, value)
+    # The first block too, though always read: outside a `cond`, at batch 1 XLA fused the step's write
+    # into the block into its matmul as well as into the loop's carry, and copied the block for each.
+    turn = lambda c, k, v, start=start: attend(c, k, v, start)
+    carry = jax.lax.cond(start < mask.filled, turn, lambda c, k, v: c, carry, key, value)
     start += key.shape[KEY_AXIS]
   _, total, acc = carry
   out = (acc / total).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, Dv]
