@@ -1,12 +1,11 @@
 """Attention of a few new queries over the filled part of a KV cache (a decoding step), and the cache's blocks.
 
 A self-attention cache is two tuples of blocks (`split`), keys `[B, K, D, block]` and values
-`[B, K, block, D]`: consecutive runs of slots,
-all `block_size(S)` long but the last. Every row of a decoding batch has written the same number of slots,
-so one number, `filled` (the cache index after this call's write), bounds what any query can see: slots
-[0, filled). Each block that holds a written slot is attended with an online softmax (a running maximum and
-sum per query, the partial results rescaled as each block comes in); the others are skipped by a `lax.cond`.
-So a step costs O(filled), not O(S).
+`[B, K, block, D]`: consecutive runs of slots, all `block_size(S)` long but the last. Every row of a
+decoding batch has written the same number of slots, so one number, `filled` (the cache index after this
+call's write), bounds what any query can see: slots [0, filled). Each block that holds a written slot is
+attended with an online softmax (a running maximum and sum per query, the partial results rescaled as each
+block comes in); the others are skipped by a `lax.cond`. So a step costs O(filled), not O(S).
 
 Why separate arrays and not one `[B, K, S, D]` cache read in slices: XLA's CPU dot takes whole buffers, so a
 slice (dynamic in a loop, or static under a `cond`) was copied out of the cache before its two matmuls: a

@@ -397,18 +397,18 @@ def _reorder_beams(cache, batch_axes, slot_axes, index, filled):
   if cached_attention.DENSE_REFERENCE:
     return _gather_batch(cache, batch_axes, index)
   leaves, tree = jax.tree_util.tree_flatten_with_path(cache)
-  block = _block_index
+  blocks = [_block_index(path) for path, _ in leaves]
   # The longest block is `block_size` long (all but the last are): block j starts at j times that.
-  size = max((x.shape[ax] for (path, x), ax in zip(leaves, slot_axes) if block(path) is not None), default=0)
+  size = max((x.shape[ax] for (_, x), ax, j in zip(leaves, slot_axes, blocks) if j is not None), default=0)
   out = []
-  for (path, x), batch_axis, slot_axis in zip(leaves, batch_axes, slot_axes):
+  for (_, x), batch_axis, slot_axis, j in zip(leaves, batch_axes, slot_axes, blocks):
     gather = lambda x, axis=batch_axis: jnp.take(x, index, axis=axis)
     if slot_axis is None:
       out.append(x)
-    elif not block(path):  # the first block, or positions and segment ids
+    elif not j:  # the first block, or positions and segment ids
       out.append(gather(x))
     else:
-      out.append(jax.lax.cond(block(path) * size < filled, gather, lambda x: x, x))
+      out.append(jax.lax.cond(j * size < filled, gather, lambda x: x, x))
   return tree.unflatten(out)
 
 
