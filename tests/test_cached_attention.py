@@ -104,3 +104,13 @@ def test_writing_into_the_blocks_equals_writing_into_the_whole_cache(length, axi
   expected = jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis)
   np.testing.assert_array_equal(blocks.join(written, axis), expected)
   assert [b.shape for b in written] == [b.shape for b in split]
+
+
+@settings(PROFILE, max_examples=50)
+@given(length=st.integers(1, 10**6))
+def test_a_cache_has_at_most_max_blocks_of_at_least_block_slots(length):
+  """Each block is a `cond` in every layer's step: a long cache gets longer blocks, never more of them, and
+  no longer than that takes (one slot shorter would make too many)."""
+  size = blocks.block_size(length)
+  assert -(-length // size) <= blocks.MAX_BLOCKS
+  assert size == min(length, blocks.BLOCK) or -(-length // (size - 1)) > blocks.MAX_BLOCKS
