@@ -33,7 +33,7 @@ _LM = dict(
   activation='relu',
   tie_embeddings=True,
   max_len=4096,
-  dtype='float32',
+  dtype='auto',  # float32 on the CPU, bfloat16 on accelerators (--mode compile builds the TPU step)
 )
 VARIANTS = {
   'lm': (_LM, 256, 8),
@@ -53,7 +53,7 @@ VARIANTS = {
       max_len=256,
       positional='sinusoidal',
       norm_position='post',
-      dtype='float32',
+      dtype='auto',
     ),
     64,
     8,
@@ -69,7 +69,7 @@ VARIANTS = {
       dropout_rate=0.0,
       max_len=64,
       norm_position='pre',
-      dtype='float32',
+      dtype='auto',
     ),
     16,
     4,

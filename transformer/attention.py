@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import cached_attention, layers
+from transformer import cached_attention, layers, platform
 from transformer.config import ConfigError, ModelConfig
 
 # A finite "minus infinity": a row with every key masked (a padding query) softmaxes to a uniform
@@ -49,10 +49,11 @@ def make_attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids
 def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
   """The kernel `attention_impl` stands for on this backend; `auto` always returns a working one."""
   impl = config.attention_impl
-  on_gpu = jax.default_backend() == 'gpu'
+  target = platform.target()
+  on_gpu = target == 'gpu'
   if impl == 'cudnn' and not on_gpu:
     raise ConfigError(
-      f'attention_impl=cudnn needs a GPU (backend here: {jax.default_backend()}): '
+      f'attention_impl=cudnn needs a GPU (the step is built for: {target}): '
       'set config.model.attention_impl=auto or xla.'
     )
   if impl in ('xla', 'cudnn') and dropout:
@@ -68,7 +69,7 @@ def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
     return 'cudnn'
   # On CPU the einsum kernel's train step measured 1-10% faster than jax.nn.dot_product_attention's
   # (README, Performance); elsewhere XLA's own kernel.
-  return 'reference' if jax.default_backend() == 'cpu' else 'xla'
+  return 'reference' if target == 'cpu' else 'xla'
 
 
 def _cudnn_supports(config: ModelConfig) -> bool:

@@ -118,11 +118,12 @@ class ModelConfig:
 
   @property
   def compute_dtype(self):
-    import jax  # here, not at the top: reading configs (sweep planning, --mode status) needs no JAX
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # here, not at the top: reading configs (sweep planning, --mode status) needs no JAX
+
+    from transformer import platform
 
     if self.dtype == 'auto':  # CPUs compute bfloat16 matmuls slowly in XLA; accelerators twice as fast
-      return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32)
+      return jnp.dtype(jnp.float32 if platform.is_cpu() else jnp.bfloat16)
     return jnp.dtype(self.dtype)
 
   @property
@@ -167,6 +168,17 @@ def _from_mapping(cls, config: Any, prefix: str):
     elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
       raise ConfigError(f'{prefix}.{key}={value!r} must be of type {expected.__name__}.')
   return cls(**values)
+
+
+def section_settings(config, section: str, defaults: dict) -> dict:
+  """`defaults` updated by `config.<section>` (e.g. `config.bench`); a misspelt key is an error naming the
+  nearest one."""
+  given = dict(config[section]) if section in config else {}
+  for key in given:
+    if key not in defaults:
+      hint = did_you_mean(key, defaults, show=f'config.{section}.{{}}'.format, sentence=True)
+      raise ConfigError(f'Unknown key config.{section}.{key}.{hint} Valid keys: {", ".join(defaults)}.')
+  return {**defaults, **given}
 
 
 def _choice(key, value, choices, prefix='config.model'):

@@ -305,6 +305,13 @@ def _prefill(model, params, inputs, prompts, batch, max_len):
   return state['cache'], first, step
 
 
+def lower_generate(model, params, inputs, prompts, lengths, rng, temperature, *, max_len: int):
+  """`generate`'s greedy loop lowered for abstract arguments (ShapeDtypeStructs, `--mode compile`)."""
+  return _generate.lower(
+    model, params, inputs, prompts, lengths, rng, temperature, max_len=max_len, sample=False, top_k=0, top_p=1.0
+  )
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'max_len', 'sample', 'top_k', 'top_p'))
 def _generate(model, params, inputs, prompts, lengths, rng, temperature, *, max_len, sample, top_k, top_p):
   model, params = _unrolled(model, params)

@@ -43,6 +43,7 @@ class Collective:
   runs: int  # times it runs per step
   name: str
   op_name: str  # the JAX operation it came from (HLO metadata)
+  group: int = 0  # devices in each of its replica groups (0: not written, i.e. all)
 
 
 def array_bytes(type_text: str) -> int:
@@ -79,15 +80,31 @@ def _calls(computations):
             yield name, role, callee, line
 
 
+_BOUND = re.compile(r'compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT')
+
+
+def _trip_count(computations, line: str) -> int | None:
+  """A while loop's trip count: XLA CPU writes it in the loop's backend config; the TPU compiler leaves a
+  condition `counter < constant` (the counter from 0, as `scan` and `fori_loop` count). A loop that may stop
+  early (decoding's `while not all done and i < max_len`) counts its most trips."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+  if known:
+    return int(known.group(1))
+  condition = re.search(r'\bcondition=%?([\w.\-]+)', line)
+  lines = computations.get(condition.group(1), []) if condition else []
+  constants = dict(re.findall(r'%([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)', '\n'.join(lines)))
+  bounds = [int(constants[b.group(1)]) for b in map(_BOUND.search, lines) if b and b.group(1) in constants]
+  return max(bounds) if bounds else None
+
+
 def _runs(computations, entry):
-  """Times each computation runs per step: while bodies multiply by their known trip count."""
+  """Times each computation runs per step: while bodies multiply by their trip count."""
   edges = {name: [] for name in computations}
   for name, role, callee, line in _calls(computations):
     if role == 'body':
-      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-      if trips is None:
+      factor = _trip_count(computations, line)
+      if factor is None:
         raise ValueError(f'while loop without a known trip count in {name}: {line[:200]}')
-      factor = int(trips.group(1))
     else:
       factor = 1  # conditionals count as if every branch ran: an upper bound
     edges[name].append((callee, factor))
@@ -149,18 +166,58 @@ def collectives(hlo_text: str) -> list[Collective]:
       continue
     size = max(array_bytes(type_text), sum(array_bytes(types.get(o, '')) for o in _operands(rest)))
     op_name = re.search(r'op_name="([^"]*)"', rest)
-    found.append(Collective(kind, size, runs, result, op_name.group(1) if op_name else ''))
+    found.append(Collective(kind, size, runs, result, op_name.group(1) if op_name else '', _group_size(rest)))
   return found
 
 
+def _group_size(rest: str) -> int:
+  """Devices per replica group: `replica_groups={{0,1},{2,3}}` or the iota form `replica_groups=[2,2]<=[4]`
+  (groups x size); a permute's pairs count 2."""
+  iota = re.search(r'replica_groups=\[(\d+),(\d+)\]', rest)
+  if iota:
+    return int(iota.group(2))
+  listed = re.search(r'replica_groups=\{\{([\d,]*)\}', rest)
+  if listed:
+    return len(listed.group(1).split(','))
+  return 2 if 'source_target_pairs' in rest else 0
+
+
 def dot_flops(hlo_text: str) -> int:
-  """Matmul FLOPs per step and device (2 x output elements x contracted size of every `dot`), loops
-  counted by their trip counts: unlike XLA's cost analysis, which sees a loop body once."""
+  """Matmul FLOPs per step and device (2 x output elements x contracted size of every `dot`, and of every
+  `convolution`, the TPU compiler's form of a matmul), loops counted by their trip counts: unlike XLA's
+  cost analysis, which sees a loop body once."""
   total = 0
   for runs, _, type_text, opcode, rest, types in _instructions(hlo_text):
     if opcode == 'dot':
       total += runs * one_dot_flops(type_text, rest, types)
+    elif opcode == 'convolution':
+      total += runs * one_convolution_flops(type_text, rest, types)
   return total
+
+
+def one_convolution_flops(type_text: str, rest: str, types: dict) -> int:
+  """FLOPs of one run of a `convolution`: 2 x output elements x input features per group x the input taps
+  each output reads. The TPU compiler writes a batched matmul as a convolution whose window slides over
+  the batch, padded or input-dilated so that one tap of it lands on data: along a spatial axis the taps
+  are the window's size over the input dilation, at most the input's size."""
+  lhs = ARRAY.search(types.get(_operands(rest)[0], ''))
+  labels = re.search(r'dim_labels=([\w]+)_', rest)
+  if lhs is None or labels is None:
+    raise ValueError(f'cannot read the operand shape of a convolution: {rest[:200]}')
+  dims = [int(d) for d in lhs.group(2).split(',') if d]
+  features = dims[labels.group(1).index('f')]
+  spatial = [dims[labels.group(1).index(str(axis))] for axis in range(len(dims) - 2)]
+  window = re.search(r'window=\{([^}]*)\}', rest)
+  field = lambda key, default: (
+    [int(d) for d in re.search(rf'\b{key}=([\dx]+)', window.group(1)).group(1).split('x')]
+    if window and re.search(rf'\b{key}=', window.group(1))
+    else [default] * len(spatial)
+  )
+  sizes, dilation = field('size', 1), field('lhs_dilate', 1)
+  taps = math.prod(min(-(-size // step), extent) for size, step, extent in zip(sizes, dilation, spatial))
+  groups = re.search(r'feature_group_count=(\d+)', rest)
+  out = math.prod(int(d) for d in ARRAY.search(type_text).group(2).split(',') if d)
+  return 2 * out * features * taps // (int(groups.group(1)) if groups else 1)
 
 
 def one_dot_flops(type_text: str, rest: str, types: dict) -> int:

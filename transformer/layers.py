@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from transformer import platform
 from transformer.config import ModelConfig
 
 
@@ -65,7 +66,7 @@ def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_
   (x_contract, k_contract), (x_batch, _) = dimension_numbers
   rows = math.prod(size for axis, size in enumerate(x.shape) if axis not in x_contract)
   low, high = FEW_ROWS
-  if x_batch or not _KERNEL_FIRST.get() or not low <= rows <= high or jax.default_backend() != 'cpu':
+  if x_batch or not _KERNEL_FIRST.get() or not low <= rows <= high or not platform.is_cpu():
     return _matrix_product(x, kernel, dimension_numbers, precision, preferred_element_type)
   free = [axis for axis in range(kernel.ndim) if axis not in k_contract]
   if free + list(k_contract) != list(range(kernel.ndim)):  # the barrier keeps XLA from folding it back
@@ -102,7 +103,7 @@ WIDE_PRODUCT = 'wide_product'
 
 
 def _transposes_rows(rows, features: int) -> bool:
-  return jax.default_backend() == 'cpu' and features >= WIDE_KERNEL * rows.shape[1]
+  return platform.is_cpu() and features >= WIDE_KERNEL * rows.shape[1]
 
 
 def _rows_transposed(rows, features: int):

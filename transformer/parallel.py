@@ -46,11 +46,13 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(mesh_config: MeshConfig) -> Mesh:
-  """The ('data', 'fsdp', 'tensor') mesh over all devices; one axis may be -1 (all remaining devices).
-  `MeshConfig` checked the sizes themselves; here they are checked against the device count."""
+def make_mesh(mesh_config: MeshConfig, devices=None, slices: int = 1) -> Mesh:
+  """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all of this run's); one axis may be -1 (all
+  remaining devices). `MeshConfig` checked the sizes themselves; here they are checked against the device
+  count. With several `slices` (TPU multislice: devices of several slices joined by the data-center
+  network), 'data' spans the slices and everything else stays within one, where the links are fast."""
   sizes = {axis: getattr(mesh_config, axis) for axis in MESH_AXES}
-  count = jax.device_count()
+  count = len(devices) if devices is not None else jax.device_count()
   given = ', '.join(f'config.train.mesh.{axis}={size}' for axis, size in sizes.items())
   fill = [axis for axis, size in sizes.items() if size == -1]
   known = math.prod(size for size in sizes.values() if size != -1)
@@ -66,7 +68,19 @@ def make_mesh(mesh_config: MeshConfig) -> Mesh:
       f'{given}: {problem}. Make data x fsdp x tensor equal {count}, or set one axis to -1 (all remaining devices).'
     )
   # Auto axes: the model code has no sharding annotations, so XLA propagates shardings itself.
-  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if slices == 1:
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=auto, devices=devices)
+  if sizes['data'] % slices:
+    raise ConfigError(
+      f'{given}: with {slices} slices the data axis spans them, so config.train.mesh.data must be a multiple of '
+      f'{slices}: set it to {slices} x the data-parallel devices within a slice.'
+    )
+  from jax.experimental import mesh_utils
+
+  within = (sizes['data'] // slices, sizes['fsdp'], sizes['tensor'])
+  grid = mesh_utils.create_hybrid_device_mesh(within, (slices, 1, 1), devices)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
@@ -145,7 +159,7 @@ class Runner:
     if not jax.config.jax_threefry_partitionable:
       jax.config.update('jax_threefry_partitionable', True)
     self.batch_size = train_config.batch_size
-    self._shards, self._local_shards = shards, local_shards
+    self.shards, self._local_shards = shards, local_shards
     accum = train_config.grad_accum_steps
     if self.batch_size % (shards * accum):
       raise ConfigError(
@@ -155,7 +169,7 @@ class Runner:
 
   def local_batch_size(self) -> int:
     """This process's rows of the global `batch_size`."""
-    return self.batch_size // self._shards * self._local_shards
+    return self.batch_size // self.shards * self._local_shards
 
   def local_rows(self) -> tuple[int, int]:
     """(start, stop): the rows of each global batch that this process feeds (its devices' rows)."""
@@ -216,8 +230,9 @@ class JitRunner(Runner):
 
   parallelism = 'jit'
 
-  def __init__(self, train_config: TrainConfig, model, optimizer, schedule):
-    self.mesh = make_mesh(train_config.mesh)
+  def __init__(self, train_config: TrainConfig, model, optimizer, schedule, devices=None, slices: int = 1):
+    """`devices`: the mesh's (default: all of this run's); deviceless ones build a step to compile only."""
+    self.mesh = make_mesh(train_config.mesh, devices, slices)
     shards = _axis_size(self.mesh, BATCH_AXES)
     self._batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
     # Distinct row blocks on this process (devices along 'tensor' hold the same rows).
@@ -272,13 +287,18 @@ class JitRunner(Runner):
     return jax.device_put(state, self.state_shardings)
 
   def lower_train_step(self, batch):
-    state = _with_shardings(self._abstract, self.state_shardings)
-    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding) for k, x in batch.items()}
-    return self._train.lower(state, batch)
+    return self._train.lower(self._abstract, self._abstract_batch(batch))
+
+  def lower_eval_step(self, batch):
+    """The jitted eval step lowered for abstract inputs, as `lower_train_step`."""
+    return self._eval.lower(self._abstract, self._abstract_batch(batch))
+
+  def _abstract_batch(self, batch):
+    return {k: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self._batch_sharding) for k, x in batch.items()}
 
   def _place(self, batch):
     """One global array per field, assembled from every process's rows."""
-    scale = self._shards // self._local_shards  # global rows per local row
+    scale = self.shards // self._local_shards  # global rows per local row
     return {
       k: jax.make_array_from_process_local_data(
         self._batch_sharding, np.asarray(x), (scale * np.shape(x)[0],) + np.shape(x)[1:]

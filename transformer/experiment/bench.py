@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transformer import decoding, hlo_audit, metrics, models, parallel, setup, summary, train
-from transformer.config import ConfigError, ModelConfig, TrainConfig, did_you_mean
+from transformer import decoding, hlo_audit, metrics, models, parallel, platform, setup, summary, train
+from transformer.config import ConfigError, ModelConfig, TrainConfig, section_settings
 from transformer.experiment import profile
 from transformer.tokens import EOS_ID
 
@@ -43,12 +43,7 @@ DEFAULTS = dict(
 
 def settings(config) -> dict:
   """`DEFAULTS` updated by `config.bench`; a misspelt key is an error naming the nearest one."""
-  given = dict(config.bench) if 'bench' in config else {}
-  for key in given:
-    if key not in DEFAULTS:
-      hint = did_you_mean(key, DEFAULTS, show='config.bench.{}'.format, sentence=True)
-      raise ConfigError(f'Unknown key config.bench.{key}.{hint} Valid keys: {", ".join(DEFAULTS)}.')
-  return {**DEFAULTS, **given}
+  return section_settings(config, 'bench', DEFAULTS)
 
 
 def default_bench_config(**overrides) -> ml_collections.ConfigDict:
@@ -239,7 +234,7 @@ def measure_train(config, bench_settings: dict | None = None) -> dict:
     'seq_len': bench.seq_len,
     'steps': len(times),
     'devices': jax.device_count(),
-    'backend': jax.default_backend(),
+    'backend': platform.target(),
     'loss': bench.last_loss,
   }
   if s['profile']:

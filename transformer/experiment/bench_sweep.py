@@ -20,7 +20,7 @@ import statistics
 import jax
 import ml_collections
 
-from transformer import models
+from transformer import models, platform
 from transformer.config import ConfigError
 from transformer.experiment import bench, sweep
 from transformer.files import write_atomic
@@ -170,7 +170,7 @@ def run_bench_sweep(config, workdir: str | None = None, overrides=()) -> dict:
   result = {
     'variants': rows_of(benches, measure_rounds(benches, rounds)),
     'settings': {key: s[key] for key in ('rounds', 'steps', 'decode_batch', 'prompt_len', 'decode_len')},
-    'backend': jax.default_backend(),
+    'backend': platform.target(),
     'devices': jax.device_count(),
   }
   table, line = format_table(result), json.dumps(result)

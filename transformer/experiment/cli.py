@@ -17,7 +17,8 @@ _MODE = flags.DEFINE_enum(
   'mode',
   'train',
   list(MODES),
-  "train (resumes), eval / decode (latest checkpoint), sweep, bench, status (a sweep's or run's workdir).",
+  'train (resumes), eval / decode (latest checkpoint), sweep, bench, compile (for an accelerator: fits?), '
+  "status (a sweep's or run's workdir).",
 )
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print its parameters, exit.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
@@ -51,9 +52,10 @@ def _main(argv):
     if _DRY_RUN.value:
       print(run.dry_run(config))
       return
-    from transformer import distributed
+    if _MODE.value != 'compile':  # a compile runs on one host, for devices it does not have
+      from transformer import distributed
 
-    distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
     run.run(config, _MODE.value, workdir, command_line_overrides())
   except ConfigError as error:  # a user's mistake: one message, no traceback

@@ -6,7 +6,7 @@ flags, and `--help` stays fast."""
 import os
 import time
 
-MODES = ('train', 'eval', 'decode', 'sweep', 'bench', 'status')
+MODES = ('train', 'eval', 'decode', 'sweep', 'bench', 'compile', 'status')
 
 
 def dry_run(config) -> str:
@@ -57,10 +57,11 @@ def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
   from transformer.config import ConfigError
 
   enable_compilation_cache()
-  if 'sweep' in config and mode not in ('sweep', 'bench'):  # a sweep file would otherwise train its base quietly
+  if 'sweep' in config and mode not in ('sweep', 'bench', 'compile'):  # else it would train its base quietly
     raise ConfigError(
       f'This config is a sweep: run it with --mode sweep (not --mode {mode}; --mode bench compares its '
-      "variants' speed), or give its base experiment file to --mode {mode}.".replace('{mode}', mode)
+      "variants' speed, --mode compile their memory on accelerators), or give its base experiment file to "
+      '--mode {mode}.'.replace('{mode}', mode)
     )
   if mode == 'train':
     from transformer import loop  # the engine's imports (orbax, grain) are not needed for a dry run
@@ -86,4 +87,8 @@ def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
     from transformer.experiment import bench
 
     return bench.run_bench(config)
+  if mode == 'compile':
+    from transformer.experiment import aot
+
+    return aot.run_compile(config, workdir, overrides)
   raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES}.')
