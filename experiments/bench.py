@@ -16,7 +16,7 @@ Variants:
 
 import ml_collections
 
-from transformer.config import default_model_config, default_train_config, pick_variant
+from transformer.config import default_compile_config, default_model_config, default_train_config, pick_variant
 from transformer.experiment.bench import default_bench_config
 
 _LM = dict(
@@ -111,4 +111,5 @@ def get_config(arg=None):
     checkpoint_every=100,
   )
   config.bench = default_bench_config()
+  config.compile = default_compile_config()
   return config

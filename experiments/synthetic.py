@@ -6,7 +6,7 @@ Variants: `copy` and `reverse` (encoder-decoder), `lm_copy` (decoder-only: `x EO
 
 import ml_collections
 
-from transformer.config import default_model_config, default_train_config, pick_variant
+from transformer.config import default_compile_config, default_model_config, default_train_config, pick_variant
 
 VARIANTS = ('copy', 'reverse', 'lm_copy')
 
@@ -53,4 +53,5 @@ def get_config(arg=None):
     eval_every=200,
     checkpoint_every=200,
   )
+  config.compile = default_compile_config()
   return config

@@ -170,6 +170,20 @@ def _from_mapping(cls, config: Any, prefix: str):
   return cls(**values)
 
 
+# `config.compile` (`--mode compile`, transformer/experiment/aot.py): every experiment file has the section,
+# so that `--config.compile.target=...` overrides it.
+COMPILE_DEFAULTS = dict(
+  target='v5e-8',  # one name, or several separated by commas ('v5e-8,v5p-8,v6e-8')
+  slices=1,  # TPU multislice: 'data' spans the slices
+  mesh_search=False,  # try every data x fsdp x tensor factorisation of the target, remat on and off
+  steps='train,eval,decode',  # which programs to compile
+)
+
+
+def default_compile_config(**overrides) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({**COMPILE_DEFAULTS, **overrides})
+
+
 def section_settings(config, section: str, defaults: dict) -> dict:
   """`defaults` updated by `config.<section>` (e.g. `config.bench`); a misspelt key is an error naming the
   nearest one."""

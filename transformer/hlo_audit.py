@@ -171,8 +171,13 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 
 def _group_size(rest: str) -> int:
-  """Devices per replica group: `replica_groups={{0,1},{2,3}}` or the iota form `replica_groups=[2,2]<=[4]`
-  (groups x size); a permute's pairs count 2."""
+  """Devices per replica group: `replica_groups={{0,1},{2,3}}`, the iota form `replica_groups=[2,2]<=[4]`
+  (groups x size) or the TPU compiler's mesh form `replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`
+  (the listed axes' sizes multiplied); a permute's pairs count 2."""
+  mesh = re.search(r'replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}', rest)
+  if mesh:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+    return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", mesh.group(2)))
   iota = re.search(r'replica_groups=\[(\d+),(\d+)\]', rest)
   if iota:
     return int(iota.group(2))
@@ -243,7 +248,12 @@ def summary(found: list[Collective]) -> dict:
 
 
 def expected(
-  layout: str, param_bytes: int, gathered_bytes: int = 0, activation_bytes: int = 0, reductions: int = 0, accum: int = 1
+  layout: str,
+  param_bytes: int,
+  gathered_bytes: int = 0,
+  activation_bytes: int = 0,
+  reductions: float = 0,
+  accum: int = 1,
 ) -> dict:
   """Analytic bytes per step and device, by collective kind (buffer sizes, as `collectives` counts).
 
@@ -261,7 +271,7 @@ def expected(
   if layout == 'fsdp':
     return {'all-gather': gathered_bytes, 'all-reduce': param_bytes}
   if layout == 'tensor':
-    return {'all-reduce': accum * reductions * activation_bytes}
+    return {'all-reduce': int(accum * reductions * activation_bytes)}
   raise ValueError(f'unknown layout {layout!r}: data, fsdp or tensor')
 
 

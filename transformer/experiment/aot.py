@@ -21,18 +21,11 @@ import time
 import jax
 import numpy as np
 
-from transformer import accelerators, decoding, hlo_audit, metrics, models, parallel, platform, setup
-from transformer.config import ConfigError, section_settings
+from transformer import accelerators, decoding, hlo_audit, metrics, parallel, platform, setup
+from transformer.config import COMPILE_DEFAULTS, ConfigError, section_settings
 from transformer.experiment import bench
 from transformer.files import write_atomic
 
-# `config.compile` (all optional).
-DEFAULTS = dict(
-  target='v5e-8',  # one name, or several separated by commas ('v5e-8,v5p-8,v6e-8')
-  slices=1,  # TPU multislice: 'data' spans the slices
-  mesh_search=False,  # try every data x fsdp x tensor factorisation of the target, remat on and off
-  steps='train,eval,decode',  # which programs to compile
-)
 STEPS = ('train', 'eval', 'decode')
 REPORT_FILE = 'compile.json'
 _GIB = 2**30
@@ -44,7 +37,7 @@ _UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 
 
 def settings(config) -> dict:
-  s = section_settings(config, 'compile', DEFAULTS)
+  s = section_settings(config, 'compile', COMPILE_DEFAULTS)
   steps = tuple(step.strip() for step in str(s['steps']).split(',') if step.strip())
   unknown = [step for step in steps if step not in STEPS]
   if unknown or not steps:

@@ -167,13 +167,17 @@ def expected_collectives(runner, model_config: ModelConfig, batch_size: int, seq
     return hlo_audit.expected('fsdp', param_bytes, gathered)
   if layout == 'data':
     return hlo_audit.expected('data', param_bytes)
-  # Tensor: per layer, forward: attention output and FFN output; backward: the FFN input and each
-  # attention input projection (q, k, v are separate matmuls, reduced one by one; k and v only when
-  # 'tensor' divides the kv heads). A split vocabulary adds the lookup and the logits' input gradient.
+  # Tensor: per layer, forward: attention output and FFN output; backward: the FFN input and the attention
+  # input (XLA CPU reduces the q, k and v projections' gradients one by one, k and v only when 'tensor'
+  # divides the kv heads; the TPU compiler reduces their sum once). A split vocabulary adds the lookup and
+  # the logits' input gradient, which is float32 (in activation-sized units of the compute dtype).
   tensor, cfg = runner.mesh.shape['tensor'], model_config
-  per_layer = 3 + 1 + (2 if cfg.kv_heads % tensor == 0 else 0)
-  reductions = per_layer * cfg.num_decoder_layers + (2 if cfg.vocab_size % tensor == 0 else 0)
-  activation = batch_size // accum * seq_len * cfg.d_model * jnp.dtype(cfg.compute_dtype).itemsize
+  itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+  attention_inputs = (1 + (2 if cfg.kv_heads % tensor == 0 else 0)) if platform.is_cpu() else 1
+  per_layer = 3 + attention_inputs
+  vocab = 1 + 4 / itemsize if cfg.vocab_size % tensor == 0 else 0
+  reductions = per_layer * cfg.num_decoder_layers + vocab
+  activation = batch_size // accum * seq_len * cfg.d_model * itemsize
   return hlo_audit.expected('tensor', param_bytes, activation_bytes=activation, reductions=reductions, accum=accum)
 
 
