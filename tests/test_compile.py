@@ -3,6 +3,7 @@
 Without libtpu these tests skip, except under CI=true, where they fail (the test extra installs it).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -12,8 +13,8 @@ import jax
 import pytest
 
 from transformer import accelerators, parallel, platform, setup
-from transformer.config import ConfigError
-from transformer.experiment import aot, bench
+from transformer.config import ConfigError, default_compile_config
+from transformer.experiment import aot, bench, sweep
 from transformer.experiment.run import MODES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,3 +212,26 @@ def test_two_slices_put_the_data_axis_across_them():
   assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
   with pytest.raises(ConfigError, match='multiple of 2'):
     parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=8, tensor=1), devices, slices=2)
+
+
+def test_a_sweep_compiles_every_variant_on_every_target_and_says_what_does_not_fit(tmp_path, capsys):
+  """A sweep file on two targets: one table of variants x targets; the variant too big for v5e's 15.75 GiB
+  fits v5p's 95.74 GiB, and the run exits 1 naming it."""
+  config = sweep.sweep_config(
+    base='experiments/bench.py:tiny',
+    variants=sweep.variant('small', **{'train.batch_size': 8}) + sweep.variant('huge', **{'train.batch_size': 512}),
+    overrides={'model.d_model': 512, 'model.d_ff': 8192, 'model.max_len': 2048, 'data.seq_len': 2048},
+  )
+  config.compile = default_compile_config(target='v5e-4,v5p-8', steps='train')
+  with pytest.raises(SystemExit) as stop:
+    aot.run_compile(config, str(tmp_path))
+  rows = json.loads((tmp_path / 'compile.json').read_text())['rows']
+  assert [(r['variant'], r['target'], r['fits']) for r in rows] == [
+    ('small', 'v5e-4', True),
+    ('small', 'v5p-8', True),
+    ('huge', 'v5e-4', False),
+    ('huge', 'v5p-8', True),
+  ]
+  assert re.fullmatch(r'huge on v5e-4 does not fit: needs [\d,.]+ GiB of 15\.75 GiB per chip', str(stop.value.code))
+  table = capsys.readouterr().out
+  assert '| huge | v5e-4 | no |' in table and '| huge | v5p-8 | yes |' in table

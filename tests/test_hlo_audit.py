@@ -70,8 +70,69 @@ def test_collectives_and_flops_count_each_loop_trip():
   assert (found['reduce-scatter'].runs, found['reduce-scatter'].bytes) == (1, 4 * 16 * 32)
   assert hlo_audit.summary(hlo_audit.collectives(HLO))['all-reduce'] == {'count': 4, 'bytes': 4 * 4 * 768}
   assert hlo_audit.dot_flops(HLO) == 4 * 2 * 8 * 32 * 16  # the fused dot, once per trip
+  # The TPU compiler writes no trip count: the condition's `i < 4` gives it; with no constant bound, an error.
+  untold = HLO.replace(', backend_config={"known_trip_count":{"n":"4"}}', '')
+  assert hlo_audit.collectives(untold) == hlo_audit.collectives(HLO)
   with pytest.raises(ValueError, match='known trip count'):
-    hlo_audit.collectives(HLO.replace(', backend_config={"known_trip_count":{"n":"4"}}', ''))
+    hlo_audit.collectives(untold.replace('%n = s32[] constant(4)', '%n = s32[] get-tuple-element(%p), index=0'))
+
+
+# As the TPU compiler prints them: a batched matmul as a convolution whose window slides over the batch
+# (padded so one tap lands on data), a matmul as a 1x1 convolution, an early-exit loop (decoding) and
+# replica groups in its mesh form.
+TPU_HLO = """HloModule jit_step, is_scheduled=true
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], bf16[256,512,1], bf16[8,64,512], pred[])) -> (s32[], bf16[256,512,1], bf16[8,64,512], pred[]) {
+  %p = (s32[]{:T(128)}, bf16[256,512,1]{1,0,2:T(8,128)(2,1)}, bf16[8,64,512]{2,1,0:T(8,128)(2,1)}, pred[]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %x = bf16[256,512,1]{1,0,2:T(8,128)(2,1)} get-tuple-element(%p), index=1
+  %w = bf16[8,64,512]{2,1,0:T(8,128)(2,1)} get-tuple-element(%p), index=2
+  %q = bf16[256,8,64]{0,2,1:T(8,128)(2,1)} convolution(%x, %w), window={size=8 pad=7_7 rhs_reversal=1}, dim_labels=bf0_0oi->b0f
+  %m = bf16[256,512]{1,0:T(8,128)(2,1)} reshape(%q)
+  %k = bf16[512,512]{1,0:T(8,128)(2,1)} constant({...})
+  %y = bf16[256,512]{1,0:T(8,128)(2,1)} convolution(%m, %k), dim_labels=bf_io->bf
+  %r = bf16[256,512]{1,0:T(8,128)(2,1)} all-reduce(%y), channel_id=1, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
+  %d = pred[] get-tuple-element(%p), index=3
+  ROOT %t = (s32[], bf16[256,512,1], bf16[8,64,512], pred[]) tuple(%i, %x, %w, %d)
+}
+
+%cond (p: (s32[], bf16[256,512,1], bf16[8,64,512], pred[])) -> pred[] {
+  %p = (s32[]{:T(128)}, bf16[256,512,1]{1,0,2:T(8,128)(2,1)}, bf16[8,64,512]{2,1,0:T(8,128)(2,1)}, pred[]) parameter(0)
+  %one = s32[]{:T(128)} constant(1)
+  %max = s32[]{:T(128)} constant(6)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %next = s32[]{:T(128)S(6)} add(%i, %one)
+  %lt = pred[]{:T(512)S(6)} compare(%next, %max), direction=LT
+  %done = pred[] get-tuple-element(%p), index=3
+  %going = pred[] not(%done)
+  ROOT %and = pred[]{:T(512)} and(%lt, %going)
+}
+
+ENTRY %main (x: bf16[256,512,1], w: bf16[8,64,512]) -> bf16[8,64,512] {
+  %x = bf16[256,512,1]{1,0,2:T(8,128)(2,1)} parameter(0)
+  %w = bf16[8,64,512]{2,1,0:T(8,128)(2,1)} parameter(1)
+  %zero = s32[] constant(0)
+  %no = pred[] constant(false)
+  %init = (s32[], bf16[256,512,1], bf16[8,64,512], pred[]) tuple(%zero, %x, %w, %no)
+  %loop = (s32[], bf16[256,512,1], bf16[8,64,512], pred[]) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[8,64,512]{2,1,0:T(8,128)(2,1)} get-tuple-element(%loop), index=2
+}
+"""
+
+
+def test_the_tpu_compilers_forms_are_read():
+  """Per trip: the batched convolution is 256 x 8 heads x 64 outputs of 512-long dot products (one of its
+  8 taps reads data), the 1x1 one a [256, 512] x [512, 512] matmul; the loop runs at most 6 trips (its
+  early exit cannot be known); the all-reduce's groups are the mesh's second axis, 4 devices."""
+  assert hlo_audit.dot_flops(TPU_HLO) == 6 * (2 * 256 * 8 * 64 * 512 + 2 * 256 * 512 * 512)
+  (reduce,) = hlo_audit.collectives(TPU_HLO)
+  assert (reduce.runs, reduce.bytes, reduce.group) == (6, 2 * 256 * 512, 4)
 
 
 # heads, kv heads, d_ff, vocabulary and the batch all divide by 8.

@@ -200,6 +200,10 @@ def _fused_attention(query, key, value, mask, bias, scale, impl):
     # cuDNN casts the bias to the compute dtype: bfloat16 rounds ALiBi penalties at distances >= 256.
     # XLA's kernel adds the float32 bias to float32 logits, like the reference.
     impl = 'xla'
+  if mask is not None and impl == 'cudnn':
+    # JAX 0.10's cuDNN path cannot vmap a mask shared by the heads (jax-ml/jax#34920), and the train step
+    # vmaps over its batch shards: one mask per head.
+    mask = jnp.broadcast_to(mask, mask.shape[:1] + (query.shape[2],) + mask.shape[2:])
   out = jax.nn.dot_product_attention(
     pad(query), pad(key), pad(value), bias=bias, mask=mask, scale=scale, implementation=impl
   )

@@ -91,7 +91,10 @@ def _trip_count(computations, line: str) -> int | None:
   if known:
     return int(known.group(1))
   condition = re.search(r'\bcondition=%?([\w.\-]+)', line)
-  lines = computations.get(condition.group(1), []) if condition else []
+  names, lines = [condition.group(1)] if condition else [], []
+  for name in names:  # the condition and what it calls (XLA GPU fuses the comparison); `names` grows
+    lines += computations.get(name, [])
+    names += [c for text in computations.get(name, []) for c in re.findall(r'\bcalls=%?([\w.\-]+)', text)]
   constants = dict(re.findall(r'%([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)', '\n'.join(lines)))
   bounds = [int(constants[b.group(1)]) for b in map(_BOUND.search, lines) if b and b.group(1) in constants]
   return max(bounds) if bounds else None

@@ -79,7 +79,9 @@ def make_mesh(mesh_config: MeshConfig, devices=None, slices: int = 1) -> Mesh:
   from jax.experimental import mesh_utils
 
   within = (sizes['data'] // slices, sizes['fsdp'], sizes['tensor'])
-  grid = mesh_utils.create_hybrid_device_mesh(within, (slices, 1, 1), devices)
+  # GPU nodes are told apart by their process (one per node), TPU slices by their slice index.
+  by_process = devices[0].platform != 'tpu'
+  grid = mesh_utils.create_hybrid_device_mesh(within, (slices, 1, 1), devices, process_is_granule=by_process)
   return Mesh(grid, MESH_AXES, axis_types=auto)
 
 

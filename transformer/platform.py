@@ -19,14 +19,6 @@ def target() -> str:
   return 'gpu' if platform in _GPU else platform
 
 
-def of_devices(devices) -> str:
-  """The platform of a list of devices ('cpu', 'gpu' or 'tpu'), as `target` names it."""
-  platforms = {'gpu' if d.platform in _GPU else d.platform for d in devices}
-  if len(platforms) != 1:
-    raise ValueError(f'devices of several platforms: {sorted(platforms)}')
-  return platforms.pop()
-
-
 def is_cpu() -> bool:
   """The step is built for XLA's CPU backend (where the measured matmul layouts of `layers` apply)."""
   return target() == 'cpu'

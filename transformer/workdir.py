@@ -75,6 +75,9 @@ RESUMABLE = (
   'data.top_p',
   'data.prompt_words',
   'data.sample_len',
+  # what --mode compile and --mode bench build, never what a run trains
+  'compile.*',
+  'bench.*',
 )
 _ABSENT = '<absent>'
 

@@ -55,6 +55,11 @@ class Target:
     return self.per_slice * self.slices
 
   @property
+  def link_domain(self) -> int:
+    """The devices one fast link joins: a TPU slice (ICI), a GPU node of at most 8 (NVLink)."""
+    return self.per_slice if self.chip.platform == 'tpu' else min(self.per_slice, 8)
+
+  @property
   def label(self) -> str:
     return self.name if self.slices == 1 else f'{self.slices}x {self.name}'
 
@@ -95,7 +100,10 @@ def parse(name: str, slices: int = 1) -> Target:
   chip = known.get(match.group(1)) if match else None
   if chip is None:
     examples = ', '.join(f'{family}-{8 if not c.names_count_cores else 16}' for family, c in known.items())
-    raise ConfigError(f'config.compile.target={name!r} is not a known accelerator: use one of {examples} (any size).')
+    raise ConfigError(
+      f'config.compile.target={name!r} is not a known accelerator: use one of {examples} '
+      '(other sizes as Cloud TPU and NVIDIA nodes come).'
+    )
   if slices < 1:
     raise ConfigError(f'config.compile.slices={slices} must be >= 1.')
   count = int(match.group(2))

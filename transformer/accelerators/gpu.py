@@ -29,7 +29,10 @@ _GIB = 2**30
 _FP32_LANES = 128  # FP32 cores per SM, Hopper and Blackwell (NVIDIA's architecture whitepapers)
 
 # Per GPU: JAX's device kind (CUDA's device name), compute capability, SMs, dense FP32 TFLOPS (for the
-# clock), HBM in GiB and TB/s, NVLink GB/s (both directions), and where each figure comes from.
+# clock), L2 cache in MiB, HBM in GiB and TB/s, NVLink GB/s (both directions), and where each figure comes from.
+# XLA's cost model needs the FP32 lanes and the L2 size: without them it fuses differently (the temporaries of
+# experiments/bench.py:lm's step on h100-8 grew 2% without the L2 size, 2.2x without the lanes); with them that
+# step compiles to what openxla/xla's own H100 config (target_config/specs/h100_sxm.txtpb) gives it.
 _H100 = 'NVIDIA H100 Tensor Core GPU data sheet (H100 SXM)'
 _H200 = 'NVIDIA H200 Tensor Core GPU data sheet (H200 SXM)'
 _B200 = 'NVIDIA DGX B200 data sheet (8 B200 GPUs)'
@@ -39,6 +42,7 @@ _SPECS = {
     capability=(9, 0),
     sms=(132, 'NVIDIA H100 Tensor Core GPU Architecture whitepaper: 132 SMs in H100 SXM5'),
     fp32_tflops=(67, f'{_H100}: FP32 67 TFLOPS'),
+    l2_mib=(50, 'NVIDIA H100 Tensor Core GPU Architecture whitepaper: 50 MB L2 cache'),
     hbm_gib=(80, f'{_H100}: 80 GB'),
     hbm_tbps=(3.35, f'{_H100}: 3.35 TB/s'),
     nvlink_gbps=(900, f'{_H100}: NVLink 900 GB/s'),
@@ -49,6 +53,7 @@ _SPECS = {
     # The H200 data sheet gives no SM count; its compute figures are H100 SXM's, on the same GH100.
     sms=(132, f'{_H200}: the compute figures of H100 SXM (132 SMs)'),
     fp32_tflops=(67, f'{_H200}: FP32 67 TFLOPS'),
+    l2_mib=(50, 'the GH100 of H100 SXM: 50 MB L2 cache'),
     hbm_gib=(141, f'{_H200}: 141 GB'),
     hbm_tbps=(4.8, f'{_H200}: 4.8 TB/s'),
     nvlink_gbps=(900, f'{_H200}: NVLink 900 GB/s'),
@@ -59,7 +64,8 @@ _SPECS = {
     # NVIDIA publishes no SM count for B200.
     sms=(148, "Chips and Cheese, Nvidia's B200: Keeping the CUDA Juggernaut Rolling (2025): 148 SMs, 74 per die"),
     fp32_tflops=(80, 'NVIDIA Blackwell Architecture Technical Brief: HGX B200 FP32 80 TFLOPS per GPU'),
-    hbm_gib=(180, f'{_B200}: 1,440 GB in all, 180 GB per GPU (the 192 GB announced is the physical stacks)'),
+    l2_mib=(126.5, "CUDA's L2 size on a B200 (132,644,864 B), as XLA's b200.txtpb target config records it"),
+    hbm_gib=(180, f'{_B200}: 1,440 GB in all, 180 GB per GPU (192 GB was announced; DGX and HGX B200 give 180)'),
     hbm_tbps=(8, f'{_B200}: 64 TB/s in all, 8 TB/s per GPU (HGX B200 tables give 7.7)'),
     nvlink_gbps=(1800, f'{_B200}: NVLink 1.8 TB/s per GPU'),
   ),
@@ -93,7 +99,7 @@ def target_config(family: str) -> str:
   spec = _SPECS[family]
   sms, major, minor = spec['sms'][0], *spec['capability']
   # The clock that gives the data sheet's FP32 rate (one fused multiply-add, 2 FLOPs, per lane and cycle):
-  # XLA's cost model reads it, it changes no memory figure.
+  # XLA's cost model reads it, it changes no memory figure. cuDNN 9.8: the oldest the plugin accepts.
   clock = spec['fp32_tflops'][0] * 1e12 / (sms * _FP32_LANES * 2) / 1e9
   return f"""gpu_device_info {{
   name: "{spec['kind']}"
@@ -101,6 +107,7 @@ def target_config(family: str) -> str:
   core_count: {sms}
   fpus_per_core: {_FP32_LANES}
   clock_rate_ghz: {clock:.3f}
+  l2_cache_size: {int(spec['l2_mib'][0] * 2**20)}
   device_memory_size: {spec['hbm_gib'][0] * _GIB}
   memory_bandwidth: {int(spec['hbm_tbps'][0] * 1e12)}
   threads_per_warp: 32
@@ -119,20 +126,9 @@ def target_config(family: str) -> str:
   shared_memory_per_core: 233472
 }}
 platform_name: "CUDA"
-dnn_version_info {{ major: {_cudnn()[0]} minor: {_cudnn()[1]} }}
+dnn_version_info {{ major: 9 minor: 8 }}
 device_description_str: "{spec['kind']}"
 """
-
-
-def _cudnn() -> tuple[int, int]:
-  """The installed cuDNN's (major, minor), which a GPU host with the same wheels would run: XLA uses cuDNN's
-  fused kernels (attention) only from the versions that have them."""
-  from importlib import metadata
-
-  try:
-    return tuple(int(part) for part in metadata.version('nvidia-cudnn-cu12').split('.')[:2])
-  except metadata.PackageNotFoundError:
-    return (9, 0)
 
 
 def topology(target) -> str:
@@ -180,13 +176,13 @@ def unavailable() -> str | None:
   """None where the CUDA plugin compiles (tried once, for one H100); otherwise why, and what to install."""
   import jax
 
-  install = f"pip install 'jax[cuda12]=={jax.__version__}' (about 5 GB of NVIDIA wheels)"
+  install = f"pip install 'jax[cuda12]=={jax.__version__}' (the plugin of this JAX: about 5 GB of NVIDIA wheels)"
   if _plugin() is None:
     return f'the CUDA plugin is not installed: {install}'
   try:
     _describe('h100', '1x1x1')
   except Exception as error:  # JaxRuntimeError and the plugin's own: their types are private
-    return f'the CUDA plugin cannot compile here ({type(error).__name__}: {error}); reinstall: {install}'
+    return f'the CUDA plugin cannot compile here ({type(error).__name__}: {error}): {install}'
   return None
 
 

@@ -73,34 +73,55 @@ def leaf_bytes(tree) -> list[tuple[str, int, int, str]]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     whole = int(np.prod(leaf.shape)) * leaf.dtype.itemsize
     shard = int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-    rows.append((jax.tree_util.keystr(path), shard, whole, str(leaf.sharding.spec)))
+    name = '/'.join(str(getattr(key, 'key', getattr(key, 'name', key))) for key in path)
+    rows.append((name, shard, whole, str(leaf.sharding.spec)))
   return rows
 
 
-def collective_seconds(found: list, link_bandwidth: float) -> float:
+UNSHARDED_BYTES = 2**20
+
+
+def unsharded(rows, mesh) -> list:
+  """The parameters of at least 1 MiB that every chip holds whole although the mesh shards parameters
+  (fsdp or tensor > 1): a logical axis without a rule, or a size its mesh axis does not divide."""
+  if mesh.shape['fsdp'] * mesh.shape['tensor'] == 1:
+    return []
+  return [row for row in rows if row[1] == row[2] >= UNSHARDED_BYTES]
+
+
+def collective_seconds(found: list, target: accelerators.Target) -> float:
   """A lower bound on the time the collectives take: the bytes each device sends (a ring all-reduce sends
   2 (n-1)/n of its buffer, all-gather, reduce-scatter and all-to-all (n-1)/n, a permute all of it) over
-  the device's whole one-way link bandwidth, with no latency and no contention."""
-  sent = 0.0
+  the device's whole one-way ICI or NVLink bandwidth, with no latency and no contention. A group larger than
+  one slice or node also crosses the data-center network, where at best (reduced within the slice first)
+  each device sends 1/(devices per slice) of it. A small group that crosses nodes counts at link speed."""
+  seconds, chip, domain = 0.0, target.chip, target.link_domain
   for c in found:
-    share = (c.group - 1) / c.group if c.group > 1 else 1.0
-    sent += c.runs * c.bytes * {'all-reduce': 2 * share, 'collective-permute': 1.0}.get(c.kind, share)
-  return sent / link_bandwidth
+    group = c.group or target.device_count
+    share = (group - 1) / group if group > 1 else 1.0
+    sent = c.runs * c.bytes * {'all-reduce': 2 * share, 'collective-permute': 1.0}.get(c.kind, share)
+    across = sent / domain / chip.dcn_bandwidth.value if group > domain else 0.0
+    seconds += max(sent / chip.link_bandwidth.value, across)
+  return seconds
 
 
-def program_report(compiled, chip: accelerators.Chip, model_flops: float, tokens: int, devices: int) -> dict:
-  """Memory, FLOPs, collectives and the roofline bound of one compiled program (per device)."""
+def program_report(
+  compiled, target: accelerators.Target, model_flops: float, tokens: int, hbm_bytes: float = 0.0
+) -> dict:
+  """Memory, FLOPs, collectives and the roofline bound of one compiled program (per device). `hbm_bytes`: a
+  floor on the bytes it reads from HBM where the compiler's own count says less (it sees a loop body once)."""
   memory = compiled.memory_analysis()
   text = compiled.as_text()
   cost = compiled.cost_analysis() or {}
   found = hlo_audit.collectives(text)
   matmul_flops = hlo_audit.dot_flops(text)
+  chip, devices = target.chip, target.device_count
   peak = chip.peak_flops.value
   bounds = {
     'compute_s': matmul_flops / peak,
     # The compiler's count sees a loop body once: a scanned model's bytes are undercounted, still a bound.
-    'hbm_s': float(cost.get('bytes accessed', 0.0)) / chip.hbm_bandwidth.value,
-    'collectives_s': collective_seconds(found, chip.link_bandwidth.value),
+    'hbm_s': max(float(cost.get('bytes accessed', 0.0)), hbm_bytes) / chip.hbm_bandwidth.value,
+    'collectives_s': collective_seconds(found, target),
   }
   step_s = max(bounds.values())
   total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
@@ -122,8 +143,10 @@ def program_report(compiled, chip: accelerators.Chip, model_flops: float, tokens
     'bound': {**bounds, 'step_s': step_s},
   }
   if tokens and step_s > 0:
+    report['tokens'] = tokens
     report['bound']['tokens_per_sec'] = tokens / step_s
-    report['bound']['mfu'] = model_flops / (step_s * peak * devices)
+    if model_flops:
+      report['bound']['mfu'] = model_flops / (step_s * peak * devices)
   return report, text
 
 
@@ -158,11 +181,13 @@ def compile_config(config, target: accelerators.Target, steps=STEPS, workdir: st
     'params_total': sum(row[2] for row in per_leaf),
     'opt_state_per_device': sum(row[1] for row in leaf_bytes(state.opt_state)),
     'largest_param_shards': sorted(per_leaf, key=lambda row: -row[1])[:5],
+    'unsharded_params': unsharded(per_leaf, runner.mesh),
     'steps': {},
   }
   model_flops = metrics.flops_per_token(model_config, seq_len) * tokens
   with platform.building_for(runner.mesh):
     report['compute_dtype'] = str(model_config.compute_dtype)
+    weights = report['params_per_device'] * model_config.compute_dtype.itemsize / model_config.storage_dtype.itemsize
     expected = bench.expected_collectives(
       runner, model_config, train_config.batch_size, seq_len, train_config.grad_accum_steps
     )
@@ -172,10 +197,16 @@ def compile_config(config, target: accelerators.Target, steps=STEPS, workdir: st
     'decode': lambda: lower_decode(config, built.model, runner),
   }
   flops = {'train': model_flops, 'eval': model_flops / 3, 'decode': 0.0}
+  decode = bench.settings(config)
+  generated = {'decode': int(decode['decode_batch']) * int(decode['decode_len'])}
+  # Each generated token reads every weight a chip holds, in the compute dtype: the floor of decoding's HBM
+  # traffic (the KV cache comes on top). A row of a few tokens is no matmul to the TPU compiler (it
+  # multiplies and reduces), so decoding's compute bound counts only what stayed a matmul.
+  floors = {'decode': int(decode['decode_len']) * weights}
   for step in steps:
     try:
       program, text = program_report(
-        _compile(lowerings[step]()), target.chip, flops[step], tokens if step != 'decode' else 0, target.device_count
+        _compile(lowerings[step]()), target, flops[step], generated.get(step, tokens), floors.get(step, 0.0)
       )
     except OutOfMemory as error:
       program, text = _oom_report(error), None
@@ -241,7 +272,11 @@ def format_report(report: dict) -> str:
     f'remat {report["remat"]}',
     f'  parameters     {_gib(report["params_per_device"])} per chip ({_gib(report["params_total"])} in all)',
     f'  optimizer      {_gib(report["opt_state_per_device"])} per chip',
+    '  largest parameter shards per chip: '
+    + ', '.join(f'{path} {size / 2**20:,.1f} MiB {spec}' for path, size, _, spec in report['largest_param_shards']),
   ]
+  for path, size, _, spec in report['unsharded_params']:
+    lines.append(f'  warning: {path} ({size / 2**20:,.1f} MiB) is whole on every chip ({spec}): nothing shards it')
   for step, program in report['steps'].items():
     memory = program['memory']
     verdict = 'fits' if program['fits'] else f'does not fit: needs {_gib(memory["total"])} of {_gib(program["hbm"])}'
@@ -263,12 +298,17 @@ def format_report(report: dict) -> str:
       beside = f' (analytic {want / 1e6:,.1f} MB, ratio {row["bytes"] / want:.3f})' if want else ''
       lines.append(f'         {kind}: {row["count"]} per step, {row["bytes"] / 1e6:,.1f} MB per chip{beside}')
     bound = program['bound']
+    what = 'step' if step != 'decode' else f'decoding {program["tokens"]:,} tokens (every weight read per token)'
     text = (
-      f'         step >= {bound["step_s"] * 1e3:,.2f} ms (compute {bound["compute_s"] * 1e3:,.2f}, '
+      f'         {what} >= {bound["step_s"] * 1e3:,.2f} ms (compute {bound["compute_s"] * 1e3:,.2f}, '
       f'HBM {bound["hbm_s"] * 1e3:,.2f}, collectives {bound["collectives_s"] * 1e3:,.2f})'
     )
     if 'tokens_per_sec' in bound:
-      text += f'; tokens/s <= {bound["tokens_per_sec"]:,.0f}, MFU <= {bound["mfu"]:.1%} (bounds)'
+      text += f'; tokens/s <= {bound["tokens_per_sec"]:,.0f}'
+    if 'mfu' in bound:
+      text += f', MFU <= {bound["mfu"]:.1%}'
+    if 'tokens_per_sec' in bound:
+      text += ' (bounds)'
     lines.append(text)
   return '\n'.join(lines)
 
