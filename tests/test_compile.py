@@ -177,6 +177,7 @@ def test_every_step_compiles_and_the_hlo_texts_are_written(tmp_path):
   assert 'bfloat16' == report['compute_dtype']
 
 
+@pytest.mark.slow(20)
 def test_mesh_search_ranks_the_meshes_that_fit_by_their_bound():
   rows = aot.search_meshes(small(batch=8), accelerators.parse('v5e-4'))
   meshes = {row['mesh'] for row in rows}
@@ -214,6 +215,7 @@ def test_two_slices_put_the_data_axis_across_them():
     parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=8, tensor=1), devices, slices=2)
 
 
+@pytest.mark.slow(35)
 def test_a_sweep_compiles_every_variant_on_every_target_and_says_what_does_not_fit(tmp_path, capsys):
   """A sweep file on two targets: one table of variants x targets; the variant too big for v5e's 15.75 GiB
   fits v5p's 95.74 GiB, and the run exits 1 naming it."""

@@ -118,3 +118,25 @@ def test_the_train_step_compiles_for_the_gpus_with_what_each_one_holds(name, mes
   text = compiled.as_text()
   assert 'bf16[' in text
   assert ('__cudnn$fmha' in text) == (config.model.attention_impl == 'auto')
+
+
+@needs_plugin
+def test_two_nodes_compile_every_step_and_their_reduction_is_bounded_by_the_network(tmp_path):
+  """`--mode compile`'s report for 2 nodes of 8 H100s (slices=2, the data axis across them; cuDNN attention,
+  the default in bfloat16, under the batch shards' vmap): every step compiles, the gradient all-reduce spans
+  both nodes, and its time bound is the network's (1/8 of the bytes at 50 GB/s), not NVLink's."""
+  from transformer.experiment import aot
+
+  config = bench_experiments.get_config('lm')
+  config.model.num_decoder_layers = 2
+  config.train.batch_size = 16
+  target = accelerators.parse('h100-8', slices=2)
+  report = aot.compile_config(config, target, workdir=tmp_path)
+  assert report['fits'] and report['mesh'] == {'data': 16, 'fsdp': 1, 'tensor': 1}
+  train = report['steps']['train']
+  found = aot.hlo_audit.collectives((tmp_path / 'train.hlo.txt').read_text())
+  assert {(c.kind, c.group) for c in found} == {('all-reduce', 16)}  # XLA GPU splits it into chunks
+  sent = sum(2 * c.bytes * 15 / 16 for c in found)
+  assert sum(c.bytes for c in found) == pytest.approx(train['expected_collectives']['all-reduce'], rel=0.01)
+  assert train['bound']['collectives_s'] == pytest.approx(sent / 8 / 50e9) and sent / 8 / 50e9 > sent / 450e9
+  assert 'cudnn' in (tmp_path / 'train.hlo.txt').read_text()

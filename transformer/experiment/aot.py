@@ -54,7 +54,10 @@ class OutOfMemory(Exception):
 
 
 def _compile(lowered):
-  """`lowered.compile()`, with the TPU compiler's out-of-memory refusal as `OutOfMemory`."""
+  """`lowered.compile()`, with the TPU compiler's out-of-memory refusal as `OutOfMemory`. JAX's persistent
+  cache is off meanwhile: a deviceless program cannot be loaded back from it, and is no use on this host."""
+  cached = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
   try:
     return lowered.compile()
   except Exception as error:  # XlaRuntimeError: its type is private to jaxlib
@@ -64,6 +67,8 @@ def _compile(lowered):
         value = lambda i: float(found.group(i)) * _UNITS[found.group(i + 1)]
         raise OutOfMemory(value(1), value(3)) from None
     raise
+  finally:
+    jax.config.update('jax_enable_compilation_cache', cached)
 
 
 def leaf_bytes(tree) -> list[tuple[str, int, int, str]]:
@@ -396,8 +401,6 @@ def format_rows(rows: list[dict]) -> str:
 def run_compile(config, workdir: str, overrides=()) -> dict:
   """`--mode compile`: prints the report of every variant (a sweep file's, else the config's own) on every
   target, writes compile.json and the HLO texts under `workdir`, and exits 1 when something does not fit."""
-  # A persistent-cache entry of a deviceless program cannot be loaded back, and a TPU one is no use here.
-  jax.config.update('jax_enable_compilation_cache', False)
   s = settings(config)
   if 'sweep' in config:
     from transformer.experiment import bench_sweep
