@@ -137,6 +137,10 @@ def devices(target) -> list:
   # no TPU to guard: libtpu's lock file would let one process at a time compile (pytest -n 2, a sweep).
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  # Without these libtpu's start-up prints three warnings about a TPU VM it is not on; the topology below
+  # decides what is compiled for (libtpu starts once per process, with the first target's name).
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', target.name.replace('v5e-', 'v5litepod-'))
   family = target.chip.family
   sides = shape(family, target.per_slice)
   name, chip_config = _LIBTPU[family]
