@@ -104,16 +104,15 @@ def test_collectives_equal_the_layouts_analytic_traffic(target, mesh):
   assert program['collectives']['all-reduce']['bytes'] == pytest.approx(expected['all-reduce'], rel=0.05)
 
 
-def test_fsdp_reduces_each_gradient_once_and_gathers_bfloat16_weights():
-  """FSDP on the TPU: one reduction of the whole float32 gradient per step; the weights are all-gathered after
-  their cast to bfloat16, at their uses (forward and backward), not once as XLA CPU hoists them."""
-  config = small(mesh=(1, 8, 1))
-  program = train_report(config)['steps']['train']
-  params = program['expected_collectives']['all-reduce']
-  gradient = [row for row in program['collectives'].items() if row[0] == 'all-reduce'][0][1]['bytes']
-  assert gradient == pytest.approx(params, rel=0.05)
-  gathered_f32 = program['expected_collectives']['all-gather']
-  assert program['collectives']['all-gather']['bytes'] >= gathered_f32 / 2
+def test_fsdp_reduces_the_whole_gradient_once_and_gathers_bfloat16_weights(tmp_path):
+  """FSDP on the TPU: one reduction of the whole float32 gradient per step (docs/scale.md: the floor it sets);
+  every all-gather is of a weight already cast to bfloat16."""
+  program = train_report(small(mesh=(1, 8, 1)), workdir=tmp_path)['steps']['train']
+  assert program['collectives']['all-reduce']['bytes'] == pytest.approx(
+    program['expected_collectives']['all-reduce'], rel=0.01
+  )
+  gathered = re.findall(r'= (\w+)\[[\d,]*\][^ ]* all-gather(?:-start)?\(', (tmp_path / 'train.hlo.txt').read_text())
+  assert len(gathered) > 10 and set(gathered) == {'bf16'}
 
 
 def test_flops_count_loops_by_their_trips_and_match_the_analytic_count():
