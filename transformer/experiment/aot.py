@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -54,12 +55,15 @@ class OutOfMemory(Exception):
 
 
 def _compile(lowered):
-  """`lowered.compile()`, with the TPU compiler's out-of-memory refusal as `OutOfMemory`. JAX's persistent
-  cache is off meanwhile: a deviceless program cannot be loaded back from it, and is no use on this host."""
+  """`lowered.compile()`, with the TPU compiler's out-of-memory refusal as `OutOfMemory`. A deviceless program
+  cannot be loaded back from JAX's persistent cache: `run_compile` turns the cache off before its first
+  compile, and here (in a process that used it already, where JAX decided for good) its failed read is quiet."""
   cached = jax.config.jax_enable_compilation_cache
   jax.config.update('jax_enable_compilation_cache', False)
   try:
-    return lowered.compile()
+    with warnings.catch_warnings():
+      warnings.filterwarnings('ignore', 'Error reading persistent compilation cache entry')
+      return lowered.compile()
   except Exception as error:  # XlaRuntimeError: its type is private to jaxlib
     for pattern in _OOM:
       found = pattern.search(str(error))
@@ -401,6 +405,7 @@ def format_rows(rows: list[dict]) -> str:
 def run_compile(config, workdir: str, overrides=()) -> dict:
   """`--mode compile`: prints the report of every variant (a sweep file's, else the config's own) on every
   target, writes compile.json and the HLO texts under `workdir`, and exits 1 when something does not fit."""
+  jax.config.update('jax_enable_compilation_cache', False)  # see _compile
   s = settings(config)
   if 'sweep' in config:
     from transformer.experiment import bench_sweep
