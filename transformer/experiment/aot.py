@@ -57,9 +57,7 @@ class OutOfMemory(Exception):
 def _compile(lowered):
   """`lowered.compile()`, with the TPU compiler's out-of-memory refusal as `OutOfMemory`. A deviceless program
   cannot be loaded back from JAX's persistent cache: `run_compile` turns the cache off before its first
-  compile, and here (in a process that used it already, where JAX decided for good) its failed read is quiet."""
-  cached = jax.config.jax_enable_compilation_cache
-  jax.config.update('jax_enable_compilation_cache', False)
+  compile; in a process that used it already (JAX decides once per process) the failed read is quiet."""
   try:
     with warnings.catch_warnings():
       warnings.filterwarnings('ignore', 'Error reading persistent compilation cache entry')
@@ -71,8 +69,6 @@ def _compile(lowered):
         value = lambda i: float(found.group(i)) * _UNITS[found.group(i + 1)]
         raise OutOfMemory(value(1), value(3)) from None
     raise
-  finally:
-    jax.config.update('jax_enable_compilation_cache', cached)
 
 
 def leaf_bytes(tree) -> list[tuple[str, int, int, str]]:
@@ -316,12 +312,9 @@ def format_report(report: dict) -> str:
       f'         {what} >= {bound["step_s"] * 1e3:,.2f} ms (compute {bound["compute_s"] * 1e3:,.2f}, '
       f'HBM {bound["hbm_s"] * 1e3:,.2f}, collectives {bound["collectives_s"] * 1e3:,.2f})'
     )
-    if 'tokens_per_sec' in bound:
-      text += f'; tokens/s <= {bound["tokens_per_sec"]:,.0f}'
-    if 'mfu' in bound:
-      text += f', MFU <= {bound["mfu"]:.1%}'
-    if 'tokens_per_sec' in bound:
-      text += ' (bounds)'
+    if 'tokens_per_sec' in bound:  # the MFU bound comes with it, where the program has model FLOPs
+      mfu = f', MFU <= {bound["mfu"]:.1%}' if 'mfu' in bound else ''
+      text += f'; tokens/s <= {bound["tokens_per_sec"]:,.0f}{mfu} (bounds)'
     lines.append(text)
   return '\n'.join(lines)
 
