@@ -212,3 +212,33 @@ def test_readme_test_command_is_what_ci_runs():
   readme = (REPO / 'README.md').read_text().splitlines()
   readme_commands = [line for line in readme if line.startswith('python3 -m venv') and 'pytest' in line]
   assert readme_commands == [ci_commands[-1]]
+
+
+# The README is the front door and docs/performance.md the reference of today's figures: what outgrows them moves
+# into the docs (dated history to docs/performance-history.md, long explanations to the doc of their topic).
+SIZE_LIMITS = {
+  'README.md': (12 * 1024, 'docs/*.md (findings to docs/findings.md, history to docs/performance-history.md)'),
+  'docs/performance.md': (20 * 1024, 'docs/performance-history.md (dated results, per-change narratives, profiles)'),
+}
+
+
+def oversized(sizes: dict[str, int], limits=SIZE_LIMITS) -> list[str]:
+  """A message for each file whose size in bytes exceeds its limit, naming the file, both sizes and where the
+  excess belongs."""
+  return [
+    f'{name} is {sizes[name]:,} bytes, {sizes[name] - limit:,} over its limit of {limit:,}: move the excess into '
+    f'{destination}'
+    for name, (limit, destination) in limits.items()
+    if sizes[name] > limit
+  ]
+
+
+def test_readme_and_performance_doc_stay_within_their_size_limits():
+  assert oversized({name: (REPO / name).stat().st_size for name in SIZE_LIMITS}) == []
+
+
+def test_size_check_names_the_file_its_size_the_limit_and_where_the_excess_goes():
+  assert oversized({'README.md': 12 * 1024, 'docs/performance.md': 20 * 1024 + 1}) == [
+    'docs/performance.md is 20,481 bytes, 1 over its limit of 20,480: move the excess into '
+    'docs/performance-history.md (dated results, per-change narratives, profiles)'
+  ]
