@@ -1,4 +1,4 @@
-"""`layers.dot_general` computes every projection as one 2-d matrix product: the numbers of `lax.dot_general`,
+"""`cpu_layouts.dot_general` computes every projection as one 2-d matrix product: the numbers of `lax.dot_general`,
 a gradient that XLA computes without transposed copies of the activations, and for a wide kernel on the CPU a
 weight gradient from the rows transposed first."""
 
@@ -12,7 +12,7 @@ from conftest import tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformer import layers, models
+from transformer import cpu_layouts, layers, models, platform
 
 # (x's shape after the row axes, kernel's shape, contracting axes of x and of the kernel): nn.Dense, the
 # attention's query/key/value (nn.DenseGeneral to heads), its output projection, and the logits' layout,
@@ -40,7 +40,7 @@ def test_values_and_gradients_equal_lax_dot_general(layout, rows):
     out, pullback = jax.vjp(lambda x, kernel: dot(x, kernel, numbers), x, kernel)
     return (out, *pullback(cotangent))
 
-  for ours, want in zip(jax.jit(vjp, static_argnums=0)(layers.dot_general), vjp(jax.lax.dot_general)):
+  for ours, want in zip(jax.jit(vjp, static_argnums=0)(cpu_layouts.dot_general), vjp(jax.lax.dot_general)):
     assert ours.shape == want.shape
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
 
@@ -52,8 +52,8 @@ class _Projections(nn.Module):
   def __call__(self, x):
     config = tiny(d_model=32, d_ff=48, activation='relu')
     x = x + layers.FeedForward(config)(nn.LayerNorm()(x))
-    heads = nn.DenseGeneral((4, 8), dot_general=layers.dot_general)(nn.LayerNorm()(x))
-    return nn.DenseGeneral(32, axis=(-2, -1), dot_general=layers.dot_general)(jax.nn.relu(heads))
+    heads = nn.DenseGeneral((4, 8), dot_general=platform.dot_general)(nn.LayerNorm()(x))
+    return nn.DenseGeneral(32, axis=(-2, -1), dot_general=platform.dot_general)(jax.nn.relu(heads))
 
 
 def test_the_gradient_copies_no_activation():
@@ -83,7 +83,7 @@ def test_a_wide_kernels_gradient_multiplies_the_rows_transposed_first():
   x = jax.random.normal(jax.random.key(0), (64, 8))
   for features, contracted in ((4 * 8, '1'), (8, '0')):
     kernel = jax.random.normal(jax.random.key(1), (8, features))
-    hlo = _compiled_gradient(lambda kernel, x: jnp.sum(layers.dot_general(x, kernel, DENSE) ** 2), kernel, x)
+    hlo = _compiled_gradient(lambda kernel, x: jnp.sum(cpu_layouts.dot_general(x, kernel, DENSE) ** 2), kernel, x)
     gradient = re.findall(rf'f32\[8,{features}\]\{{1,0\}} dot\([^\n]*lhs_contracting_dims=\{{(\d)\}}', hlo)
     assert gradient == [contracted], hlo
 
@@ -94,7 +94,7 @@ def test_the_logits_table_gradient_is_a_plain_product_transposed_after():
   the barrier on the product XLA folded that transpose back into the matmul, as `g^T x`."""
   x = jax.random.normal(jax.random.key(0), (64, 8))
   table = jax.random.normal(jax.random.key(1), (4 * 8, 8))
-  hlo = _compiled_gradient(lambda table, x: jnp.sum(layers.logits_matmul(x, table) ** 2), table, x)
+  hlo = _compiled_gradient(lambda table, x: jnp.sum(cpu_layouts.logits_matmul(x, table) ** 2), table, x)
   products = re.findall(r'= f32\[(\d+),(\d+)\]\{1,0\} dot\([^\n]*lhs_contracting_dims=\{(\d)\}', hlo)
   gradient = [p for p in products if p[0] != '64']  # the logits and x's gradient have a row per token
   assert gradient == [('8', '32', '1')], hlo
@@ -105,7 +105,7 @@ def test_remat_dots_policy_saves_a_wide_product_as_any_matmul():
   Counted in the differentiated program (XLA would merge a recomputed matmul with the forward one): as many
   matmuls as without remat, fewer than with full remat, which recomputes the product."""
   x, kernel = jax.random.normal(jax.random.key(0), (64, 8)), jax.random.normal(jax.random.key(1), (8, 32))
-  loss = lambda kernel, x: jnp.sum(jnp.tanh(layers.dot_general(x, kernel, DENSE)) ** 2)
+  loss = lambda kernel, x: jnp.sum(jnp.tanh(cpu_layouts.dot_general(x, kernel, DENSE)) ** 2)
   matmuls = lambda fn: str(jax.make_jaxpr(jax.value_and_grad(fn))(kernel, x)).count('dot_general')
   plain, full = matmuls(loss), matmuls(jax.checkpoint(loss))
   assert matmuls(jax.checkpoint(loss, policy=models._REMAT_POLICIES['dots'])) == plain < full

@@ -238,7 +238,7 @@ class MultiHeadAttention(nn.Module):
       use_bias=False,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.storage_dtype,
-      dot_general=layers.dot_general,
+      dot_general=platform.dot_general,
     )
     # DenseGeneral initialises the kernel flattened to [fan_in, fan_out]: plain Glorot is right.
     init_in = init_out = nn.initializers.xavier_uniform()
@@ -295,7 +295,7 @@ class MultiHeadAttention(nn.Module):
       use_bias=False,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.storage_dtype,
-      dot_general=layers.dot_general,
+      dot_general=platform.dot_general,
       name='out',
       kernel_init=nn.with_logical_partitioning(init_out, ('heads', 'kv', 'embed')),
     )(out)

@@ -16,17 +16,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import cached_attention, causal_blocks, layers
+from transformer import cached_attention, causal_blocks, layers, platform
 from transformer.attention import LocalMask, MultiHeadAttention, make_attention_mask
 from transformer.config import ConfigError, ModelConfig
 from transformer.tokens import BOS_ID, PAD_ID
 
 _REMAT_POLICIES = {
   'full': None,  # save nothing: recompute the whole block in the backward pass
-  'dots': jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    jax.checkpoint_policies.save_only_these_names(layers.WIDE_PRODUCT),  # a matmul with a custom gradient
-  ),
+  'dots': platform.SAVE_MATMULS,  # save every matmul's output
 }
 
 

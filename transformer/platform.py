@@ -8,6 +8,8 @@ decoding on this machine) the step runs on JAX's default backend, so that is the
 
 import jax
 
+from transformer import cpu_layouts
+
 _GPU = ('gpu', 'cuda', 'rocm')
 
 
@@ -20,7 +22,7 @@ def target() -> str:
 
 
 def is_cpu() -> bool:
-  """The step is built for XLA's CPU backend (where the measured matmul layouts of `layers` apply)."""
+  """The step is built for XLA's CPU backend."""
   return target() == 'cpu'
 
 
@@ -28,3 +30,17 @@ def building_for(mesh):
   """Within it, `target` is the platform of `mesh`'s devices: for what is built outside a jitted step's own
   trace (the compute dtype a report shows, a decoding loop lowered for another machine's devices)."""
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+  """The model's one matmul (every Dense, attention projection and the logits): `lax.dot_general`, or, in a
+  step built for the CPU, the same product in the layouts that `cpu_layouts` measured faster there."""
+  dot = cpu_layouts.dot_general if is_cpu() else jax.lax.dot_general
+  return dot(x, kernel, dimension_numbers, precision, preferred_element_type)
+
+
+# Remat's `dots` policy: every matmul's output, also the CPU layouts' products with a gradient of their own.
+SAVE_MATMULS = jax.checkpoint_policies.save_from_both_policies(
+  jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  jax.checkpoint_policies.save_only_these_names(cpu_layouts.WIDE_PRODUCT),
+)

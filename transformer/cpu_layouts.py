@@ -1,0 +1,151 @@
+"""XLA:CPU's matmul layouts: `dot_general` as the CPU multiplies fastest, applied to every Dense layer, attention
+projection and the logits through `platform.dot_general` when a step is built for the CPU (never for a TPU or GPU).
+
+Each form is the same product in another order, measured on the `lm` step or in decoding
+(docs/performance.md, "The CPU's matmul layouts"):
+- one 2-d matrix product of `[tokens, d]` rows, so that a weight gradient contracts one axis, not batch and length;
+- a wide kernel's weight gradient from the rows transposed first (`WIDE_KERNEL`), and the logits table's
+  gradient as `(x^T g)^T`, each behind an optimization barrier that keeps XLA from folding the transpose back;
+- decoding steps of a few rows multiply kernel first (`kernel_first_matmuls`, `FEW_ROWS`).
+Values equal `lax.dot_general` to float32 rounding, not bitwise (tests/test_matrix_product.py,
+tests/test_kernel_first.py).
+"""
+
+import contextlib
+import contextvars
+import functools
+import math
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+
+# The row counts (a decoding step's batch times beams) for which `dot_general` puts the kernel first.
+FEW_ROWS = (2, 32)
+# A weight gradient `rows^T g` takes rows transposed first from this ratio of the kernel's output to input
+# features up: measured 1.2-1.5x at 4 (a [512, 2048] FFN input) and 1.7-2x at 16 (the [512, 8192] logits),
+# even at 1, slower at 1/4.
+WIDE_KERNEL = 2
+# The name of a wide product, a matmul with a gradient of its own: remat's `dots` policy saves it by name
+# (`platform.SAVE_MATMULS`), as it saves a plain matmul.
+WIDE_PRODUCT = 'wide_product'
+
+_KERNEL_FIRST = contextvars.ContextVar('kernel_first', default=False)
+
+
+@contextlib.contextmanager
+def kernel_first_matmuls():
+  """Within it, `dot_general` multiplies few rows kernel first. For the steps of a decoding loop over unrolled
+  layers only: there XLA makes the kernels' transposed copies once, before the loop; applied to one call, or in
+  `scan_layers`' loop over layers, it would transpose every kernel at every call. Inert off the CPU, where
+  `platform.dot_general` never calls this module."""
+  token = _KERNEL_FIRST.set(True)
+  try:
+    yield
+  finally:
+    _KERNEL_FIRST.reset(token)
+
+
+def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general(x, kernel, ...)` in the CPU's layouts: kernel first for a decoding step's few rows, the
+  logits' form `x @ table^T` with its own gradient, else one 2-d matrix product."""
+  (x_contract, k_contract), (x_batch, _) = dimension_numbers
+  if x_batch:
+    return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
+  rows = math.prod(size for axis, size in enumerate(x.shape) if axis not in x_contract)
+  if _KERNEL_FIRST.get() and FEW_ROWS[0] <= rows <= FEW_ROWS[1]:
+    return _kernel_first(x, kernel, x_contract, k_contract, precision, preferred_element_type)
+  if kernel.ndim == 2 and tuple(k_contract) == (1,) and tuple(x_contract) == (x.ndim - 1,):
+    return logits_matmul(x, kernel, precision, preferred_element_type)
+  return _matrix_product(x, kernel, dimension_numbers, precision, preferred_element_type)
+
+
+def _kernel_first(x, kernel, x_contract, k_contract, precision, preferred_element_type):
+  """`kernel^T x^T` from a copy of the kernel with its contracting axes minor, then that small result
+  transposed: XLA CPU's kernels for a few rows against a wide matrix ran up to twice as fast in this order."""
+  free = [axis for axis in range(kernel.ndim) if axis not in k_contract]
+  if free + list(k_contract) != list(range(kernel.ndim)):  # the barrier keeps XLA from folding it back
+    kernel = jax.lax.optimization_barrier(kernel.transpose(free + list(k_contract)))
+    k_contract = tuple(range(len(free), kernel.ndim))
+  out = jax.lax.dot_general(kernel, x, ((k_contract, x_contract), ((), ())), precision, preferred_element_type)
+  return out.transpose(tuple(range(len(free), out.ndim)) + tuple(range(len(free))))  # x's free axes first
+
+
+def _matrix_product(x, kernel, dimension_numbers, precision, preferred_element_type):
+  """`lax.dot_general` as one 2-d matrix product when x contracts its trailing axes with the kernel's
+  leading ones (every Dense and attention projection): `[batch, length, ...]` flattened to rows. Left
+  with several row axes, the gradient's `x^T g` contracts two axes, and XLA CPU copied both operands
+  transposed to contract them (the ReLU's `[tokens, d_ff]` gradient and each norm's output, per layer)."""
+  (x_contract, k_contract), _ = dimension_numbers
+  free = x.ndim - len(x_contract)
+  if tuple(x_contract) != tuple(range(free, x.ndim)) or tuple(k_contract) != tuple(range(len(k_contract))):
+    return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
+  depth = math.prod(x.shape[free:])
+  rows, matrix = x.reshape(-1, depth), kernel.reshape(depth, -1)
+  if _transposes_rows(rows, matrix.shape[1]):
+    out = checkpoint_name(_wide_product(rows, matrix, precision, preferred_element_type), WIDE_PRODUCT)
+  else:
+    out = jax.lax.dot_general(rows, matrix, (((1,), (0,)), ((), ())), precision, preferred_element_type)
+  return out.reshape(x.shape[:free] + kernel.shape[len(k_contract) :])
+
+
+def _transposes_rows(rows, features: int) -> bool:
+  return features >= WIDE_KERNEL * rows.shape[1]
+
+
+def _rows_transposed(rows, features: int):
+  """`rows^T` for the weight gradient `rows^T g` with `features` columns in g. XLA CPU runs `rows^T g` as
+  given (the operand's contracting axis major) with a slower matmul than a plain product; for a wide g,
+  a copy of the smaller `rows^T` made first pays for itself. The barrier keeps XLA from folding the
+  transpose back into the matmul."""
+  return jax.lax.optimization_barrier(rows.T) if _transposes_rows(rows, features) else rows.T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _wide_product(rows, kernel, precision, preferred_element_type):
+  """`rows [n, d] @ kernel [d, f]`, whose kernel gradient is `_rows_transposed(rows) @ g`."""
+  return jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())), precision, preferred_element_type)
+
+
+def _wide_product_fwd(rows, kernel, precision, preferred_element_type):
+  return _wide_product(rows, kernel, precision, preferred_element_type), (rows, kernel)
+
+
+def _wide_product_bwd(precision, preferred_element_type, residuals, g):
+  rows, kernel = residuals
+  d_rows = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())), precision, preferred_element_type)
+  d_kernel = jax.lax.dot_general(
+    _rows_transposed(rows, kernel.shape[1]), g, (((1,), (0,)), ((), ())), precision, preferred_element_type
+  )
+  return d_rows.astype(rows.dtype), d_kernel.astype(kernel.dtype)
+
+
+_wide_product.defvjp(_wide_product_fwd, _wide_product_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def logits_matmul(x, table, precision=None, preferred_element_type=None):
+  """`x [..., d] @ table [vocab, d]^T`, with the table's gradient computed as `(x^T @ g)^T`: autodiff's
+  `g^T @ x` makes XLA copy the transposed `[tokens, vocab]` gradient first (the largest copy of a language
+  model's step); the small `[d, vocab]` result is transposed after the matmul."""
+  return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())), precision, preferred_element_type)
+
+
+def _logits_matmul_fwd(x, table, precision, preferred_element_type):
+  return logits_matmul(x, table, precision, preferred_element_type), (x, table)
+
+
+def _logits_matmul_bwd(precision, preferred_element_type, residuals, g):
+  x, table = residuals
+  d_x = jax.lax.dot_general(g, table, (((g.ndim - 1,), (0,)), ((), ())), precision, preferred_element_type)
+  rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # one contracted axis
+  d_table = jax.lax.dot_general(
+    _rows_transposed(rows_x, table.shape[0]), rows_g, (((1,), (0,)), ((), ())), precision, preferred_element_type
+  )
+  if _transposes_rows(rows_x, table.shape[0]):
+    # Else XLA folds the `.T` below into the matmul, which then contracts g's major axis: the form that
+    # the transposed rows avoid (without the barrier the whole `lm` step was 1.03-1.06x slower).
+    d_table = jax.lax.optimization_barrier(d_table)
+  return d_x.astype(x.dtype), d_table.T.astype(table.dtype)
+
+
+logits_matmul.defvjp(_logits_matmul_fwd, _logits_matmul_bwd)
