@@ -242,8 +242,8 @@ class MultiHeadAttention(nn.Module):
     )
     # DenseGeneral initialises the kernel flattened to [fan_in, fan_out]: plain Glorot is right.
     init_in = init_out = nn.initializers.xavier_uniform()
-    # Projections of rows ([tokens, d_model]) flattened once per input: flattened by each projection
-    # (`layers.dot_general`), a scanned layer's backward pass kept a copy of the rows per projection.
+    # q, k and v project the same rows ([tokens, d_model]), flattened once: flattened per projection (as
+    # `cpu_layouts` does for a 3-d input), a scanned layer's backward pass kept a copy of them for each on the CPU.
     flat_q = inputs_q.reshape(-1, inputs_q.shape[-1])
 
     def project(name, flat, inputs, features, axes):
