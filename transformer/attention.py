@@ -68,7 +68,7 @@ def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
   if on_gpu and _cudnn_supports(config):
     return 'cudnn'
   # On CPU the einsum kernel's train step measured 1-10% faster than jax.nn.dot_product_attention's
-  # (README, Performance); elsewhere XLA's own kernel.
+  # (docs/performance.md, "What the figures rest on"); elsewhere XLA's own kernel.
   return 'reference' if target == 'cpu' else 'xla'
 
 
