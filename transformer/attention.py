@@ -242,21 +242,16 @@ class MultiHeadAttention(nn.Module):
     )
     # DenseGeneral initialises the kernel flattened to [fan_in, fan_out]: plain Glorot is right.
     init_in = init_out = nn.initializers.xavier_uniform()
-    # q, k and v project the same rows ([tokens, d_model]), flattened once: flattened per projection (as
-    # `cpu_layouts` does for a 3-d input), a scanned layer's backward pass kept a copy of them for each on the CPU.
-    flat_q = inputs_q.reshape(-1, inputs_q.shape[-1])
 
-    def project(name, flat, inputs, features, axes):
-      kernel = proj(features, name=name, kernel_init=nn.with_logical_partitioning(init_in, axes))
-      return kernel(flat).reshape(*inputs.shape[:-1], *features)
+    def project(name, inputs, features, axes):
+      return proj(features, name=name, kernel_init=nn.with_logical_partitioning(init_in, axes))(inputs)
 
-    query = project('query', flat_q, inputs_q, (heads, cfg.head_dim_qk), ('embed', 'heads', 'kv'))
+    query = project('query', inputs_q, (heads, cfg.head_dim_qk), ('embed', 'heads', 'kv'))
     if inputs_kv is None and self.decode and self.cross:
       key, value = self._cached_cross_kv()
     else:
-      flat_kv = flat_q if inputs_kv is inputs_q else inputs_kv.reshape(-1, inputs_kv.shape[-1])
-      key = project('key', flat_kv, inputs_kv, (kv_heads, cfg.head_dim_qk), ('embed', 'kv_heads', 'kv'))
-      value = project('value', flat_kv, inputs_kv, (kv_heads, cfg.head_dim_v), ('embed', 'kv_heads', 'kv'))
+      key = project('key', inputs_kv, (kv_heads, cfg.head_dim_qk), ('embed', 'kv_heads', 'kv'))
+      value = project('value', inputs_kv, (kv_heads, cfg.head_dim_v), ('embed', 'kv_heads', 'kv'))
     if rope_positions is not None:
       query = layers.apply_rope(query, rope_positions, cfg.rope_base)
       key = layers.apply_rope(key, rope_positions, cfg.rope_base)

@@ -3,7 +3,8 @@ projection and the logits through `platform.dot_general` when a step is built fo
 
 Each form is the same product in another order, measured on the `lm` step or in decoding
 (docs/performance.md, "The CPU's matmul layouts"):
-- one 2-d matrix product of `[tokens, d]` rows, so that a weight gradient contracts one axis, not batch and length;
+- one 2-d matrix product of `[tokens, d]` rows, so that a weight gradient contracts one axis, not batch and length,
+  with a gradient of its own that keeps the input as given (the q, k and v projections of one input share it);
 - a wide kernel's weight gradient from the rows transposed first (`WIDE_KERNEL`), and the logits table's
   gradient as `(x^T g)^T`, each behind an optimization barrier that keeps XLA from folding the transpose back;
 - decoding steps of a few rows multiply kernel first (`kernel_first_matmuls`, `FEW_ROWS`).
@@ -25,9 +26,9 @@ FEW_ROWS = (2, 32)
 # features up: measured 1.2-1.5x at 4 (a [512, 2048] FFN input) and 1.7-2x at 16 (the [512, 8192] logits),
 # even at 1, slower at 1/4.
 WIDE_KERNEL = 2
-# The name of a wide product, a matmul with a gradient of its own: remat's `dots` policy saves it by name
+# The name of a row product, a matmul with a gradient of its own: remat's `dots` policy saves it by name
 # (`platform.SAVE_MATMULS`), as it saves a plain matmul.
-WIDE_PRODUCT = 'wide_product'
+ROW_PRODUCT = 'row_product'
 
 _KERNEL_FIRST = contextvars.ContextVar('kernel_first', default=False)
 
@@ -79,13 +80,13 @@ def _matrix_product(x, kernel, dimension_numbers, precision, preferred_element_t
   free = x.ndim - len(x_contract)
   if tuple(x_contract) != tuple(range(free, x.ndim)) or tuple(k_contract) != tuple(range(len(k_contract))):
     return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
-  depth = math.prod(x.shape[free:])
-  rows, matrix = x.reshape(-1, depth), kernel.reshape(depth, -1)
-  if _transposes_rows(rows, matrix.shape[1]):
-    out = checkpoint_name(_wide_product(rows, matrix, precision, preferred_element_type), WIDE_PRODUCT)
-  else:
-    out = jax.lax.dot_general(rows, matrix, (((1,), (0,)), ((), ())), precision, preferred_element_type)
+  matrix = kernel.reshape(math.prod(x.shape[free:]), -1)
+  out = checkpoint_name(_row_product(x, matrix, free, precision, preferred_element_type), ROW_PRODUCT)
   return out.reshape(x.shape[:free] + kernel.shape[len(k_contract) :])
+
+
+def _rows(x, free: int):
+  return x.reshape(math.prod(x.shape[:free]), -1)
 
 
 def _transposes_rows(rows, features: int) -> bool:
@@ -100,26 +101,30 @@ def _rows_transposed(rows, features: int):
   return jax.lax.optimization_barrier(rows.T) if _transposes_rows(rows, features) else rows.T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _wide_product(rows, kernel, precision, preferred_element_type):
-  """`rows [n, d] @ kernel [d, f]`, whose kernel gradient is `_rows_transposed(rows) @ g`."""
-  return jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())), precision, preferred_element_type)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _row_product(x, matrix, free, precision, preferred_element_type):
+  """x's rows `[tokens, d]` (its `free` leading axes flattened) @ `matrix [d, f]`. Its gradient keeps x as
+  given, not its rows: q, k and v, projecting one input, then share one residual, where each projection's own
+  reshape made a scanned layer's backward pass keep a copy per projection; and the kernel's gradient is
+  `_rows_transposed(rows) @ g`."""
+  return jax.lax.dot_general(_rows(x, free), matrix, (((1,), (0,)), ((), ())), precision, preferred_element_type)
 
 
-def _wide_product_fwd(rows, kernel, precision, preferred_element_type):
-  return _wide_product(rows, kernel, precision, preferred_element_type), (rows, kernel)
+def _row_product_fwd(x, matrix, free, precision, preferred_element_type):
+  return _row_product(x, matrix, free, precision, preferred_element_type), (x, matrix)
 
 
-def _wide_product_bwd(precision, preferred_element_type, residuals, g):
-  rows, kernel = residuals
-  d_rows = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())), precision, preferred_element_type)
-  d_kernel = jax.lax.dot_general(
-    _rows_transposed(rows, kernel.shape[1]), g, (((1,), (0,)), ((), ())), precision, preferred_element_type
+def _row_product_bwd(free, precision, preferred_element_type, residuals, g):
+  x, matrix = residuals
+  rows = _rows(x, free)
+  d_rows = jax.lax.dot_general(g, matrix, (((1,), (1,)), ((), ())), precision, preferred_element_type)
+  d_matrix = jax.lax.dot_general(
+    _rows_transposed(rows, matrix.shape[1]), g, (((1,), (0,)), ((), ())), precision, preferred_element_type
   )
-  return d_rows.astype(rows.dtype), d_kernel.astype(kernel.dtype)
+  return d_rows.reshape(x.shape).astype(x.dtype), d_matrix.astype(matrix.dtype)
 
 
-_wide_product.defvjp(_wide_product_fwd, _wide_product_bwd)
+_row_product.defvjp(_row_product_fwd, _row_product_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

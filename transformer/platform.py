@@ -42,5 +42,5 @@ def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_
 # Remat's `dots` policy: every matmul's output, also the CPU layouts' products with a gradient of their own.
 SAVE_MATMULS = jax.checkpoint_policies.save_from_both_policies(
   jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  jax.checkpoint_policies.save_only_these_names(cpu_layouts.WIDE_PRODUCT),
+  jax.checkpoint_policies.save_only_these_names(cpu_layouts.ROW_PRODUCT),
 )
