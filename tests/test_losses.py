@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformer import cpu_layouts, losses
+from transformer import layers, losses
 
 
 def textbook(logits, targets, weights, label_smoothing=0.0, z_loss=0.0):
@@ -87,21 +87,20 @@ def test_backward_writes_one_vocabulary_sized_array():
 
 
 def test_logits_matmul_gradients_equal_autodiff():
-  """The logits layer's hand-written gradient on the CPU against autodiff of the plain einsum (float32)."""
-  logits = lambda x, table: cpu_layouts.logits_matmul(x, table, None, jnp.float32)  # as `Embed.attend` calls it
+  """The logits layer's hand-written gradient against autodiff of the plain einsum (float32)."""
   keys = jax.random.split(jax.random.key(3), 3)
   x = jax.random.normal(keys[0], (2, 5, 16))
   table = jax.random.normal(keys[1], (23, 16))
   cotangent = jax.random.normal(keys[2], (2, 5, 23))
   plain = lambda x, t: jnp.einsum('...d,vd->...v', x, t, preferred_element_type=jnp.float32)
-  ours, ours_vjp = jax.vjp(logits, x, table)
+  ours, ours_vjp = jax.vjp(layers.logits_matmul, x, table)
   ref, ref_vjp = jax.vjp(plain, x, table)
   np.testing.assert_array_equal(ours, ref)
   for a, b in zip(ours_vjp(cotangent), ref_vjp(cotangent)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # bfloat16 weights and activations (accelerators): float32 logits, gradients in the inputs' dtype.
-  low = logits(x.astype(jnp.bfloat16), table.astype(jnp.bfloat16))
-  grads = jax.grad(lambda x, t: jnp.sum(logits(x, t)), argnums=(0, 1))(
+  low = layers.logits_matmul(x.astype(jnp.bfloat16), table.astype(jnp.bfloat16))
+  grads = jax.grad(lambda x, t: jnp.sum(layers.logits_matmul(x, t)), argnums=(0, 1))(
     x.astype(jnp.bfloat16), table.astype(jnp.bfloat16)
   )
   assert low.dtype == jnp.float32 and [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]

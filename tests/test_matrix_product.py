@@ -94,7 +94,7 @@ def test_the_logits_table_gradient_is_a_plain_product_transposed_after():
   the barrier on the product XLA folded that transpose back into the matmul, as `g^T x`."""
   x = jax.random.normal(jax.random.key(0), (64, 8))
   table = jax.random.normal(jax.random.key(1), (4 * 8, 8))
-  hlo = _compiled_gradient(lambda table, x: jnp.sum(cpu_layouts.logits_matmul(x, table) ** 2), table, x)
+  hlo = _compiled_gradient(lambda table, x: jnp.sum(layers.logits_matmul(x, table) ** 2), table, x)
   products = re.findall(r'= f32\[(\d+),(\d+)\]\{1,0\} dot\([^\n]*lhs_contracting_dims=\{(\d)\}', hlo)
   gradient = [p for p in products if p[0] != '64']  # the logits and x's gradient have a row per token
   assert gradient == [('8', '32', '1')], hlo

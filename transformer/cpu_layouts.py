@@ -5,8 +5,8 @@ Each form is the same product in another order, measured on the `lm` step or in 
 (docs/performance.md, "The CPU's matmul layouts"):
 - one 2-d matrix product of `[tokens, d]` rows, so that a weight gradient contracts one axis, not batch and length,
   with a gradient of its own that keeps the input as given (the q, k and v projections of one input share it);
-- a wide kernel's weight gradient from the rows transposed first (`WIDE_KERNEL`), and the logits table's
-  gradient as `(x^T g)^T`, each behind an optimization barrier that keeps XLA from folding the transpose back;
+- a wide kernel's weight gradient, and the logits table's (`layers.logits_matmul`), from the rows transposed
+  first (`WIDE_KERNEL`), behind optimization barriers that keep XLA from folding the transposes back;
 - decoding steps of a few rows multiply kernel first (`kernel_first_matmuls`, `FEW_ROWS`).
 Values equal `lax.dot_general` to float32 rounding, not bitwise (tests/test_matrix_product.py,
 tests/test_kernel_first.py).
@@ -47,16 +47,17 @@ def kernel_first_matmuls():
 
 
 def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general(x, kernel, ...)` in the CPU's layouts: kernel first for a decoding step's few rows, the
-  logits' form `x @ table^T` with its own gradient, else one 2-d matrix product."""
+  """`lax.dot_general(x, kernel, ...)` in the CPU's layouts: a weight gradient `rows^T g` (the logits table's,
+  `layers.logits_matmul`) from the rows transposed first, kernel first for a decoding step's few rows, else one
+  2-d matrix product."""
   (x_contract, k_contract), (x_batch, _) = dimension_numbers
   if x_batch:
     return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
+  if x.ndim == kernel.ndim == 2 and tuple(x_contract) == tuple(k_contract) == (0,):
+    return _weight_gradient(x, kernel, precision, preferred_element_type)
   rows = math.prod(size for axis, size in enumerate(x.shape) if axis not in x_contract)
   if _KERNEL_FIRST.get() and FEW_ROWS[0] <= rows <= FEW_ROWS[1]:
     return _kernel_first(x, kernel, x_contract, k_contract, precision, preferred_element_type)
-  if kernel.ndim == 2 and tuple(k_contract) == (1,) and tuple(x_contract) == (x.ndim - 1,):
-    return logits_matmul(x, kernel, precision, preferred_element_type)
   return _matrix_product(x, kernel, dimension_numbers, precision, preferred_element_type)
 
 
@@ -114,6 +115,16 @@ def _row_product_fwd(x, matrix, free, precision, preferred_element_type):
   return _row_product(x, matrix, free, precision, preferred_element_type), (x, matrix)
 
 
+def _weight_gradient(rows, g, precision, preferred_element_type):
+  """`rows^T g` from `_rows_transposed(rows)`, its result kept as computed for a wide g: else XLA folds a later
+  transpose of it (the logits table's gradient is `(x^T g)^T`) into the matmul, which then contracts g's major
+  axis, the form that the transposed rows avoid (without the barrier the whole `lm` step was 1.03-1.06x slower)."""
+  out = jax.lax.dot_general(
+    _rows_transposed(rows, g.shape[1]), g, (((1,), (0,)), ((), ())), precision, preferred_element_type
+  )
+  return jax.lax.optimization_barrier(out) if _transposes_rows(rows, g.shape[1]) else out
+
+
 def _row_product_bwd(free, precision, preferred_element_type, residuals, g):
   x, matrix = residuals
   rows = _rows(x, free)
@@ -125,32 +136,3 @@ def _row_product_bwd(free, precision, preferred_element_type, residuals, g):
 
 
 _row_product.defvjp(_row_product_fwd, _row_product_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def logits_matmul(x, table, precision=None, preferred_element_type=None):
-  """`x [..., d] @ table [vocab, d]^T`, with the table's gradient computed as `(x^T @ g)^T`: autodiff's
-  `g^T @ x` makes XLA copy the transposed `[tokens, vocab]` gradient first (the largest copy of a language
-  model's step); the small `[d, vocab]` result is transposed after the matmul."""
-  return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())), precision, preferred_element_type)
-
-
-def _logits_matmul_fwd(x, table, precision, preferred_element_type):
-  return logits_matmul(x, table, precision, preferred_element_type), (x, table)
-
-
-def _logits_matmul_bwd(precision, preferred_element_type, residuals, g):
-  x, table = residuals
-  d_x = jax.lax.dot_general(g, table, (((g.ndim - 1,), (0,)), ((), ())), precision, preferred_element_type)
-  rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # one contracted axis
-  d_table = jax.lax.dot_general(
-    _rows_transposed(rows_x, table.shape[0]), rows_g, (((1,), (0,)), ((), ())), precision, preferred_element_type
-  )
-  if _transposes_rows(rows_x, table.shape[0]):
-    # Else XLA folds the `.T` below into the matmul, which then contracts g's major axis: the form that
-    # the transposed rows avoid (without the barrier the whole `lm` step was 1.03-1.06x slower).
-    d_table = jax.lax.optimization_barrier(d_table)
-  return d_x.astype(x.dtype), d_table.T.astype(table.dtype)
-
-
-logits_matmul.defvjp(_logits_matmul_fwd, _logits_matmul_bwd)
