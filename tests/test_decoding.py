@@ -21,7 +21,7 @@ from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 EOS, PAD = EOS_ID, PAD_ID
 KINDS = ['decoder_only', 'encoder_decoder']
 ROW_LENGTHS = [6, 5, 4, 3, 2, 0, 6, 3]  # prompt (decoder-only) or source lengths, one row empty
-# 8 rows, and 4 x 8 in beam search: the cached steps multiply kernel first (cpu_layouts.kernel_first_matmuls, 2-32
+# 8 rows, and 4 x 8 in beam search: the cached steps multiply kernel first (matmuls.kernel_first_matmuls, 2-32
 # rows), the full forward passes of the references `x @ kernel`.
 MAX_LEN = 10
 BEAM_MAX_LEN, ALPHA = 8, 0.6

@@ -1,4 +1,4 @@
-"""Decoding steps multiply kernel first (`cpu_layouts.dot_general` in `kernel_first_matmuls`): the same numbers as
+"""Decoding steps multiply kernel first (`matmuls.dot_general` in `kernel_first_matmuls`): the same numbers as
 `x @ kernel`, and XLA transposes the kernels once, before the decoding loop, never inside it.
 
 Whole decodes are checked in tests/test_decoding.py: greedy (8 rows) and beam search (4 x 8 rows) take the
@@ -15,7 +15,7 @@ from conftest import tiny
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from transformer import cpu_layouts, decoding, hlo_audit, models
+from transformer import decoding, hlo_audit, matmuls, models
 
 # (x's shape after the rows, kernel's shape, contracting axes of x and of the kernel): nn.Dense, the attention's
 # query/key/value and output projections (nn.DenseGeneral) and the logits against the embedding table.
@@ -46,8 +46,8 @@ def test_kernel_first_equals_x_times_kernel(layout, batch, steps):
   numbers = _numbers(x_axes, kernel_axes, x.ndim)
 
   def first(x, kernel):
-    with cpu_layouts.kernel_first_matmuls():
-      return cpu_layouts.dot_general(x, kernel, numbers)
+    with matmuls.kernel_first_matmuls():
+      return matmuls.dot_general(x, kernel, numbers)
 
   want = jax.lax.dot_general(x, kernel, numbers)
   np.testing.assert_allclose(jax.jit(first)(x, kernel), want, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""`cpu_layouts.dot_general` computes every projection as one 2-d matrix product: the numbers of `lax.dot_general`,
+"""`matmuls.dot_general` computes every projection as one 2-d matrix product: the numbers of `lax.dot_general`,
 a gradient that XLA computes without transposed copies of the activations, and for a wide kernel on the CPU a
 weight gradient from the rows transposed first."""
 
@@ -12,7 +12,7 @@ from conftest import tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformer import cpu_layouts, layers, models, platform
+from transformer import layers, matmuls, models, platform
 
 # (x's shape after the row axes, kernel's shape, contracting axes of x and of the kernel): nn.Dense, the
 # attention's query/key/value (nn.DenseGeneral to heads), its output projection, and the logits' layout,
@@ -40,7 +40,7 @@ def test_values_and_gradients_equal_lax_dot_general(layout, rows):
     out, pullback = jax.vjp(lambda x, kernel: dot(x, kernel, numbers), x, kernel)
     return (out, *pullback(cotangent))
 
-  for ours, want in zip(jax.jit(vjp, static_argnums=0)(cpu_layouts.dot_general), vjp(jax.lax.dot_general)):
+  for ours, want in zip(jax.jit(vjp, static_argnums=0)(matmuls.dot_general), vjp(jax.lax.dot_general)):
     assert ours.shape == want.shape
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
 
@@ -83,7 +83,7 @@ def test_a_wide_kernels_gradient_multiplies_the_rows_transposed_first():
   x = jax.random.normal(jax.random.key(0), (64, 8))
   for features, contracted in ((4 * 8, '1'), (8, '0')):
     kernel = jax.random.normal(jax.random.key(1), (8, features))
-    hlo = _compiled_gradient(lambda kernel, x: jnp.sum(cpu_layouts.dot_general(x, kernel, DENSE) ** 2), kernel, x)
+    hlo = _compiled_gradient(lambda kernel, x: jnp.sum(matmuls.dot_general(x, kernel, DENSE) ** 2), kernel, x)
     gradient = re.findall(rf'f32\[8,{features}\]\{{1,0\}} dot\([^\n]*lhs_contracting_dims=\{{(\d)\}}', hlo)
     assert gradient == [contracted], hlo
 
@@ -105,10 +105,10 @@ def test_remat_dots_policy_saves_a_wide_product_as_any_matmul():
   Counted in the differentiated program (XLA would merge a recomputed matmul with the forward one): as many
   matmuls as without remat, fewer than with full remat, which recomputes the product."""
   x, kernel = jax.random.normal(jax.random.key(0), (64, 8)), jax.random.normal(jax.random.key(1), (8, 32))
-  loss = lambda kernel, x: jnp.sum(jnp.tanh(cpu_layouts.dot_general(x, kernel, DENSE)) ** 2)
-  matmuls = lambda fn: str(jax.make_jaxpr(jax.value_and_grad(fn))(kernel, x)).count('dot_general')
-  plain, full = matmuls(loss), matmuls(jax.checkpoint(loss))
-  assert matmuls(jax.checkpoint(loss, policy=models._REMAT_POLICIES['dots'])) == plain < full
+  loss = lambda kernel, x: jnp.sum(jnp.tanh(matmuls.dot_general(x, kernel, DENSE)) ** 2)
+  count = lambda fn: str(jax.make_jaxpr(jax.value_and_grad(fn))(kernel, x)).count('dot_general')
+  plain, full = count(loss), count(jax.checkpoint(loss))
+  assert count(jax.checkpoint(loss, policy=models._REMAT_POLICIES['dots'])) == plain < full
 
 
 def test_projections_of_one_input_keep_it_once_in_a_scanned_backward_pass():
@@ -120,7 +120,7 @@ def test_projections_of_one_input_keep_it_once_in_a_scanned_backward_pass():
   kernels = jax.random.normal(jax.random.key(1), (5, 3, 32, 32)) / 32  # 5 layers of 3 projections
 
   def layer(h, ks):
-    return sum(cpu_layouts.dot_general(h, ks[i], (((2,), (0,)), ((), ()))) for i in range(3)), None
+    return sum(matmuls.dot_general(h, ks[i], (((2,), (0,)), ((), ()))) for i in range(3)), None
 
   loss = lambda kernels, x: jnp.sum(jax.lax.scan(layer, x, kernels)[0] ** 2)
   jaxpr = jax.make_jaxpr(jax.grad(loss))(kernels, x).jaxpr

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer import cached_attention, cpu_layouts, models
+from transformer import cached_attention, matmuls, models
 from transformer.config import ConfigError
 from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
@@ -298,7 +298,7 @@ def _prefill(model, params, inputs, prompts, batch, max_len):
   def step(cache, tokens, i):
     copies = tokens.shape[0] // batch
     positions = jnp.repeat(prompt_lengths, copies) + 1 + i
-    with cpu_layouts.kernel_first_matmuls():
+    with matmuls.kernel_first_matmuls():
       logits, state = call(cache, tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None])
     return logits[:, 0], state['cache']
 

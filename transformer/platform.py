@@ -8,7 +8,7 @@ decoding on this machine) the step runs on JAX's default backend, so that is the
 
 import jax
 
-from transformer import cpu_layouts
+from transformer import matmuls
 
 _GPU = ('gpu', 'cuda', 'rocm')
 
@@ -33,14 +33,13 @@ def building_for(mesh):
 
 
 def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
-  """The model's one matmul (every Dense, attention projection and the logits): `lax.dot_general`, or, in a
-  step built for the CPU, the same product in the layouts that `cpu_layouts` measured faster there."""
-  dot = cpu_layouts.dot_general if is_cpu() else jax.lax.dot_general
-  return dot(x, kernel, dimension_numbers, precision, preferred_element_type)
+  """The model's one matmul (every Dense, attention projection and the logits): `matmuls.dot_general`, a 2-d
+  product of rows on every backend, with the CPU's own layouts in a step built for the CPU."""
+  return matmuls.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type, cpu=is_cpu())
 
 
-# Remat's `dots` policy: every matmul's output, also the CPU layouts' products with a gradient of their own.
+# Remat's `dots` policy: every matmul's output, also the row products, which have a gradient of their own.
 SAVE_MATMULS = jax.checkpoint_policies.save_from_both_policies(
   jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  jax.checkpoint_policies.save_only_these_names(cpu_layouts.ROW_PRODUCT),
+  jax.checkpoint_policies.save_only_these_names(matmuls.ROW_PRODUCT),
 )
