@@ -41,7 +41,7 @@ def logits_matmul(x, table):
   """`x [..., d] @ table [vocab, d]^T` in float32, with the table's gradient computed as `(x^T g)^T`:
   autodiff's `g^T x` makes compilers copy the transposed `[tokens, vocab]` gradient first (the largest copy of
   a language model's step on the CPU; on a TPU v5p-8 `text.py:gpt2_medium` needed 3.57 GiB more per chip,
-  `text.py:1b` on v5p-16 18.68 GiB more); the small `[d, vocab]` result is transposed after the matmul."""
+  `text.py:1b` on v5p-16 18.04 GiB more); the small `[d, vocab]` result is transposed after the matmul."""
   return platform.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
