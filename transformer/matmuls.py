@@ -55,7 +55,11 @@ def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_
   if x_batch:
     return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
   if x.ndim == kernel.ndim == 2 and tuple(x_contract) == tuple(k_contract) == (0,):
-    return _weight_gradient(x, kernel, precision, preferred_element_type, cpu)
+    out = _weight_gradient(x, kernel, precision, preferred_element_type, cpu)
+    # Kept as computed for a wide g: else XLA folds a later transpose of it (the logits table's gradient is
+    # `(x^T g)^T`) into the matmul, which then contracts g's major axis, the form that the transposed rows
+    # avoid (without the barrier the whole `lm` step was 1.03-1.06x slower).
+    return jax.lax.optimization_barrier(out) if _transposes_rows(x, kernel.shape[1], cpu) else out
   rows = math.prod(size for axis, size in enumerate(x.shape) if axis not in x_contract)
   if cpu and _KERNEL_FIRST.get() and FEW_ROWS[0] <= rows <= FEW_ROWS[1]:
     return _kernel_first(x, kernel, x_contract, k_contract, precision, preferred_element_type)
@@ -108,7 +112,7 @@ def _row_product(x, matrix, free, precision, preferred_element_type, cpu):
   """x's rows `[tokens, d]` (its `free` leading axes flattened) @ `matrix [d, f]`. Its gradient keeps x as
   given, not its rows: q, k and v, projecting one input, then share one residual, where each projection's own
   reshape made a scanned layer's backward pass keep a copy per projection; and the kernel's gradient is
-  `_rows_transposed(rows) @ g`."""
+  `_weight_gradient`'s."""
   return jax.lax.dot_general(_rows(x, free), matrix, (((1,), (0,)), ((), ())), precision, preferred_element_type)
 
 
@@ -117,22 +121,17 @@ def _row_product_fwd(x, matrix, free, precision, preferred_element_type, cpu):
 
 
 def _weight_gradient(rows, g, precision, preferred_element_type, cpu):
-  """`rows^T g` from `_rows_transposed(rows)`, its result kept as computed for a wide g: else XLA folds a later
-  transpose of it (the logits table's gradient is `(x^T g)^T`) into the matmul, which then contracts g's major
-  axis, the form that the transposed rows avoid (without the barrier the whole `lm` step was 1.03-1.06x slower)."""
-  out = jax.lax.dot_general(
+  """`rows^T g`, from `_rows_transposed(rows)`."""
+  return jax.lax.dot_general(
     _rows_transposed(rows, g.shape[1], cpu), g, (((1,), (0,)), ((), ())), precision, preferred_element_type
   )
-  return jax.lax.optimization_barrier(out) if _transposes_rows(rows, g.shape[1], cpu) else out
 
 
 def _row_product_bwd(free, precision, preferred_element_type, cpu, residuals, g):
   x, matrix = residuals
   rows = _rows(x, free)
   d_rows = jax.lax.dot_general(g, matrix, (((1,), (1,)), ((), ())), precision, preferred_element_type)
-  d_matrix = jax.lax.dot_general(
-    _rows_transposed(rows, matrix.shape[1], cpu), g, (((1,), (0,)), ((), ())), precision, preferred_element_type
-  )
+  d_matrix = _weight_gradient(rows, g, precision, preferred_element_type, cpu)
   return d_rows.reshape(x.shape).astype(x.dtype), d_matrix.astype(matrix.dtype)
 
 
