@@ -344,7 +344,7 @@ def test_torch_reference_trains():
 @pytest.mark.parametrize('causal', [True, False])
 @pytest.mark.parametrize('impl', ['reference', 'xla'])
 def test_local_attention_equals_the_dense_window_mask(causal, impl):
-  from transformer import attention
+  from transformer import attention, block_attention
 
   batch, length, heads, kv_heads, size, window = 2, 23, 4, 2, 8, 5
   keys = jax.random.split(jax.random.key(0), 3)
@@ -354,14 +354,14 @@ def test_local_attention_equals_the_dense_window_mask(causal, impl):
   # Row 0: one sequence; row 1: three packed segments (positions restart), then padding.
   segments = np.array([[1] * length, [1] * 7 + [2] * 9 + [3] * 4 + [0] * 3])
   positions = np.array([np.arange(length), np.r_[np.arange(7), np.arange(9), np.arange(4), np.arange(3)]])
-  mask = attention.LocalMask(positions, positions, segments, segments, window=window, causal=causal)
-  local = attention.local_attention(query, key, value, mask, impl=impl)
+  mask = block_attention.SelfMask(positions, positions, segments, segments, window=window, causal=causal)
+  local = block_attention.block_attention(query, key, value, mask, *mask.blocks())
   dense = attention.dot_product_attention(query, key, value, mask.dense(), impl=impl)
   np.testing.assert_allclose(local, dense, atol=1e-5, rtol=1e-5)
 
 
 def test_windowed_model_uses_local_attention_and_matches_dense(monkeypatch):
-  from transformer import attention, train
+  from transformer import block_attention, train
 
   config = tiny(attention_window=4, max_len=64)
   model = models.build_model(config)
@@ -371,15 +371,11 @@ def test_windowed_model_uses_local_attention_and_matches_dense(monkeypatch):
   batch = {'targets': tokens}
   loss = lambda p: train._sums(train._apply(model, p, batch, True), batch, 0.0, 0.0)[0]
   calls = []
-  blocked = attention.local_attention
-  monkeypatch.setattr(attention, 'local_attention', lambda *a, **k: calls.append(1) or blocked(*a, **k))
+  blocked = block_attention.block_attention
+  monkeypatch.setattr(block_attention, 'block_attention', lambda *a, **k: calls.append(1) or blocked(*a, **k))
   local_loss, local_grads = jax.jit(jax.value_and_grad(loss))(params)
   assert calls  # the windowed model took the blocked kernel
-  monkeypatch.setattr(
-    attention,
-    'local_attention',
-    lambda q, k, v, mask, **kw: attention.dot_product_attention(q, k, v, mask.dense(), **kw),
-  )
+  monkeypatch.setattr(block_attention.SelfMask, 'blocks', lambda self: None)
   dense_loss, dense_grads = jax.jit(jax.value_and_grad(loss))(params)
   np.testing.assert_allclose(local_loss, dense_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), local_grads, dense_grads)

@@ -13,7 +13,7 @@ import numpy as np
 from conftest import tiny
 from hypothesis import HealthCheck, given, settings
 
-from transformer import attention, models
+from transformer import attention, block_attention, models
 
 # Derandomized: CI runs exactly the examples a developer ran locally, never a new one nobody has seen.
 settings.register_profile(
@@ -100,8 +100,8 @@ LOCAL_LENGTH, HEADS, DIM = 11, 2, 4
 
 @functools.partial(jax.jit, static_argnames=('window', 'causal'))
 def _local_and_dense(query, key, value, positions, segments, *, window, causal):
-  local = attention.LocalMask(positions, positions, segments, segments, window=window, causal=causal)
-  blocked = attention.local_attention(query, key, value, local)
+  local = block_attention.SelfMask(positions, positions, segments, segments, window=window, causal=causal)
+  blocked = block_attention.block_attention(query, key, value, local, *local.blocks())
   dense = attention.dot_product_attention(query, key, value, local.dense())
   return blocked, dense
 

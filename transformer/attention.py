@@ -1,4 +1,4 @@
-"""Attention: masks built in one place, two kernels behind `attention_impl`, and `MultiHeadAttention`.
+"""Attention: masks built in one place, the kernels behind `attention_impl`, and `MultiHeadAttention`.
 
 Shapes use B batch, T query length, S key length, N query heads, K key/value heads (N = K * G),
 D per-head size. Masks are boolean `[B, 1, T, S]`, True where a query may attend to a key.
@@ -6,12 +6,11 @@ D per-head size. Masks are boolean `[B, 1, T, S]`, True where a query may attend
 
 import functools
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import cached_attention, layers, platform
+from transformer import cached_attention, layers, patterns, platform
 from transformer.config import ConfigError, ModelConfig
 
 # A finite "minus infinity": a row with every key masked (a padding query) softmaxes to a uniform
@@ -47,7 +46,11 @@ def make_attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids
 
 
 def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
-  """The kernel `attention_impl` stands for on this backend; `auto` always returns a working one."""
+  """The kernel `attention_impl` stands for on this backend; `auto` always returns a working one.
+
+  `splash` and `flash` are self-attention kernels (cross-attention then uses `xla`); off their platform
+  they run in Pallas' interpret mode, for tests of their numerics only.
+  """
   impl = config.attention_impl
   target = platform.target()
   on_gpu = target == 'gpu'
@@ -56,6 +59,17 @@ def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
       f'attention_impl=cudnn needs a GPU (the step is built for: {target}): '
       'set config.model.attention_impl=auto or xla.'
     )
+  if impl in ('splash', 'flash'):
+    home = 'tpu' if impl == 'splash' else 'gpu'
+    if target not in (home, 'cpu'):
+      raise ConfigError(
+        f'attention_impl={impl} is a {home.upper()} kernel (the step is built for: {target}): '
+        'set config.model.attention_impl=auto.'
+      )
+    reason = _kernel_supports(impl, config, dropout)
+    if reason:
+      raise ConfigError(f'attention_impl={impl}: {reason}')
+    return impl
   if impl in ('xla', 'cudnn') and dropout:
     raise ConfigError(
       f'attention_impl={impl} (jax.nn.dot_product_attention) has no attention dropout: '
@@ -67,9 +81,23 @@ def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
     return 'reference'
   if on_gpu and _cudnn_supports(config):
     return 'cudnn'
+  if target in ('tpu', 'gpu'):
+    fused = 'splash' if target == 'tpu' else 'flash'
+    return fused if _kernel_supports(fused, config, dropout) is None else 'xla'
   # On CPU the einsum kernel's train step measured 1-10% faster than jax.nn.dot_product_attention's
-  # (docs/performance.md, "What the figures rest on"); elsewhere XLA's own kernel.
-  return 'reference' if target == 'cpu' else 'xla'
+  # (docs/performance.md, "What the figures rest on"), and it attends by blocks (block_attention.py).
+  return 'reference'
+
+
+def _kernel_supports(impl: str, config: ModelConfig, dropout: bool) -> str | None:
+  """None if the Pallas kernel `impl` runs this config's self-attention, else what to change."""
+  from transformer import flash, splash  # they import Pallas: only when asked for
+
+  bias = config.positional == 'alibi'
+  if impl == 'splash':
+    return splash.supports(config, dropout=dropout, bias=bias)
+  window, pattern = config.attention_window > 0, config.attention_pattern not in ('dense', 'window')
+  return flash.supports(config, dropout=dropout, bias=bias, window=window, pattern=pattern)
 
 
 def _cudnn_supports(config: ModelConfig) -> bool:
@@ -86,90 +114,21 @@ def dot_product_attention(
   Args:
     query: `[B, T, N, Dk]`; key: `[B, S, K, Dk]`; value: `[B, S, K, Dv]`.
     mask: bool `[B, 1, T, S]`, or a mask object with an `attend` method of this signature (which then
-      does the work: `causal_blocks.CausalBlocks`); bias: float `[B or 1, N, T, S]` or None (ALiBi).
-    impl: `reference` (einsum, softmax in float32) or `xla` / `cudnn` (jax.nn.dot_product_attention).
+      does the work: `block_attention.SelfMask`); bias: float `[B or 1, N, T, S]` or None (ALiBi).
+    impl: `reference` (einsum, softmax in float32) or `xla` / `cudnn` (jax.nn.dot_product_attention);
+      `splash` and `flash` need a `SelfMask` (an array mask falls back to `xla`).
     dropout_rate, dropout_rng: attention dropout on the weights (reference only).
   Returns:
     `[B, T, N, Dv]` in the dtype of `value`.
   """
-  if hasattr(mask, 'attend'):  # a mask that attends by blocks itself (causal_blocks.CausalBlocks)
+  if hasattr(mask, 'attend'):  # self-attention's mask, which picks its kernel (block_attention.SelfMask)
     return mask.attend(query, key, value, bias, impl=impl, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  if impl in ('splash', 'flash'):  # their kernels take segment ids, which a mask array no longer has
+    impl = 'xla'
   scale = query.shape[-1] ** -0.5
   if impl == 'reference':
     return _reference_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng)
   return _fused_attention(query, key, value, mask, bias, scale, impl)
-
-
-@flax.struct.dataclass
-class LocalMask:
-  """A sliding-window self-attention mask kept in the form it is made from (positions, segment ids),
-  so that `local_attention` builds it block by block: O(T * window) instead of a `[T, T]` matrix."""
-
-  q_positions: jax.Array
-  kv_positions: jax.Array
-  q_segment_ids: jax.Array
-  kv_segment_ids: jax.Array
-  window: int = flax.struct.field(pytree_node=False)
-  causal: bool = flax.struct.field(pytree_node=False)
-
-  def dense(self):
-    return make_attention_mask(
-      self.q_positions,
-      self.kv_positions,
-      self.q_segment_ids,
-      self.kv_segment_ids,
-      causal=self.causal,
-      window=self.window,
-    )
-
-
-def local_attention(
-  query, key, value, mask: LocalMask, *, impl: str = 'reference', dropout_rate: float = 0.0, dropout_rng=None
-):
-  """`dot_product_attention` under `mask.dense()`, in time and memory linear in the length.
-
-  Queries go in blocks of `window`; a key a query may see lies in its own block or the one before
-  (and, not causal, the one after), because within a segment positions advance with the index.
-  Each block attends to those 2 (or 3) key blocks under the same mask rule, evaluated there.
-  Self-attention only (queries and keys of one sequence).
-  """
-  batch, length = query.shape[:2]
-  size = mask.window
-  count = -(-length // size)
-
-  def blocks(x, fill=0):  # [B, T, ...] -> [B, count, size, ...], the tail padded with `fill`
-    x = jnp.pad(x, [(0, 0), (0, count * size - length)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return x.reshape((batch, count, size) + x.shape[2:])
-
-  offsets = (-1, 0) if mask.causal else (-1, 0, 1)
-
-  def neighbours(x, fill=0):  # [B, count, size, ...] -> [B * count, len(offsets) * size, ...]
-    x = jnp.pad(x, [(0, 0), (1, 1)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    x = jnp.concatenate([x[:, 1 + o : 1 + o + count] for o in offsets], axis=2)
-    return x.reshape((batch * count,) + x.shape[2:])
-
-  flat = lambda x: x.reshape((batch * count,) + x.shape[2:])
-  # Segment -1 marks keys that are not there (before the start, after the end) and -2 the padded
-  # queries: neither matches a real segment, padding (0) included, so every real query keeps exactly
-  # the keys the dense mask gives it.
-  block_mask = make_attention_mask(
-    flat(blocks(mask.q_positions)),
-    neighbours(blocks(mask.kv_positions)),
-    flat(blocks(mask.q_segment_ids, -2)),
-    neighbours(blocks(mask.kv_segment_ids, -1), -1),
-    causal=mask.causal,
-    window=size,
-  )
-  out = dot_product_attention(
-    flat(blocks(query)),
-    neighbours(blocks(key)),
-    neighbours(blocks(value)),
-    block_mask,
-    impl=impl,
-    dropout_rate=dropout_rate,
-    dropout_rng=dropout_rng,
-  )
-  return out.reshape((batch, count * size) + out.shape[2:])[:, :length]
 
 
 def _reference_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng):
@@ -271,15 +230,12 @@ class MultiHeadAttention(nn.Module):
     if isinstance(mask, cached_attention.CacheMask):  # a decoding step: only the written slots
       out = cached_attention.cached_attention(query, key, value, mask)
     else:
-      attend = (
-        functools.partial(local_attention, mask=mask)
-        if isinstance(mask, LocalMask)
-        else functools.partial(dot_product_attention, mask=mask, bias=bias)
-      )
-      out = attend(
+      out = dot_product_attention(
         query,
         key,
         value,
+        mask,
+        bias,
         impl=impl,
         dropout_rate=cfg.attention_dropout_rate if dropout else 0.0,
         dropout_rng=dropout_rng if dropout else None,
@@ -313,13 +269,13 @@ class MultiHeadAttention(nn.Module):
     """
     key, value = key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3)
     initialized = self.has_variable('cache', 'cached_key')
-    empty = lambda x, axis: cached_attention.split(jnp.zeros(x.shape, x.dtype), axis)
+    unit = self.config.pattern_block if self.config.attention_pattern in patterns.KINDS else 1
+    split = lambda x, axis: cached_attention.split(x, axis, unit=unit)
+    empty = lambda x, axis: split(jnp.zeros(x.shape, x.dtype), axis)
     cached_key = self.variable('cache', 'cached_key', empty, key, cached_attention.KEY_AXIS)
     cached_value = self.variable('cache', 'cached_value', empty, value, cached_attention.VALUE_AXIS)
     if not initialized:
-      return cached_attention.split(key, cached_attention.KEY_AXIS), cached_attention.split(
-        value, cached_attention.VALUE_AXIS
-      )
+      return split(key, cached_attention.KEY_AXIS), split(value, cached_attention.VALUE_AXIS)
     cached_key.value = cached_attention.write(cached_key.value, key, cache_index, cached_attention.KEY_AXIS)
     cached_value.value = cached_attention.write(cached_value.value, value, cache_index, cached_attention.VALUE_AXIS)
     return cached_key.value, cached_value.value

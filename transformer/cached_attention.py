@@ -21,7 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from transformer import layers
+from transformer import layers, patterns
 
 # Slots per block. On the benchmark LM's 288-slot cache, 64, 128 and 256 measured within noise of each other
 # (batch 8, one loaded machine); 128 keeps the blocks few (3 there) and the masked tail short.
@@ -45,16 +45,17 @@ _MASKED = -1e9
 KEY_AXIS, VALUE_AXIS = 3, 2
 
 
-def block_size(length: int) -> int:
-  """Slots per block of a `length`-slot cache (the last block may be shorter)."""
-  return min(length, max(BLOCK, -(-length // MAX_BLOCKS)))
+def block_size(length: int, unit: int = 1) -> int:
+  """Slots per block of a `length`-slot cache (the last block may be shorter), a multiple of `unit` (a
+  block pattern's block: a cache block is then read if the pattern allows any of its pattern blocks)."""
+  return min(length, -(-max(BLOCK, -(-length // MAX_BLOCKS)) // unit) * unit)
 
 
-def split(cache, axis: int, size: int | None = None):
+def split(cache, axis: int, size: int | None = None, unit: int = 1):
   """`cache` -> its blocks along the slots' `axis` (a tuple, for a cache variable), `block_size` long or
   `size`."""
   length = cache.shape[axis]
-  size = size or block_size(length)
+  size = size or block_size(length, unit)
   return tuple(
     jax.lax.slice_in_dim(cache, start, min(start + size, length), axis=axis) for start in range(0, length, size)
   )
@@ -94,7 +95,8 @@ class CacheMask:
   (this call's included). The rule is `attention.make_attention_mask`'s, causal: a query sees a written
   slot of its own segment at a position not after its own (and, with `window`, less than `window`
   before it). Segment 0 (padding, unwritten slots) is seen by no real token. `alibi`: add ALiBi's
-  -slope * distance to the logits."""
+  -slope * distance to the logits. `pattern`: a block pattern (`patterns.py`) on slots, the step's
+  queries at slots [filled - T, filled): blocks it rules out for all of them are not read."""
 
   q_positions: jax.Array
   kv_positions: jax.Array
@@ -103,6 +105,26 @@ class CacheMask:
   filled: jax.Array
   window: int = flax.struct.field(pytree_node=False, default=0)
   alibi: bool = flax.struct.field(pytree_node=False, default=False)
+  pattern: patterns.Pattern | None = flax.struct.field(pytree_node=False, default=None)
+  layer: int = flax.struct.field(pytree_node=False, default=0)
+
+  def for_layer(self, layer: int):
+    """The mask of stack layer `layer` (BigBird's random blocks are drawn per layer)."""
+    return self.replace(layer=layer) if self.pattern is not None and self.pattern.depends_on_layer else self
+
+  def sees(self, start: int, size: int):
+    """bool scalar: whether any query of the step may see a slot in [start, start + size): written, and
+    (with a pattern) in a block the pattern gives the queries' blocks."""
+    seen = start < self.filled
+    if self.pattern is None:
+      return seen
+    slots = self.kv_positions.shape[1]
+    table = self.pattern.table(self.pattern.blocks(slots), self.pattern.blocks(slots), self.layer)
+    first = (self.filled - self.q_positions.shape[1]) // self.pattern.block  # the step's query blocks
+    last = (self.filled - 1) // self.pattern.block
+    rows = jnp.arange(table.shape[0])
+    cols = table[:, start // self.pattern.block : -(-(start + size) // self.pattern.block)].any(axis=1)
+    return seen & jnp.any(jnp.asarray(cols) & (rows >= first) & (rows <= last))
 
 
 def cached_attention(query, keys, values, mask: CacheMask):
@@ -133,6 +155,11 @@ def cached_attention(query, keys, values, mask: CacheMask):
     visible &= (start + jnp.arange(size) < mask.filled)[None, None]
     if mask.window:
       visible &= jnp.abs(distance) < mask.window
+    if mask.pattern is not None:
+      slots = mask.kv_positions.shape[1]
+      q_slots = mask.filled - q_len + jnp.arange(q_len)
+      k_slots = start + jnp.arange(size)
+      visible &= mask.pattern.token_mask(q_slots[:, None], k_slots[None, :], slots, slots, mask.layer)[None]
     logits = jnp.where(visible[:, None, None], logits, _MASKED)
     new_peak = jnp.maximum(peak, logits.max(axis=-1, keepdims=True))
     weights = jnp.exp(logits - new_peak)
@@ -148,7 +175,7 @@ def cached_attention(query, keys, values, mask: CacheMask):
     # The first block too, though always read: outside a `cond`, at batch 1 XLA fused the step's write
     # into the block into its matmul as well as into the loop's carry, and copied the block for each.
     turn = lambda c, k, v, start=start: attend(c, k, v, start)
-    carry = jax.lax.cond(start < mask.filled, turn, lambda c, k, v: c, carry, key, value)
+    carry = jax.lax.cond(mask.sees(start, key.shape[KEY_AXIS]), turn, lambda c, k, v: c, carry, key, value)
     start += key.shape[KEY_AXIS]
   _, total, acc = carry
   out = (acc / total).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, Dv]

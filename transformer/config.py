@@ -20,7 +20,8 @@ POSITIONAL = ('sinusoidal', 'learned', 'rope', 'alibi', 'none')
 NORM_POSITIONS = ('post', 'pre')
 NORM_TYPES = ('layernorm', 'rmsnorm')
 ACTIVATIONS = ('relu', 'gelu', 'swiglu')
-ATTENTION_IMPLS = ('reference', 'xla', 'cudnn', 'auto')
+ATTENTION_IMPLS = ('reference', 'xla', 'cudnn', 'splash', 'flash', 'auto')
+ATTENTION_PATTERNS = ('dense', 'window', 'strided', 'fixed', 'bigbird')
 REMAT = ('none', 'full', 'dots')
 DTYPES = ('float32', 'bfloat16', 'float16')
 OPTIMIZERS = ('adam', 'adamw')
@@ -56,6 +57,15 @@ class ModelConfig:
   tie_embeddings: bool = True
   attention_window: int = 0  # 0: full attention; k: each query sees the k latest keys (itself included)
   attention_impl: str = 'auto'
+  # Block-sparse self-attention (transformer/patterns.py): `window` is attention_window's sliding window;
+  # strided / fixed / bigbird cut rows into blocks of pattern_block tokens and keep some block pairs.
+  attention_pattern: str = 'dense'
+  pattern_block: int = 64
+  pattern_stride: int = 4  # strided / fixed: blocks per stride (Child et al.'s l = stride * block)
+  pattern_summary: int = 1  # fixed: summary blocks per chunk (their c = summary * block)
+  pattern_local: int = 3  # bigbird: window blocks (odd: the query's block in the middle)
+  pattern_global: int = 2  # bigbird: global blocks at the start of the row
+  pattern_random: int = 3  # bigbird: random key blocks per query block, a fixed draw per layer
   rope_base: float = 10000.0
   max_len: int = 512
   dtype: str = 'auto'  # compute; auto: bfloat16 on GPU/TPU, float32 on CPU
@@ -70,6 +80,7 @@ class ModelConfig:
     _choice('norm_type', self.norm_type, NORM_TYPES)
     _choice('activation', self.activation, ACTIVATIONS)
     _choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
+    _choice('attention_pattern', self.attention_pattern, ATTENTION_PATTERNS)
     _choice('remat', self.remat, REMAT)
     _choice('dtype', self.dtype, DTYPES + ('auto',))
     _choice('param_dtype', self.param_dtype, DTYPES)
@@ -101,8 +112,34 @@ class ModelConfig:
         f'config.model.num_heads={self.num_heads} is not divisible by config.model.num_kv_heads='
         f'{self.num_kv_heads}: pick num_kv_heads among {_divisors(self.num_heads)}.'
       )
+    self._check_pattern()
     if self.positional == 'rope' and self.head_dim_qk % 2:
       raise ConfigError(f'positional=rope rotates pairs of features: config.model.d_k={self.head_dim_qk} must be even.')
+
+  def _check_pattern(self):
+    pattern, window = self.attention_pattern, self.attention_window
+    if pattern == 'window' and not window:
+      raise ConfigError('attention_pattern=window needs config.model.attention_window > 0 (its width in tokens).')
+    if pattern in ('strided', 'fixed', 'bigbird') and window:
+      raise ConfigError(
+        f'attention_pattern={pattern} has its own local blocks: set config.model.attention_window=0 '
+        '(or attention_pattern=window for a sliding window).'
+      )
+    for key in ('pattern_block', 'pattern_stride', 'pattern_summary', 'pattern_local'):
+      _positive(key, getattr(self, key))
+    for key in ('pattern_global', 'pattern_random'):
+      if getattr(self, key) < 0:
+        raise ConfigError(f'config.model.{key}={getattr(self, key)} must be >= 0.')
+    if self.pattern_summary > self.pattern_stride:
+      raise ConfigError(
+        f'config.model.pattern_summary={self.pattern_summary} must be <= pattern_stride={self.pattern_stride} '
+        '(the summary blocks lie inside each chunk of pattern_stride blocks).'
+      )
+    if pattern == 'bigbird' and self.pattern_random and self.scan_layers:
+      raise ConfigError(
+        'attention_pattern=bigbird draws its random blocks per layer, and a scanned stack runs one layer '
+        'program for all: set config.model.scan_layers=False or config.model.pattern_random=0.'
+      )
 
   @property
   def head_dim_qk(self) -> int:

@@ -16,8 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import cached_attention, causal_blocks, layers, platform
-from transformer.attention import LocalMask, MultiHeadAttention, make_attention_mask
+from transformer import cached_attention, layers, patterns, platform
+from transformer.attention import MultiHeadAttention, make_attention_mask
+from transformer.block_attention import SelfMask
 from transformer.config import ConfigError, ModelConfig
 from transformer.tokens import BOS_ID, PAD_ID
 
@@ -62,10 +63,14 @@ class Block(nn.Module):
   cross: bool = False
   decode: bool = False
   deterministic: bool = True
+  layer: int = 0  # its place in the stack (a scanned stack's one layer: 0)
 
   @nn.compact
   def __call__(self, x, ctx, dropout_key=None):
     cfg = self.config
+    self_mask = ctx['self_mask']
+    if hasattr(self_mask, 'for_layer'):  # a pattern drawn per layer (BigBird's random blocks)
+      self_mask = self_mask.for_layer(self.layer)
     dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     # This layer's key (from the Stack) split by dropout site, never by module path: scanned and
     # unrolled layers then drop the same units.
@@ -81,7 +86,7 @@ class Block(nn.Module):
     x = sublayer(
       x,
       lambda h: attention(decode=self.decode, name='self_attention')(
-        h, h, ctx['self_mask'], ctx['self_bias'], ctx['rope_positions'], ctx['cache_index'], dropout_rng=site(1)
+        h, h, self_mask, ctx['self_bias'], ctx['rope_positions'], ctx['cache_index'], dropout_rng=site(1)
       ),
       'self_attention',
       site(0),
@@ -134,7 +139,7 @@ class Stack(nn.Module):
       x, _ = scanned(cfg, **kwargs, name='layers')(x, ctx, keys)
     else:
       for i in range(self.num_layers):
-        x, _ = block(cfg, **kwargs, name=f'layer_{i}')(x, ctx, None if keys is None else keys[i])
+        x, _ = block(cfg, **kwargs, layer=i, name=f'layer_{i}')(x, ctx, None if keys is None else keys[i])
     if cfg.norm_position == 'pre':
       x = layers.norm(cfg, 'final_norm')(x)
     return x
@@ -172,24 +177,21 @@ def _defaults(tokens, positions, segment_ids, start=0):
 
 
 def _self_attention_ctx(cfg, q_positions, kv_positions, q_segments, kv_segments, causal, cache_index=None):
-  window, length = cfg.attention_window, q_positions.shape[1]
-  # A window much shorter than the sequence: blocked local attention, linear in the length (no cache,
-  # no ALiBi bias, which would be a [T, T] matrix again).
-  if (
-    window
-    and 2 * window < length
-    and cache_index is None
-    and kv_positions.shape[1] == length
-    and (cfg.positional != 'alibi')
-  ):
-    self_mask = LocalMask(q_positions, kv_positions, q_segments, kv_segments, window=window, causal=causal)
-  elif causal and not window and cache_index is None and causal_blocks.applies(length, kv_positions.shape[1]):
-    self_mask = causal_blocks.CausalBlocks(q_positions, q_segments)
-  else:
-    self_mask = make_attention_mask(q_positions, kv_positions, q_segments, kv_segments, causal=causal, window=window)
+  alibi = cfg.positional == 'alibi'
+  self_mask = SelfMask(
+    q_positions,
+    kv_positions,
+    q_segments,
+    kv_segments,
+    q_offset=cache_index,
+    causal=causal,
+    window=cfg.attention_window,
+    pattern=patterns.from_config(cfg, causal=causal),
+    alibi=alibi,
+  )
   return dict(
     self_mask=self_mask,
-    self_bias=(layers.alibi_bias(q_positions, kv_positions, cfg.num_heads) if cfg.positional == 'alibi' else None),
+    self_bias=(layers.alibi_bias(q_positions, kv_positions, cfg.num_heads) if alibi else None),
     rope_positions=q_positions if cfg.positional == 'rope' else None,
     cache_index=cache_index,
     encoded=None,
@@ -261,7 +263,14 @@ class Decoder(nn.Module):
       # Attend to the written slots only: the dense mask and bias above go unused (XLA drops them).
       filled = cache_index + tokens.shape[1]
       mask = cached_attention.CacheMask(
-        positions, kv_positions, segment_ids, kv_segments, filled, cfg.attention_window, cfg.positional == 'alibi'
+        positions,
+        kv_positions,
+        segment_ids,
+        kv_segments,
+        filled,
+        cfg.attention_window,
+        cfg.positional == 'alibi',
+        patterns.from_config(cfg, causal=True),
       )
       ctx.update(self_mask=mask, self_bias=None)
     if self.cross:

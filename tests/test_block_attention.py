@@ -1,4 +1,4 @@
-"""Causal attention by query blocks equals the dense kernel, and does 10/16 of its score work."""
+"""Attention by blocks equals the dense kernel: causal blocks (10/16 of the score work), windows, patterns."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ from conftest import tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformer import attention, causal_blocks, hlo_audit, layers, models
+from transformer import attention, block_attention, hlo_audit, layers, models
 
 
 def _packed(rng, batch, length, pieces):
@@ -25,7 +25,7 @@ def _packed(rng, batch, length, pieces):
 
 @jax.jit
 def _both(query, key, value, positions, segments, bias, cotangent):
-  mask = causal_blocks.CausalBlocks(positions, segments)
+  mask = block_attention.SelfMask(positions, positions, segments, segments, alibi=bias is not None)
   dense = lambda q, k, v: attention.dot_product_attention(q, k, v, mask.dense(), bias)
   blocked = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, bias)
   results = []
@@ -72,7 +72,7 @@ def test_model_logits_and_gradients_equal_the_dense_path(monkeypatch):
   params = models.init_params(model, jax.random.key(1))
   loss = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, tokens)))
   blocked = jax.jit(jax.value_and_grad(loss))(params)
-  monkeypatch.setattr(causal_blocks, 'MIN_LENGTH', 10**9)
+  monkeypatch.setattr(block_attention, 'MIN_CAUSAL_LENGTH', 10**9)
   dense = jax.jit(jax.value_and_grad(loss))(params)
   np.testing.assert_allclose(blocked[0], dense[0], rtol=1e-5)
   # Gradients sum over every token: entries near 0 are held to 1e-5 of their array's scale.
@@ -87,7 +87,7 @@ def test_blocks_compute_ten_of_sixteen_score_blocks(monkeypatch):
   params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
   flops = lambda: hlo_audit.dot_flops(jax.jit(model.apply).lower({'params': params}, tokens).compile().as_text())
   blocked = flops()
-  monkeypatch.setattr(causal_blocks, 'MIN_LENGTH', 10**9)
+  monkeypatch.setattr(block_attention, 'MIN_CAUSAL_LENGTH', 10**9)
   dense = flops()
   # Per layer two score-sized matmuls (q k^T and weights v), each 2 B N T^T Dh FLOPs when dense.
   score_flops = cfg.num_decoder_layers * 2 * 2 * 2 * cfg.num_heads * 128 * 128 * cfg.head_dim_qk
