@@ -19,21 +19,47 @@ It has no bias (ALiBi), no dropout, no sliding window and no block-sparse patter
 Off a GPU it runs in Pallas' interpret mode (for tests of its numerics on the CPU), which is slow.
 """
 
+import functools
+
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from transformer import platform
 
-BLOCK = 128  # the kernel's default query and key block (forward)
-BACKWARD_BLOCK = 32  # its default blocks of the backward pass
+BLOCK = 128  # the kernel's default query and key block (forward), and the unit of a padded row
 MIN_BLOCK = 16  # Triton's smallest matmul side
 PAD_SEGMENT = -1  # the segment of the tokens that pad a row to whole blocks: real ids are >= 0
+# Blocks (forward query, forward key, backward) by the bytes of one padded feature row (features rounded up
+# to a power of two, times the dtype's size): the largest that fit an H100's or B200's 227 KiB of shared
+# memory per block, found by compiling the gradient through the CUDA plugin (docs/models.md, "GPU: flash").
+# The kernel's default (128, 128, 32) overflows it from 128 float32 or 256 bfloat16 features on.
+_BLOCKS = ((256, (128, 128, 32)), (512, (128, 64, 32)), (1024, (64, 32, 32)), (2048, (32, 32, 16)))
+MAX_ROW_BYTES = _BLOCKS[-1][0]
+
+
+def _power_of_two(n: int) -> int:
+  """The next power of two from `n`, at least Triton's 16: the kernel's features per head, a short row's length."""
+  return max(MIN_BLOCK, 1 << (n - 1).bit_length())
+
+
+def block_sizes(size: int, dtype):
+  """The kernel's `BlockSizes` for heads of `size` features in `dtype`."""
+  from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+  row = _power_of_two(size) * jnp.dtype(dtype).itemsize
+  q, k, backward = next((blocks for limit, blocks in _BLOCKS if row <= limit), _BLOCKS[-1][1])
+  return pallas_attention.BlockSizes(
+    block_q=q, block_k=k, block_q_dkv=backward, block_kv_dkv=backward, block_q_dq=backward, block_kv_dq=backward
+  )
 
 
 def padded_length(length: int) -> int:
   """The kernel's length for a `length`-token row: whole blocks of 128, or one power-of-two block."""
   if length > BLOCK:
     return -(-length // BLOCK) * BLOCK
-  return max(MIN_BLOCK, 1 << (length - 1).bit_length())
+  return _power_of_two(length)
 
 
 def attention(query, key, value, q_segment_ids, kv_segment_ids, *, causal: bool, interpret: bool | None = None):
@@ -49,38 +75,74 @@ def attention(query, key, value, q_segment_ids, kv_segment_ids, *, causal: bool,
   Returns:
     `[B, T, N, Dv]` in the dtype of `value`.
   """
-  from jax.experimental.pallas.ops.gpu import attention as pallas_attention  # imports Triton: only when used
-
   batch, length, heads, d_qk = query.shape
-  kv_heads, d_v = key.shape[2], value.shape[-1]
+  kv_heads = key.shape[2]
   if key.shape[1] != length or q_segment_ids.shape != kv_segment_ids.shape:
     raise ValueError(f'flash.attention is self-attention: queries {query.shape}, keys {key.shape}.')
   if interpret is None:
     interpret = platform.target() != 'gpu'
+  kernel = functools.partial(_attention, causal=causal, scale=d_qk**-0.5, interpret=interpret)
+  specs = _shard_specs(batch, heads, kv_heads)
+  if specs is None:
+    return kernel(query, key, value, q_segment_ids)
+  q_spec, kv_spec, segment_spec = specs
+  return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, segment_spec), out_specs=q_spec, check_vma=False)(
+    query, key, value, q_segment_ids
+  )
+
+
+def _attention(query, key, value, segment_ids, *, causal: bool, scale: float, interpret: bool):
+  """On one device's rows and heads: [b, T, n, D] in, [b, T, n, Dv] out."""
+  from jax.experimental.pallas.ops.gpu import attention as pallas_attention  # imports Triton: only when used
+
+  length, heads, d_v = query.shape[1], query.shape[2], value.shape[-1]
   # Grouped heads: head n reads key/value head n // G.
-  key, value = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (key, value))
-  size = max(d_qk, d_v)
+  key, value = (jnp.repeat(x, heads // key.shape[2], axis=2) for x in (key, value))
+  size = max(query.shape[-1], d_v)
   padded = padded_length(length)
   features = lambda x: jnp.pad(x, [(0, 0), (0, padded - length), (0, 0), (0, size - x.shape[-1])])
-  segment_ids = jnp.pad(q_segment_ids.astype(jnp.int32), [(0, 0), (0, padded - length)], constant_values=PAD_SEGMENT)
+  segment_ids = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, padded - length)], constant_values=PAD_SEGMENT)
   out = pallas_attention.mha(
     features(query),
     features(key),
     features(value),
     segment_ids,
-    sm_scale=d_qk**-0.5,
+    sm_scale=scale,
     causal=causal,
-    block_sizes=pallas_attention.BlockSizes(
-      block_q=BLOCK,
-      block_k=BLOCK,
-      block_q_dkv=BACKWARD_BLOCK,
-      block_kv_dkv=BACKWARD_BLOCK,
-      block_q_dq=BACKWARD_BLOCK,
-      block_kv_dq=BACKWARD_BLOCK,
-    ),
+    block_sizes=block_sizes(size, query.dtype),
     interpret=interpret,
   )
   return out[:, :length, :, :d_v].astype(value.dtype)
+
+
+def _shard_specs(batch: int, heads: int, kv_heads: int):
+  """(query, key/value, segment-id) PartitionSpecs of the shard_map around the kernel, or None outside a
+  mesh of several devices: XLA cannot partition a pallas_call, and without the shard_map it gathers every
+  row to every device (measured: an all-gather of q, k, v and the segment ids on 8 H100s). The batch and
+  the heads are split as the model's activation rules split them (`activation_batch`, `activation_heads`,
+  `activation_kv_heads`), where those axes divide them; under the train step's vmap over batch shards the
+  rules leave the batch to the vmap's `spmd_axis_name`, which the shard_map's batching adds. Query heads
+  split over an axis their key/value heads are not split over would pair head n with the wrong key head on
+  every device but the first: both stay whole then (unless there is one key head, which every device holds).
+  The same rule as `splash._shard_specs`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  from transformer import models  # the rules' home imports this module's callers: read only when sharding
+
+  rules = dict(models._ACTIVATION_RULES.get())
+
+  def axes(name, size):
+    found = rules.get(name)
+    names = found if isinstance(found, tuple) else (found,) if found else ()
+    count = int(np.prod([mesh.shape[n] for n in names]))
+    return found if names and size % count == 0 else None
+
+  batch_axes = axes('activation_batch', batch)
+  head_axes, kv_axes = axes('activation_heads', heads), axes('activation_kv_heads', kv_heads)
+  if kv_heads > 1 and head_axes != kv_axes:
+    head_axes = kv_axes = None
+  return P(batch_axes, None, head_axes, None), P(batch_axes, None, kv_axes, None), P(batch_axes, None)
 
 
 def supports(config, *, dropout: bool, bias: bool, window: bool, pattern: bool) -> str | None:
@@ -95,5 +157,13 @@ def supports(config, *, dropout: bool, bias: bool, window: bool, pattern: bool) 
     return (
       f'the flash kernel has no block-sparse pattern ({config.attention_pattern}): '
       'set config.model.attention_pattern=dense, or attention_impl=auto.'
+    )
+  dtype = jnp.dtype(config.compute_dtype)
+  size = max(config.head_dim_qk, config.head_dim_v)
+  if _power_of_two(size) * dtype.itemsize > MAX_ROW_BYTES:
+    most = MAX_ROW_BYTES // dtype.itemsize
+    return (
+      f"the flash kernel holds at most {most} features per head in {dtype.name} in a GPU's shared memory "
+      f'(d_k={config.head_dim_qk}, d_v={config.head_dim_v}): use smaller heads, or attention_impl=auto.'
     )
   return None
