@@ -309,3 +309,23 @@ def test_a_decoding_step_reads_only_the_cache_blocks_the_pattern_allows(kind):
   dense_mask = SelfMask(q_pos, kv_pos, q_seg, kv_seg, q_offset=filled - 1, pattern=pattern).for_layer(1).dense()
   dense = attention.dot_product_attention(query, key, value, dense_mask)
   np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_the_prefill_attends_by_the_forward_pass_kernels(monkeypatch):
+  """The first decoding call (BOS and prompts) goes through the self-attention mask's kernels (here its
+  blocks), not the cache's step attention, and gives the forward pass's logits."""
+  from transformer import decoding
+
+  model = _model(attention_pattern='strided', num_decoder_layers=2)
+  params = models.init_params(model, jax.random.key(1))
+  prompts = jax.random.randint(jax.random.key(2), (2, 15), 3, 37).at[1, 9:].set(0)
+  calls = {'blocks': 0, 'cache': 0}
+  blocks, cached = block_attention.block_attention, cached_attention.cached_attention
+  monkeypatch.setattr(block_attention, 'block_attention', lambda *a: calls.update(blocks=1) or blocks(*a))
+  monkeypatch.setattr(cached_attention, 'cached_attention', lambda *a: calls.update(cache=1) or cached(*a))
+  _, first, _ = decoding._prefill(model, params, None, prompts, 2, 4)
+  assert calls == {'blocks': 1, 'cache': 0}
+  tokens = jnp.concatenate([jnp.ones((2, 1), jnp.int32), prompts], axis=1)  # BOS first
+  forward = model.apply({'params': params}, tokens)
+  lengths = jnp.array([15, 9])
+  np.testing.assert_allclose(first, forward[jnp.arange(2), lengths], rtol=1e-5, atol=1e-5)

@@ -13,6 +13,10 @@ import jax.numpy as jnp
 from transformer import cached_attention, layers, patterns, platform
 from transformer.config import ConfigError, ModelConfig
 
+# `decode=PREFILL`: the first decoding call, into an empty cache from slot 0. It writes the cache and attends
+# to its own tokens as a forward pass does, so by the training kernels (blocks, splash), not the cache's.
+PREFILL = 'prefill'
+
 # A finite "minus infinity": a row with every key masked (a padding query) softmaxes to a uniform
 # distribution instead of NaN, whose gradient would poison the whole batch even through a zero weight.
 _MASKED = -1e9
@@ -217,6 +221,8 @@ class MultiHeadAttention(nn.Module):
     if self.decode and self.cross and inputs_kv is not None:
       self.variable('cache', 'cached_key', lambda: key).value = key
       self.variable('cache', 'cached_value', lambda: value).value = value
+    elif self.decode == PREFILL and not self.cross:
+      self._update_cache(key, value, cache_index)
     elif self.decode and not self.cross:
       key, value = self._update_cache(key, value, cache_index)
       if not isinstance(mask, cached_attention.CacheMask):  # the dense kernels' layout

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer import cached_attention, matmuls, models
+from transformer.attention import PREFILL
 from transformer.config import ConfigError
 from transformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
@@ -271,28 +272,28 @@ def _prefill(model, params, inputs, prompts, batch, max_len):
   if cfg.kind == 'encoder_decoder':
     source_segments = (inputs != PAD_ID).astype(jnp.int32)
     encoded = model.apply({'params': params}, inputs, segment_ids=source_segments, method='encode')
-    call = lambda cache, tokens, positions, segments, encoded=None, source_segments=None: model.apply(
+    call = lambda cache, tokens, positions, segments, encoded=None, source_segments=None, decode=True: model.apply(
       {'params': params, 'cache': cache},
       encoded,
       source_segments,
       tokens,
       positions,
       segments,
-      decode=True,
+      decode=decode,
       method='decode',
       mutable=['cache'],
     )
-    logits, state = call(cache, tokens, positions, segments, encoded, source_segments)
+    logits, state = call(cache, tokens, positions, segments, encoded, source_segments, decode=PREFILL)
   else:
-    call = lambda cache, tokens, positions, segments: model.apply(
+    call = lambda cache, tokens, positions, segments, decode=True: model.apply(
       {'params': params, 'cache': cache},
       tokens,
       positions=positions,
       segment_ids=segments,
-      decode=True,
+      decode=decode,
       mutable=['cache'],
     )
-    logits, state = call(cache, tokens, positions, segments)
+    logits, state = call(cache, tokens, positions, segments, decode=PREFILL)
   first = jnp.take_along_axis(logits, prompt_lengths[:, None, None], axis=1)[:, 0]
 
   def step(cache, tokens, i):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer import cached_attention, layers, patterns, platform
-from transformer.attention import MultiHeadAttention, make_attention_mask
+from transformer.attention import PREFILL, MultiHeadAttention, make_attention_mask
 from transformer.block_attention import SelfMask
 from transformer.config import ConfigError, ModelConfig
 from transformer.tokens import BOS_ID, PAD_ID
@@ -237,6 +237,7 @@ class Decoder(nn.Module):
   ):
     cfg = self.config
     kv_positions = kv_segments = cache_index = None
+    prefill = decode == PREFILL
     if decode:
       initialized = self.has_variable('cache', 'index')
       index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
@@ -245,21 +246,25 @@ class Decoder(nn.Module):
       cached_pos = self.variable('cache', 'positions', jnp.zeros, tokens.shape, jnp.int32)
       cached_seg = self.variable('cache', 'segment_ids', jnp.zeros, tokens.shape, jnp.int32)
       if initialized:
-        cache_index = index.value
+        cache_index = 0 if prefill else index.value
         cached_pos.value = jax.lax.dynamic_update_slice(cached_pos.value, positions, (0, cache_index))
         cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids, (0, cache_index))
-        index.value = cache_index + tokens.shape[1]
-        kv_positions, kv_segments = cached_pos.value, cached_seg.value
+        index.value = jnp.asarray(cache_index + tokens.shape[1], jnp.int32)
+        if not prefill:
+          kv_positions, kv_segments = cached_pos.value, cached_seg.value
     positions, segment_ids = _defaults(tokens, positions, segment_ids)
     if kv_positions is None:
       kv_positions, kv_segments = positions, segment_ids
 
     x = _Embedder(cfg, self.embed, name='embedder')(tokens, positions, deterministic)
+    # A prefill attends to its own tokens as a forward pass does (blocks, splash), and writes the cache.
+    mask_index = None if prefill else cache_index
     ctx = _self_attention_ctx(
-      cfg, positions, kv_positions, segment_ids, kv_segments, causal=True, cache_index=cache_index
+      cfg, positions, kv_positions, segment_ids, kv_segments, causal=True, cache_index=mask_index
     )
+    ctx['cache_index'] = cache_index
     dropout = cfg.attention_dropout_rate > 0 and not deterministic
-    if cache_index is not None and not dropout and not cached_attention.DENSE_REFERENCE:
+    if mask_index is not None and not dropout and not cached_attention.DENSE_REFERENCE:
       # Attend to the written slots only: the dense mask and bias above go unused (XLA drops them).
       filled = cache_index + tokens.shape[1]
       mask = cached_attention.CacheMask(
