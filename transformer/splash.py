@@ -125,13 +125,15 @@ def _kernel(heads: int, padded: int, block: int, mask_key: tuple, interpret: boo
     block_q_dq=block,
     block_kv_dq=block,
   )
-  return splash.make_splash_mha(
-    splash.MultiHeadMask((mask,) * heads),
-    block_sizes=sizes,
-    head_shards=1,
-    q_seq_shards=1,
-    interpret=interpret,
-  )
+  # Its block tables become concrete arrays even when first asked for inside a trace (the cache outlives it).
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(
+      splash.MultiHeadMask((mask,) * heads),
+      block_sizes=sizes,
+      head_shards=1,
+      q_seq_shards=1,
+      interpret=interpret,
+    )
 
 
 def attention(
