@@ -7,15 +7,20 @@ What it takes, and what `attention` does about the rest:
   head n // G, the grouping of `attention.dot_product_attention`); the repeat's gradient sums them back;
 - one head size: d_k != d_v is zero-padded to the larger (zero features change no logit and give zero
   outputs, which are sliced off); sizes that are not a power of two are padded by the kernel itself;
-- lengths that are multiples of its blocks (128 tokens forward, 32 backward; Triton's blocks are powers of
-  two of at least 16): a row is padded with tokens of a segment id no real token has (-1), which no real
-  query sees and whose own outputs are sliced off;
-- one segment-id array for queries and keys (self-attention), compared for equality: segment 0 (padding)
-  attends within itself, as under `attention.make_attention_mask`;
-- causality on array indices, which is the mask's rule on positions when positions advance with the index
+- lengths that are whole blocks (blocks are powers of two from 16 to 128 tokens, `block_sizes`): a row is
+  padded to whole 128-token blocks (a short row to one power-of-two block) with tokens of a segment id no
+  real token has (-1), which no real query sees and whose own outputs are sliced off;
+- blocks that fit a GPU's shared memory: the kernel's defaults overflow it from 128 float32 or 256
+  bfloat16 features per head, so the blocks shrink as heads grow (`_BLOCKS`);
+- one segment-id array for queries and keys (self-attention: `attention` passes the queries' ids, which
+  are the keys'), compared for equality: segment 0 (padding) attends within itself, as under
+  `attention.make_attention_mask`;
+- causality on array indices, which is the mask's rule on positions when positions increase with the index
   within a segment (every training row, packed or not; not a decoding cache, which `SelfMask` sends to `xla`).
+Float32 matmuls in the kernel are TF32 on the GPU, as XLA's default precision makes them there.
 It has no bias (ALiBi), no dropout, no sliding window and no block-sparse pattern: `supports` says so.
 
+A pallas_call cannot be partitioned by XLA: under a mesh the kernel runs in `jax.shard_map` (`_shard_specs`).
 Off a GPU it runs in Pallas' interpret mode (for tests of its numerics on the CPU), which is slow.
 """
 
@@ -148,9 +153,15 @@ def _shard_specs(batch: int, heads: int, kv_heads: int):
 def supports(config, *, dropout: bool, bias: bool, window: bool, pattern: bool) -> str | None:
   """None if the flash kernel runs `config`'s self-attention; else the reason, phrased as what to change."""
   if dropout:
-    return 'the flash kernel has no attention dropout: set config.model.attention_dropout_rate=0.'
+    return (
+      'the flash kernel has no attention dropout: set config.model.attention_dropout_rate=0, '
+      'or attention_impl=auto (the einsum kernel applies it).'
+    )
   if bias:
-    return 'the flash kernel adds no bias (ALiBi): pick another config.model.positional, or attention_impl=auto.'
+    return (
+      f'the flash kernel adds no bias (positional={config.positional} adds ALiBi): '
+      'pick another config.model.positional (e.g. rope), or attention_impl=auto.'
+    )
   if window:
     return 'the flash kernel has no sliding window: set config.model.attention_window=0, or attention_impl=auto.'
   if pattern:
