@@ -134,7 +134,7 @@ def test_supports_names_what_to_change():
   assert check(tiny()) is None
   assert check(tiny(d_model=2048, num_heads=4)) is None  # 512 float32 features per head fit
   assert 'attention_dropout_rate=0' in check(tiny(), dropout=True)
-  assert 'no bias (ALiBi)' in check(tiny(), bias=True)
+  assert 'no bias (positional=alibi adds ALiBi)' in check(tiny(positional='alibi'), bias=True)
   assert 'attention_window=0' in check(tiny(), window=True)
   assert 'attention_pattern=dense' in check(tiny(attention_pattern='strided'), pattern=True)
   reason = check(tiny(d_model=4096, num_heads=4))
