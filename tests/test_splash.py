@@ -177,19 +177,31 @@ def test_blocks_are_the_largest_that_divide_the_row_and_the_pattern():
 
 
 def test_masks_without_a_pattern_are_computed_in_the_kernel():
-  """64k tokens build no [T, T] array: causal, window and full masks are splash's lazy ones, and a pattern's
-  mask is read block by block (a 128 x 128 block here) from its table."""
+  """64k tokens build no [T, T] array: causal, window and full masks are splash's lazy ones."""
   length = 65536
   assert type(splash._mask(length, length, True, 0, None, 0)) is splash.splash.CausalMask
   assert type(splash._mask(length, length, False, 64, None, 0)) is splash.splash.LocalMask
   assert type(splash._mask(length, length, False, 0, None, 0)) is splash.splash.FullMask
-  pattern = patterns.Pattern('strided', block=64, causal=True)
-  block = splash._mask(length, length, True, 0, pattern, 0)[1024:1152, 768:896]
-  index = np.arange(length)
-  want = pattern.token_mask(index[1024:1152, None], index[None, 768:896], length, length) & (
-    index[1024:1152, None] >= index[None, 768:896]
-  )
-  np.testing.assert_array_equal(block, want)
+
+
+@pytest.mark.parametrize(
+  'pattern', [patterns.Pattern('strided', 16, causal=True), patterns.Pattern('bigbird', 16, causal=False, random=2)]
+)
+def test_a_patterns_mask_read_block_by_block_is_its_token_mask(pattern):
+  """What the kernel reads of a 1000-token row (1024 padded, blocks of 128), block by block, is the token
+  mask with causality, and allows the padding tokens everything (their segment keeps them apart); blocks
+  without a pattern block are answered without building the token mask, and must be so too."""
+  length, padded, size = 1000, 1024, 128
+  mask = splash._mask(length, padded, pattern.causal, 0, pattern, 1)
+  index = np.arange(padded)
+  i, j = index[:, None], index[None, :]
+  real = np.minimum(index, length - 1)
+  want = pattern.token_mask(real[:, None], real[None, :], length, length, 1) | (i >= length) | (j >= length)
+  want &= (i >= j) | (not pattern.causal)
+  for top in range(0, padded, size):
+    for left in range(0, padded, size):
+      block = mask[top : top + size, left : left + size]
+      np.testing.assert_array_equal(block, want[top : top + size, left : left + size], err_msg=f'{top}, {left}')
 
 
 def test_supports_names_what_to_change():
