@@ -252,3 +252,11 @@ def test_a_sweep_compiles_every_variant_on_every_target_and_says_what_does_not_f
   assert re.fullmatch(r'huge on v5e-4 does not fit: needs [\d,.]+ GiB of 15\.75 GiB per chip', str(stop.value.code))
   table = capsys.readouterr().out
   assert '| huge | v5e-4 | no |' in table and '| huge | v5p-8 | yes |' in table
+
+
+def test_the_kernel_a_config_names_is_checked_against_the_target_not_the_host():
+  """Building the step for a slice traces everything under its mesh, the abstract init included: an explicit
+  GPU kernel compiled for a TPU is refused as that, not as 'built for: cpu' (which also refused it for a GPU)."""
+  config = small(attention_impl='cudnn')
+  with pytest.raises(ConfigError, match=r'needs a GPU \(the step is built for: tpu\)'):
+    train_report(config)

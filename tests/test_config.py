@@ -33,7 +33,7 @@ from experiments import translation  # noqa: E402
     (dict(norm_type='batchnorm'), 'norm_type.*layernorm, rmsnorm'),
     (dict(norm_position='sandwich'), 'norm_position.*post, pre'),
     (dict(activation='tanh'), 'activation.*relu, gelu, swiglu'),
-    (dict(attention_impl='flash'), 'attention_impl.*reference, xla, cudnn, auto'),
+    (dict(attention_impl='pallas'), 'attention_impl.*reference, xla, cudnn, splash, flash, auto'),
     (dict(kind='encoder_only'), 'kind.*encoder_decoder, decoder_only'),
     (dict(dropout_rate=1.5), r'dropout_rate=1.5 must be in \[0, 1\)'),
     (dict(positional='rope', d_k=7), 'd_k=7 must be even'),

@@ -83,11 +83,16 @@ def resolve_impl(config: ModelConfig, *, dropout: bool) -> str:
     return impl
   if dropout:
     return 'reference'
-  if on_gpu and _cudnn_supports(config):
-    return 'cudnn'
+  # The Pallas kernels first: their memory is linear in the length. cuDNN's, as called here (a dense mask,
+  # for packed rows), held 5.3x flash's temporaries at 16k tokens (compiled for an H100, docs/models.md).
   if target in ('tpu', 'gpu'):
     fused = 'splash' if target == 'tpu' else 'flash'
-    return fused if _kernel_supports(fused, config, dropout) is None else 'xla'
+    if _kernel_supports(fused, config, dropout) is None:
+      return fused
+  if on_gpu and _cudnn_supports(config):
+    return 'cudnn'
+  if target != 'cpu':
+    return 'xla'
   # On CPU the einsum kernel's train step measured 1-10% faster than jax.nn.dot_product_attention's
   # (docs/performance.md, "What the figures rest on"), and it attends by blocks (block_attention.py).
   return 'reference'

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from transformer import models, train
+from transformer import models, platform, train
 from transformer.config import MESH_AXES, ConfigError, MeshConfig, TrainConfig
 
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both; FSDP is data parallel too
@@ -242,8 +242,9 @@ class JitRunner(Runner):
       {index[0].indices(shards) for index in self._batch_sharding.addressable_devices_indices_map((shards,)).values()}
     )
     super().__init__(train_config, shards, f'the batch shards (mesh data x fsdp = {shards})', local_shards)
-    abstract = jax.eval_shape(lambda: train.init_state(model, optimizer, 0))
-    self.state_shardings = state_shardings(model, optimizer, abstract, self.mesh)
+    with platform.building_for(self.mesh):  # its kernels are the mesh's (an explicit splash, cudnn or flash)
+      abstract = jax.eval_shape(lambda: train.init_state(model, optimizer, 0))
+      self.state_shardings = state_shardings(model, optimizer, abstract, self.mesh)
     layout = train.MeshLayout(
       self.mesh,
       BATCH_AXES,
