@@ -122,3 +122,25 @@ def test_a_few_steps_of_the_alibi_variant_log_a_loss_at_every_length(tmp_path):
   assert all(math.isfinite(loss) for loss in losses) and len(set(losses)) == 4
   # Every length covers the same tokens: the eval documents, cut differently.
   assert len({metrics[f'eval/tokens@{n}'] for n in (64, 128, 256, 512)}) == 1
+
+
+def test_sparse_varies_only_the_attention_pattern_at_the_documented_densities():
+  """Every variant trains the same model (one parameter count) on 512-token windows; only the pattern
+  changes, keeping the share of causal key blocks that sparse.py and docs/findings.md state."""
+  from transformer import patterns
+
+  config = load('sparse')
+  kept = {}
+  for name, variant in variant_configs(config).items():
+    assert all(key.startswith('model.') and 'pattern' in key or 'window' in key for key in differences(config, variant))
+    model_config = setup.resolve(variant).model_config
+    assert variant.data.seq_len == 512 and model_config.max_len == 512
+    pattern = patterns.from_config(model_config, causal=True)
+    if pattern is not None:
+      kept[name] = round(pattern.density(512), 2)
+    elif model_config.attention_window:
+      window = model_config.attention_window
+      kept[name] = round(sum(min(i + 1, window) for i in range(512)) / (512 * 513 / 2), 2)
+    else:
+      kept[name] = 1.0
+  assert kept == {'dense': 1.0, 'window': 0.44, 'strided': 0.44, 'fixed': 0.34, 'bigbird': 0.34, 'window32': 0.12}
