@@ -42,7 +42,7 @@ from transformer import patterns, platform
 from transformer.config import ModelConfig
 
 LANES = 128  # the kernel's smallest block (the TPU's lane width)
-BLOCKS = (512, 256, LANES)  # block sizes tried, largest first: 512 is the size MaxText's TPU runs use
+BLOCKS = (512, 256, LANES)  # block sizes tried, largest first: 512 is MaxText's default (base.yml), unfused as there
 PAD_SEGMENT = -1  # the segment of the tokens that pad a row to whole blocks: real ids are >= 0
 
 
