@@ -30,7 +30,9 @@ pytestmark = pytest.mark.skipif(bool(_REASON), reason=_REASON or '')
 def small(mesh=(8, 1, 1), remat='none', batch=16, seq_len=128, **model):
   """experiments/bench.py:tiny widened so that every parameter divides 8 ways."""
   config = bench_experiments.get_config('tiny')
-  model = dict(dict(d_model=64, d_ff=256, num_heads=4, vocab_size=512), **model)
+  # XLA's dense attention: these tests count its matmuls and its [T, T] temporaries (splash hides both in
+  # its kernel; tests/test_splash.py compiles that).
+  model = dict(dict(d_model=64, d_ff=256, num_heads=4, vocab_size=512, attention_impl='xla'), **model)
   config.model.update(max_len=seq_len, remat=remat, **model)
   config.train.batch_size, config.data.seq_len = batch, seq_len
   config.train.mesh.data, config.train.mesh.fsdp, config.train.mesh.tensor = mesh
@@ -174,6 +176,7 @@ def test_an_oversized_batch_fails_with_both_figures_and_exit_code_1(tmp_path):
     '--config.model.max_len=4096',
     '--config.data.seq_len=4096',
     '--config.train.batch_size=256',
+    '--config.model.attention_impl=xla',
   ]
   done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert done.returncode == 1, done.stderr[-2000:]

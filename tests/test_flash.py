@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny
-from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from transformer import attention, flash, models, parallel
+from transformer import attention, flash, parallel, platform
 from transformer.accelerators import gpu
 from transformer.block_attention import SelfMask
 from transformer.config import ConfigError
@@ -148,24 +147,6 @@ def test_an_explicit_flash_the_kernel_cannot_run_is_refused():
   assert attention.resolve_impl(tiny(attention_impl='flash'), dropout=False) == 'flash'
 
 
-@pytest.mark.parametrize(
-  'heads, kv_heads, want',
-  [
-    (8, 8, (P(('data', 'fsdp'), None, 'tensor', None), P(('data', 'fsdp'), None, 'tensor', None))),
-    (8, 1, (P(('data', 'fsdp'), None, 'tensor', None), P(('data', 'fsdp'), None, None, None))),
-    (8, 3, (P(('data', 'fsdp'), None, None, None), P(('data', 'fsdp'), None, None, None))),  # 3 heads on 2 devices
-  ],
-)
-def test_under_a_mesh_the_kernel_runs_on_each_devices_rows_and_heads(heads, kv_heads, want):
-  """Batch and heads split as the activation rules split them; key heads that cannot follow the query heads
-  keep both whole (else query head n would meet the wrong key head)."""
-  mesh = AbstractMesh((2, 2, 2), ('data', 'fsdp', 'tensor'))
-  with jax.sharding.use_abstract_mesh(mesh), models.activation_sharding(parallel.LOGICAL_RULES):
-    q_spec, kv_spec, segment_spec = flash._shard_specs(8, heads, kv_heads)
-  assert (q_spec, kv_spec) == want and segment_spec == P(('data', 'fsdp'), None)
-  assert flash._shard_specs(8, heads, kv_heads) is None  # outside a mesh
-
-
 _REASON = gpu.unavailable()
 needs_plugin = pytest.mark.skipif(
   bool(_REASON), reason=f'{_REASON} (CI installs no CUDA wheels: too big for it)' if _REASON else ''
@@ -192,7 +173,7 @@ def _compiled_gradient(name, shapes, dtype, sharding_rules=()):
     ]
   ]
   loss = lambda q, k, v, s: flash.attention(q, k, v, s, s, causal=True).astype(jnp.float32).sum()
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), models.activation_sharding(sharding_rules):
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), platform.activation_sharding(sharding_rules):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
 
 

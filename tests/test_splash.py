@@ -24,7 +24,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 from test_properties_masks import PROFILE, packed_rows
 
-from transformer import accelerators, attention, models, parallel, patterns, splash
+from transformer import accelerators, attention, parallel, patterns, platform, splash
 from transformer.block_attention import SelfMask
 from transformer.config import ConfigError
 
@@ -233,13 +233,13 @@ def test_under_a_mesh_the_kernel_runs_on_each_devices_rows_and_heads(heads, kv_h
   keep both whole (else query head n would meet the wrong key head); inside the train step's vmap over batch
   shards (its rules leave the batch to the vmap) the batch stays whole here."""
   mesh = AbstractMesh((2, 2, 2), ('data', 'fsdp', 'tensor'))
-  with jax.sharding.use_abstract_mesh(mesh), models.activation_sharding(parallel.LOGICAL_RULES):
-    q_spec, kv_spec, segment_spec = splash._shard_specs(8, heads, kv_heads)
+  with jax.sharding.use_abstract_mesh(mesh), platform.activation_sharding(parallel.LOGICAL_RULES):
+    q_spec, kv_spec, segment_spec = platform.kernel_specs(8, heads, kv_heads)
   assert (q_spec, kv_spec) == want and segment_spec == P(('data', 'fsdp'), None)
   inner = tuple((name, None if name == 'activation_batch' else axes) for name, axes in parallel.LOGICAL_RULES)
-  with jax.sharding.use_abstract_mesh(mesh), models.activation_sharding(inner):
-    assert splash._shard_specs(8, heads, kv_heads)[2] == P(None, None)
-  assert splash._shard_specs(8, heads, kv_heads) is None  # outside a mesh
+  with jax.sharding.use_abstract_mesh(mesh), platform.activation_sharding(inner):
+    assert platform.kernel_specs(8, heads, kv_heads)[2] == P(None, None)
+  assert platform.kernel_specs(8, heads, kv_heads) is None  # outside a mesh
 
 
 def _eight_devices():
@@ -270,7 +270,7 @@ def _eight_devices():
     with train.sharding_context(layout):
 
       def one_shard(*args):
-        with models.activation_sharding(layout.inner_rules()):
+        with platform.activation_sharding(layout.inner_rules()):
           return loss_and_grads(*args)
 
       split = lambda x: x.reshape((layout.shards, -1) + x.shape[1:])

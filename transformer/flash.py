@@ -20,7 +20,7 @@ What it takes, and what `attention` does about the rest:
 Float32 matmuls in the kernel are TF32 on the GPU, as XLA's default precision makes them there.
 It has no bias (ALiBi), no dropout, no sliding window and no block-sparse pattern: `supports` says so.
 
-A pallas_call cannot be partitioned by XLA: under a mesh the kernel runs in `jax.shard_map` (`_shard_specs`).
+A pallas_call cannot be partitioned by XLA: under a mesh the kernel runs in `jax.shard_map` (`platform.kernel_specs`).
 Off a GPU it runs in Pallas' interpret mode (for tests of its numerics on the CPU), which is slow.
 """
 
@@ -28,8 +28,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from transformer import platform
 
@@ -87,7 +85,7 @@ def attention(query, key, value, q_segment_ids, kv_segment_ids, *, causal: bool,
   if interpret is None:
     interpret = platform.target() != 'gpu'
   kernel = functools.partial(_attention, causal=causal, scale=d_qk**-0.5, interpret=interpret)
-  specs = _shard_specs(batch, heads, kv_heads)
+  specs = platform.kernel_specs(batch, heads, kv_heads)
   if specs is None:
     return kernel(query, key, value, q_segment_ids)
   q_spec, kv_spec, segment_spec = specs
@@ -118,36 +116,6 @@ def _attention(query, key, value, segment_ids, *, causal: bool, scale: float, in
     interpret=interpret,
   )
   return out[:, :length, :, :d_v].astype(value.dtype)
-
-
-def _shard_specs(batch: int, heads: int, kv_heads: int):
-  """(query, key/value, segment-id) PartitionSpecs of the shard_map around the kernel, or None outside a
-  mesh of several devices: XLA cannot partition a pallas_call, and without the shard_map it gathers every
-  row to every device (measured: an all-gather of q, k, v and the segment ids on 8 H100s). The batch and
-  the heads are split as the model's activation rules split them (`activation_batch`, `activation_heads`,
-  `activation_kv_heads`), where those axes divide them; under the train step's vmap over batch shards the
-  rules leave the batch to the vmap's `spmd_axis_name`, which the shard_map's batching adds. Query heads
-  split over an axis their key/value heads are not split over would pair head n with the wrong key head on
-  every device but the first: both stay whole then (unless there is one key head, which every device holds).
-  The same rule as `splash._shard_specs`."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return None
-  from transformer import models  # the rules' home imports this module's callers: read only when sharding
-
-  rules = dict(models._ACTIVATION_RULES.get())
-
-  def axes(name, size):
-    found = rules.get(name)
-    names = found if isinstance(found, tuple) else (found,) if found else ()
-    count = int(np.prod([mesh.shape[n] for n in names]))
-    return found if names and size % count == 0 else None
-
-  batch_axes = axes('activation_batch', batch)
-  head_axes, kv_axes = axes('activation_heads', heads), axes('activation_kv_heads', kv_heads)
-  if kv_heads > 1 and head_axes != kv_axes:
-    head_axes = kv_axes = None
-  return P(batch_axes, None, head_axes, None), P(batch_axes, None, kv_axes, None), P(batch_axes, None)
 
 
 def supports(config, *, dropout: bool, bias: bool, window: bool, pattern: bool) -> str | None:

@@ -5,8 +5,6 @@ decoder input (`shift_right`). Inputs may be packed: several sequences per row, 
 `segment_ids` (1, 2, ... ; 0 = padding) with `positions` restarting at 0 in each.
 """
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import re
@@ -28,27 +26,10 @@ _REMAT_POLICIES = {
 }
 
 
-_ACTIVATION_RULES = contextvars.ContextVar('activation_rules', default=())
-
-
-@contextlib.contextmanager
-def activation_sharding(rules):
-  """While tracing under a mesh: `_constrain` shards activations by `rules` (logical name -> mesh axes).
-
-  Not flax's `nn.logical_axis_rules`: under those Flax also constrains parameter initialisers, which
-  `apply` traces to check shapes, and DenseGeneral's flattened kernel then fails its rank-3 names.
-  """
-  token = _ACTIVATION_RULES.set(tuple(rules))
-  try:
-    yield
-  finally:
-    _ACTIVATION_RULES.reset(token)
-
-
 def _constrain(x, *axes):
   """Shards an activation by logical axis names (`parallel.LOGICAL_RULES`); a no-op outside
-  `activation_sharding` (one device, pmap, decoding)."""
-  rules = _ACTIVATION_RULES.get()
+  `platform.activation_sharding` (one device, pmap, decoding)."""
+  rules = platform.activation_rules()
   return nn.with_logical_constraint(x, axes, rules=rules) if rules else x
 
 

@@ -6,7 +6,12 @@ mesh's abstract device names its platform: a TPU program compiled on a CPU host 
 decoding on this machine) the step runs on JAX's default backend, so that is the target.
 """
 
+import contextlib
+import contextvars
+
 import jax
+import numpy as np
+from jax.sharding import PartitionSpec
 
 from transformer import matmuls
 
@@ -43,3 +48,56 @@ SAVE_MATMULS = jax.checkpoint_policies.save_from_both_policies(
   jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   jax.checkpoint_policies.save_only_these_names(matmuls.ROW_PRODUCT),
 )
+
+
+_ACTIVATION_RULES = contextvars.ContextVar('activation_rules', default=())
+
+
+@contextlib.contextmanager
+def activation_sharding(rules):
+  """While tracing under a mesh: activations are sharded by `rules` (logical name -> mesh axes;
+  `models._constrain`), and the Pallas kernels run on each device's share (`kernel_specs`).
+
+  Not flax's `nn.logical_axis_rules`: under those Flax also constrains parameter initialisers, which
+  `apply` traces to check shapes, and DenseGeneral's flattened kernel then fails its rank-3 names.
+  """
+  token = _ACTIVATION_RULES.set(tuple(rules))
+  try:
+    yield
+  finally:
+    _ACTIVATION_RULES.reset(token)
+
+
+def activation_rules() -> tuple:
+  """The logical activation rules the step is traced under; () outside `activation_sharding`."""
+  return _ACTIVATION_RULES.get()
+
+
+def kernel_specs(batch: int, heads: int, kv_heads: int):
+  """(query, key/value, segment-id) PartitionSpecs of the `jax.shard_map` around an attention kernel
+  (`splash.py`, `flash.py`: XLA cannot partition a pallas_call, and gathers every row to every device
+  without one), or None outside a mesh of several devices.
+
+  The batch and the heads are split as the activation rules split them (`activation_batch`,
+  `activation_heads`, `activation_kv_heads`), where those axes divide them: under the train step's vmap over
+  batch shards the rules leave the batch to the vmap's `spmd_axis_name`, which the shard_map's batching adds.
+  Query heads split over an axis their key/value heads are not split over would pair head n with the wrong
+  key head on every device but the first: both stay whole then (unless there is one key head, which every
+  device holds)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  rules = dict(activation_rules())
+
+  def axes(name, size):
+    found = rules.get(name)
+    names = found if isinstance(found, tuple) else (found,) if found else ()
+    count = int(np.prod([mesh.shape[n] for n in names]))
+    return found if names and size % count == 0 else None
+
+  batch_axes = axes('activation_batch', batch)
+  head_axes, kv_axes = axes('activation_heads', heads), axes('activation_kv_heads', kv_heads)
+  if kv_heads > 1 and head_axes != kv_axes:
+    head_axes = kv_axes = None
+  spec = PartitionSpec
+  return spec(batch_axes, None, head_axes, None), spec(batch_axes, None, kv_axes, None), spec(batch_axes, None)

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import PartitionSpec as P
 
 from transformer import patterns, platform
 from transformer.config import ModelConfig
@@ -186,7 +185,7 @@ def attention(
     )
     return out[:, :, :length].swapaxes(1, 2).astype(value.dtype)
 
-  specs = _shard_specs(batch, heads, kv_heads)
+  specs = platform.kernel_specs(batch, heads, kv_heads)
   if specs is None:
     return kernel(query, key, value, q_segment_ids, kv_segment_ids)
   q_spec, kv_spec, segment_spec = specs
@@ -196,39 +195,6 @@ def attention(
     out_specs=q_spec,
     check_vma=False,
   )(query, key, value, q_segment_ids, kv_segment_ids)
-
-
-def _shard_specs(batch: int, heads: int, kv_heads: int):
-  """(query, key/value, segment-id) PartitionSpecs of the shard_map around the kernel, or None outside a
-  mesh of several devices. The batch and the heads are split as the model's activation rules split them
-  (`activation_batch`, `activation_heads`, `activation_kv_heads`), where those axes divide them: under the
-  train step's vmap over batch shards the rules leave the batch to the vmap's `spmd_axis_name`, which the
-  shard_map's batching adds to these specs. Query heads split over an axis their key/value heads are not
-  split over would pair head n with the wrong key head on every device but the first: both stay whole then
-  (unless there is one key head, which every device holds)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return None
-  rules = dict(_activation_rules())
-
-  def axes(name, size):
-    found = rules.get(name)
-    names = found if isinstance(found, tuple) else (found,) if found else ()
-    count = int(np.prod([mesh.shape[n] for n in names]))
-    return found if names and size % count == 0 else None
-
-  batch_axes = axes('activation_batch', batch)
-  head_axes, kv_axes = axes('activation_heads', heads), axes('activation_kv_heads', kv_heads)
-  if kv_heads > 1 and head_axes != kv_axes:
-    head_axes = kv_axes = None
-  return P(batch_axes, None, head_axes, None), P(batch_axes, None, kv_axes, None), P(batch_axes, None)
-
-
-def _activation_rules() -> tuple:
-  """The logical activation rules the step is traced under (`models.activation_sharding`); () outside."""
-  from transformer import models  # the rules' home imports this module's callers: read only when sharding
-
-  return models._ACTIVATION_RULES.get()
 
 
 def supports(config: ModelConfig, *, dropout: bool, bias: bool) -> str | None:

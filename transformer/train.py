@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from transformer import models
+from transformer import models, platform
 from transformer.config import TrainConfig
 from transformer.losses import cross_entropy  # noqa: F401 (also the name train.cross_entropy)
 from transformer.tokens import PAD_ID
@@ -106,7 +106,7 @@ class MeshLayout:
 
   mesh: Any  # a jax.sharding.Mesh
   batch_axes: tuple  # the mesh axes the batch dimension is split over
-  rules: tuple = ()  # logical activation axis -> mesh axes, for `models.activation_sharding`
+  rules: tuple = ()  # logical activation axis -> mesh axes, for `platform.activation_sharding`
   param_shardings: Any = None  # how the parameters are used: their FSDP shards gathered (ZeRO-3)
 
   @property
@@ -126,7 +126,7 @@ def sharding_context(layout: MeshLayout | None):
     return contextlib.nullcontext()
   stack = contextlib.ExitStack()
   stack.enter_context(jax.sharding.use_abstract_mesh(layout.mesh.abstract_mesh))
-  stack.enter_context(models.activation_sharding(layout.rules))
+  stack.enter_context(platform.activation_sharding(layout.rules))
   return stack
 
 
@@ -164,7 +164,7 @@ def make_train_step(
       # One key per example: the masks are the same whatever the batch layout (devices,
       # micro-batches). The model sees one-row batches; `row_axes` split the mapped rows on a mesh.
       def one_row(row, key):
-        with models.activation_sharding(layout.inner_rules() if layout else ()):
+        with platform.activation_sharding(layout.inner_rules() if layout else ()):
           return _apply(model, params, jax.tree.map(lambda x: x[None], row), False, key)[0]
 
       keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(row_ids)
@@ -184,7 +184,7 @@ def make_train_step(
     if per_shard:
       # vmap over the batch shards (one per device along the batch axes): gradients [shards, ...].
       def shard_grads(batch, ids):
-        with models.activation_sharding(layout.inner_rules()):
+        with platform.activation_sharding(layout.inner_rules()):
           (loss, (count, correct)), grads = grad_fn(params, batch, ids, step_key, None)
         return grads, loss, count, correct
 
