@@ -68,7 +68,7 @@ _SLICED = {
   'gpt2_large': dict(vocab_size=50257, seq_len=1024, learning_rate=2.5e-4, remat='full', target='v5p-8'),
   'gpt2_xl': dict(vocab_size=50257, seq_len=1024, learning_rate=2e-4, remat='full', target='v5p-8'),
   '1b': dict(vocab_size=128256, seq_len=2048, learning_rate=2e-4, remat='full', target='v5p-16'),
-  '8b': dict(vocab_size=128256, seq_len=2048, learning_rate=3e-4, remat='full', target='v5p-64'),
+  '8b': dict(vocab_size=128256, seq_len=2048, learning_rate=3e-4, remat='full', target='v5p-32'),
 }
 
 
