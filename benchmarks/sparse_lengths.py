@@ -72,7 +72,9 @@ def bench(pattern: str, length: int, steps: int) -> dict:
   ]
   done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
   if done.returncode:
-    return {'error': (done.stderr.strip().splitlines() or ['exit %d' % done.returncode])[-1][:120]}
+    lines = done.stderr.strip().splitlines() or [f'exit {done.returncode}']
+    errors = [line for line in lines if 'Error' in line]  # libtpu may log after the exception
+    return {'error': (errors or lines)[-1][:120]}
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
