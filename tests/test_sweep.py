@@ -131,6 +131,7 @@ def test_there_are_ablation_files():
     'length.py',
     'norm.py',
     'positional.py',
+    'sparse.py',
     'vaswani_table3.py',
     'warmup_norm.py',
   ]
