@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from transformer import patterns  # noqa: E402
+from transformer.config import ModelConfig  # noqa: E402
 
 BLOCK, WINDOW = 64, 256
 PATTERNS = ('dense', 'window', 'strided', 'fixed', 'bigbird')
@@ -46,11 +47,8 @@ def keys_per_query(pattern: str, length: int) -> float:
     return (length + 1) / 2
   if pattern == 'window':
     return sum(min(i + 1, WINDOW) for i in range(length)) / length
-  names = dict(pattern_stride='stride', pattern_summary='summary', pattern_local='local')
-  names.update(pattern_global='global_blocks', pattern_random='random')
-  kwargs = {names[k]: v for k, v in settings.items() if k in names}
-  pattern_ = patterns.Pattern(pattern, BLOCK, True, **kwargs)
-  return pattern_.density(length) * (length + 1) / 2
+  block_pattern = patterns.from_config(ModelConfig(pattern_block=BLOCK, **settings), causal=True)
+  return block_pattern.density(length) * (length + 1) / 2
 
 
 def bench(pattern: str, length: int, steps: int) -> dict:

@@ -105,7 +105,7 @@ def _kernel_supports(impl: str, config: ModelConfig, dropout: bool) -> str | Non
   bias = config.positional == 'alibi'
   if impl == 'splash':
     return splash.supports(config, dropout=dropout, bias=bias)
-  window, pattern = config.attention_window > 0, config.attention_pattern not in ('dense', 'window')
+  window, pattern = config.attention_window > 0, config.attention_pattern in patterns.KINDS
   return flash.supports(config, dropout=dropout, bias=bias, window=window, pattern=pattern)
 
 

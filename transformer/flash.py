@@ -20,13 +20,12 @@ What it takes, and what `attention` does about the rest:
 Float32 matmuls in the kernel are TF32 on the GPU, as XLA's default precision makes them there.
 It has no bias (ALiBi), no dropout, no sliding window and no block-sparse pattern: `supports` says so.
 
-A pallas_call cannot be partitioned by XLA: under a mesh the kernel runs in `jax.shard_map` (`platform.kernel_specs`).
+A pallas_call cannot be partitioned by XLA: under a mesh the kernel runs in `jax.shard_map` (`platform.on_each_device`).
 Off a GPU it runs in Pallas' interpret mode (for tests of its numerics on the CPU), which is slow.
 """
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from transformer import platform
@@ -78,20 +77,13 @@ def attention(query, key, value, q_segment_ids, kv_segment_ids, *, causal: bool,
   Returns:
     `[B, T, N, Dv]` in the dtype of `value`.
   """
-  batch, length, heads, d_qk = query.shape
-  kv_heads = key.shape[2]
+  length, d_qk = query.shape[1], query.shape[3]
   if key.shape[1] != length or q_segment_ids.shape != kv_segment_ids.shape:
     raise ValueError(f'flash.attention is self-attention: queries {query.shape}, keys {key.shape}.')
   if interpret is None:
     interpret = platform.target() != 'gpu'
   kernel = functools.partial(_attention, causal=causal, scale=d_qk**-0.5, interpret=interpret)
-  specs = platform.kernel_specs(batch, heads, kv_heads)
-  if specs is None:
-    return kernel(query, key, value, q_segment_ids)
-  q_spec, kv_spec, segment_spec = specs
-  return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, segment_spec), out_specs=q_spec, check_vma=False)(
-    query, key, value, q_segment_ids
-  )
+  return platform.on_each_device(kernel, query, key, value, q_segment_ids)
 
 
 def _attention(query, key, value, segment_ids, *, causal: bool, scale: float, interpret: bool):

@@ -248,15 +248,9 @@ class Decoder(nn.Module):
     if mask_index is not None and not dropout and not cached_attention.DENSE_REFERENCE:
       # Attend to the written slots only: the dense mask and bias above go unused (XLA drops them).
       filled = cache_index + tokens.shape[1]
+      rule = ctx['self_mask']  # the same window, ALiBi and pattern, read over the cache's blocks
       mask = cached_attention.CacheMask(
-        positions,
-        kv_positions,
-        segment_ids,
-        kv_segments,
-        filled,
-        cfg.attention_window,
-        cfg.positional == 'alibi',
-        patterns.from_config(cfg, causal=True),
+        positions, kv_positions, segment_ids, kv_segments, filled, rule.window, rule.alibi, rule.pattern
       )
       ctx.update(self_mask=mask, self_bias=None)
     if self.cross:

@@ -44,7 +44,7 @@ class Pattern:
   local: int = 3  # bigbird: window blocks, the query's own in the middle
   global_blocks: int = 2  # bigbird
   random: int = 3  # bigbird: random key blocks per query block
-  seed: int = 0  # bigbird: the random draw's seed (per layer: seed + layer)
+  seed: int = 0  # bigbird: the random draws' seed (each layer draws from (seed, layer))
 
   def table(self, q_blocks: int, k_blocks: int, layer: int = 0) -> np.ndarray:
     """bool `[q_blocks, k_blocks]`: True where query block I may see key block J (causality included

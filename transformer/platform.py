@@ -101,3 +101,14 @@ def kernel_specs(batch: int, heads: int, kv_heads: int):
     head_axes = kv_axes = None
   spec = PartitionSpec
   return spec(batch_axes, None, head_axes, None), spec(batch_axes, None, kv_axes, None), spec(batch_axes, None)
+
+
+def on_each_device(kernel, query, key, value, *segment_ids):
+  """`kernel(query, key, value, *segment_ids)` (`[B, T, N or K, D]` and `[B, T]` in, `[B, T, N, Dv]` out) on each
+  device's rows and heads (`kernel_specs`): in a `jax.shard_map` under a mesh of several devices, else as is."""
+  specs = kernel_specs(query.shape[0], query.shape[2], key.shape[2])
+  if specs is None:
+    return kernel(query, key, value, *segment_ids)
+  q_spec, kv_spec, segment_spec = specs
+  in_specs = (q_spec, kv_spec, kv_spec) + (segment_spec,) * len(segment_ids)
+  return jax.shard_map(kernel, in_specs=in_specs, out_specs=q_spec, check_vma=False)(query, key, value, *segment_ids)

@@ -162,8 +162,7 @@ def attention(
   Returns:
     `[B, T, N, Dv]` in the dtype of `value`.
   """
-  batch, length, heads, d_qk = query.shape
-  kv_heads = key.shape[2]
+  length, d_qk = query.shape[1], query.shape[3]
   if key.shape[1] != length or kv_segment_ids.shape != q_segment_ids.shape:
     raise ValueError(f'splash.attention is self-attention: queries {query.shape}, keys {key.shape}.')
   if interpret is None:
@@ -185,16 +184,7 @@ def attention(
     )
     return out[:, :, :length].swapaxes(1, 2).astype(value.dtype)
 
-  specs = platform.kernel_specs(batch, heads, kv_heads)
-  if specs is None:
-    return kernel(query, key, value, q_segment_ids, kv_segment_ids)
-  q_spec, kv_spec, segment_spec = specs
-  return jax.shard_map(
-    kernel,
-    in_specs=(q_spec, kv_spec, kv_spec, segment_spec, segment_spec),
-    out_specs=q_spec,
-    check_vma=False,
-  )(query, key, value, q_segment_ids, kv_segment_ids)
+  return platform.on_each_device(kernel, query, key, value, q_segment_ids, kv_segment_ids)
 
 
 def supports(config: ModelConfig, *, dropout: bool, bias: bool) -> str | None:
