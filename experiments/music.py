@@ -25,6 +25,7 @@ def get_config(arg=None):
       corpus=variant,  # 'toy' (generated) or 'bach' (music21's chorales)
       seq_len=256,  # events per training row; longer pieces are cut at onsets
       pack=True,  # several pieces per row (segment-masked)
+      streams=0,  # per-row packing streams (0: one per row); the process count must divide it
       overlong='truncate',  # never happens: pieces are windowed to seq_len first
       num_pieces=20_000,  # toy: training pieces (from train.seed)
       num_eval_pieces=200,  # toy: held-out pieces (another seed)

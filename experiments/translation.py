@@ -65,6 +65,7 @@ def get_config(arg=None):
       tokenizer='bpe',  # or 'unigram'
       seq_len=128 if tiny else 256,
       pack=True,  # several pairs per row (segment-masked); False pads one pair per row
+      streams=0,  # per-row packing streams (0: one per row); the process count must divide it
       overlong='drop',  # pairs longer than seq_len: 'drop' or 'truncate'
       bleu_examples=200 if tiny else 0,  # eval pairs translated for BLEU / chrF (0: all)
       beam_size=4,

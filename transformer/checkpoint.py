@@ -2,7 +2,8 @@
 
 One step's checkpoint is a directory `<directory>/<step>/` with three items:
   state      the `TrainState` pytree (params, optimizer state, step, rng), written shard by shard;
-  data_pos   each process's data-iterator state, `process_<i>-of-<n>.json`, written by that process
+  data_pos   each process's data-iterator state, `process_<i>-of-<n>.json`, written by that process (its rows'
+             streams: on another process count the union of all of them is restored)
              (checkpoints of older versions hold one `data` item, from process 0);
   config     the resolved experiment config (JSON), so `--mode eval` can rebuild the model.
 The state restores onto any mesh, device or process count, and into either layer layout (scanned or
@@ -54,8 +55,9 @@ class IncompatibleCheckpoint(ConfigError):
 class ProcessStateHandler(ocp.CheckpointHandler):
   """Each process saves its own JSON state (`process_<i>-of-<n>.json`) and restores its own.
 
-  On another process count the file of this index is absent: process 0's is used instead. That is
-  exact for this codebase's pipelines, whose state is the same on every process (one global order).
+  On another process count the file of this index is absent: then every process's file
+  is returned, as a list in process order, and the pipeline takes its rows' streams from their union
+  (`transformer.data.streams`).
   """
 
   def save(self, directory: epath.Path, args: 'ProcessStateSave'):
@@ -67,16 +69,16 @@ class ProcessStateHandler(ocp.CheckpointHandler):
     own = directory / _process_file(jax.process_index(), jax.process_count())
     if own.exists():
       return json.loads(own.read_text())
-    others = sorted(glob.glob(os.fspath(directory / 'process_0-of-*.json')))
-    if not others:
+    found = glob.glob(os.fspath(directory / 'process_*-of-*.json'))
+    if not found:
       raise FileNotFoundError(f'No data-iterator state in {directory}.')
+    index = lambda path: int(re.search(r'process_(\d+)-of-', os.path.basename(path)).group(1))
     logging.warning(
-      '%s was saved by another process count: resuming the data position from %s (exact: '
-      'every process holds the same global order).',
+      '%s was saved by %d processes: resuming the data position from the union of their states.',
       directory,
-      os.path.basename(others[0]),
+      len(found),
     )
-    return json.loads(epath.Path(others[0]).read_text())
+    return [json.loads(epath.Path(path).read_text()) for path in sorted(found, key=index)]
 
   def metadata(self, directory):
     return None

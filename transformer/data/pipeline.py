@@ -1,16 +1,14 @@
 """grain pipelines from tokenized examples to fixed-shape numpy batches.
 
-Train: shuffle (anew each epoch) -> repeat -> fit to `seq_len` -> pack or pad -> global batch -> this
-process's rows. Every process builds the same global batches and keeps its own rows, so a step trains on
-the same examples for any number of processes or devices, and every process's iterator state is the
-same (a checkpoint from one topology resumes exactly on another). The price: each process does the
-whole global batch's data work (cheap for token ids; see the README's scaling section).
-Eval: the held-out set once, padded, never packed. Examples are dicts of 1-D int arrays:
+Train: per-row streams (`transformer.data.streams`): the records' order is grain's index shuffle (anew each
+epoch); stream k of S reads every S-th record of it, fits its examples to `seq_len` and packs or pads them
+into its rows. A process builds only the streams of its own rows, so a step trains on the same examples for
+any number of processes or devices, and the union of the processes' iterator states resumes exactly on
+another topology. Eval: the held-out set once, padded, never packed. Examples are dicts of 1-D int arrays:
 `targets` (EOS included) and, for encoder-decoder tasks, `inputs`.
 
 Everything is deterministic from the seed and the iterator's `get_state()` / `set_state()` resume it
-exactly (the state goes into every checkpoint).
-"""
+exactly (the state goes into every checkpoint)."""
 
 import math
 from typing import Sequence
@@ -20,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from transformer.config import ConfigError
+from transformer.data import streams as streams_lib
 from transformer.data.batching import pad_batch
 
 OVERLONG = ('truncate', 'drop')
@@ -27,6 +26,10 @@ OVERLONG = ('truncate', 'drop')
 
 def _as_dataset(examples) -> grain.MapDataset:
   return examples if isinstance(examples, grain.MapDataset) else grain.MapDataset.source(examples)
+
+
+def _fit(example, seq_len: int):
+  return streams_lib.fit(example, seq_len)
 
 
 def report_overlong(examples: Sequence[dict], seq_len: int, overlong: str, name: str = 'training') -> int:
@@ -44,17 +47,8 @@ def report_overlong(examples: Sequence[dict], seq_len: int, overlong: str, name:
   return count
 
 
-def _fits(example, seq_len: int) -> bool:
-  return all(len(v) <= seq_len for v in example.values())
-
-
-def _fit(example, seq_len: int):
-  """Truncates every side to `seq_len` tokens, as int32."""
-  return {key: np.asarray(value[:seq_len], np.int32) for key, value in example.items()}
-
-
 def train_iter(
-  examples,
+  records,
   *,
   seq_len: int,
   batch_size: int,
@@ -63,45 +57,65 @@ def train_iter(
   rows: tuple[int, int] | None = None,
   overlong: str = 'truncate',
   prefetch: int = 2,
+  streams: int = 0,
+  examples_of=None,
 ):
   """An endless iterator of this process's `rows` (start, stop) of `[batch_size, seq_len]` global batches
-  (all rows by default).
+  (all rows by default), built by `streams` per-row streams (0: one per row; `transformer.data.streams`).
 
-  Packed batches carry `<key>_segment_ids` (1, 2, ... per example, 0 for padding) and
-  `<key>_positions` (restarting at 0 in every example); the models mask across segments.
+  `records`: a list or any random-access source (`len`, `[i]`: a token store) of records; `examples_of(record)`
+  gives a record's examples (default: the record is one). Packed batches carry `<key>_segment_ids` (1, 2, ...
+  per example, 0 for padding) and `<key>_positions` (restarting at 0 in every example); the models mask
+  across segments.
   """
   if overlong not in OVERLONG:
     raise ValueError(f'overlong={overlong!r}: choose one of {OVERLONG}.')
   start, stop = rows if rows is not None else (0, batch_size)
   if not 0 <= start < stop <= batch_size:
     raise ValueError(f'rows={rows} is not a non-empty range of a global batch of {batch_size} rows.')
-  ds = _as_dataset(examples).shuffle(seed=seed).repeat()  # a new permutation every epoch
-  if overlong == 'drop':
-    if not any(_fits(ex, seq_len) for ex in _as_dataset(examples)):  # else an endless search for a batch
+  streams = streams or batch_size
+  if streams < 0 or batch_size % streams:
+    raise ConfigError(
+      f'config.data.streams={streams} does not divide the batch of {batch_size} rows: use a divisor of it '
+      '(0: one stream per row).'
+    )
+  per_stream = batch_size // streams
+  if start % per_stream or stop % per_stream:
+    raise ConfigError(
+      f'This process feeds rows [{start}, {stop}) of the batch of {batch_size}, which cuts through a stream of '
+      f'{per_stream} rows: the process count must divide config.data.streams={streams} (0: one per row).'
+    )
+  if examples_of is None and overlong == 'drop':  # records are examples: drop them before the order is drawn
+    records = [ex for ex in records if streams_lib.fits(ex, seq_len)]
+    if not records:  # else an endless search for a batch
       raise ConfigError(
         f'Every training example is longer than seq_len={seq_len}, so overlong=drop leaves none: raise '
         "config.data.seq_len or set config.data.overlong='truncate'."
       )
-    ds = ds.filter(lambda ex: _fits(ex, seq_len))
-  ds = ds.map(lambda ex: _fit(ex, seq_len)).to_iter_dataset()
-  if pack:
-    first = _fit(_as_dataset(examples)[0], seq_len)
-    # First-fit over a few batches' worth of bins: little padding, and examples still arrive in
-    # shuffled order (bins are shuffled too, so a batch is not all short or all long examples).
-    ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={key: seq_len for key in first}, num_packing_bins=4 * batch_size, seed=seed, shuffle_bins=True
-    ).batch(batch_size, drop_remainder=True, batch_fn=_stack_int32)
-  else:
-    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=lambda rows: pad_batch(rows, batch_size, seq_len))
-  if (start, stop) != (0, batch_size):
-    ds = ds.map(lambda batch: {key: value[start:stop] for key, value in batch.items()})
+  spec = streams_lib.Spec(
+    records,
+    seq_len=seq_len,
+    seed=seed,
+    streams=streams,
+    rows_per_stream=per_stream,
+    pack=pack,
+    overlong=overlong,
+    examples_of=examples_of,
+  )
+  manifest = dict(
+    seed=seed,
+    streams=streams,
+    batch_size=batch_size,
+    seq_len=seq_len,
+    pack=pack,
+    overlong=overlong,
+    records=len(records),
+    fingerprint=getattr(records, 'fingerprint', None),
+  )
+  iterator = streams_lib.StreamsIterator(spec, start // per_stream, stop // per_stream, manifest)
   # A background thread prepares the next batches while the device computes (XLA releases the GIL);
   # its state still counts only the batches handed out, so checkpoints resume exactly.
-  return iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch))
-
-
-def _stack_int32(rows):
-  return {key: np.stack([row[key] for row in rows]).astype(np.int32) for key in rows[0]}
+  return grain.experimental.ThreadPrefetchDatasetIterator(iterator, prefetch)
 
 
 def eval_batches(examples, *, seq_len: int, batch_size: int, process_index: int = 0, process_count: int = 1):

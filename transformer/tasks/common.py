@@ -105,17 +105,20 @@ def spread(items, count: int):
 class TokenizedTask:
   """Train / eval batches from tokenized examples (dicts of id arrays, EOS included)."""
 
-  def __init__(self, config, train_examples, eval_examples):
+  def __init__(self, config, train_examples, eval_examples, examples_of=None):
+    """`train_examples`: a list of examples, or any random-access source of records (a token store) with
+    `examples_of(record)` giving a record's examples (a document's windows: never overlong)."""
     data = config.data
     self.seq_len = int(data.seq_len)
     self.seed = int(config.train.seed)
     self.pack = bool(data.pack)
+    self.streams = int(data.get('streams', 0))
     self.overlong = check_choice('overlong', data.overlong, pipeline.OVERLONG)
-    if not train_examples or not eval_examples:
+    if not len(train_examples) or not len(eval_examples):
       raise ConfigError('The corpus has no training or no evaluation examples: check config.data.')
-    self.train_examples, self.eval_examples = train_examples, eval_examples
+    self.train_examples, self.eval_examples, self.examples_of = train_examples, eval_examples, examples_of
     self._eval_windows = {}  # length -> the eval set cut into windows of it (config.train.eval_lengths)
-    self.overlong_count = pipeline.report_overlong(train_examples, self.seq_len, self.overlong)
+    self.overlong_count = 0 if examples_of else pipeline.report_overlong(train_examples, self.seq_len, self.overlong)
     logging.info('%d training and %d evaluation examples.', len(train_examples), len(eval_examples))
 
   def train_iter(self, batch_size: int, rows: tuple[int, int] | None = None):
@@ -127,6 +130,8 @@ class TokenizedTask:
       pack=self.pack,
       rows=rows,
       overlong=self.overlong,
+      streams=self.streams,
+      examples_of=self.examples_of,
     )
 
   def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1, seq_len: int | None = None):

@@ -28,6 +28,7 @@ class SyntheticTask:
     self.num_train, self.num_eval = int(data.num_train), int(data.num_eval)
     self.seed = int(config.train.seed)
     self.pack = bool(data.get('pack', False))
+    self.streams = int(data.get('streams', 0))
     needed = self.max_len + 1 if self.kind == 'encoder_decoder' else 2 * self.max_len + 2
     if needed > self.seq_len:
       raise ConfigError(
@@ -56,6 +57,7 @@ class SyntheticTask:
       seed=self.seed,
       pack=self.pack,
       rows=rows,
+      streams=self.streams,
     )
 
   def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1, seq_len: int | None = None):
