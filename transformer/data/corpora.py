@@ -163,27 +163,30 @@ def bible_documents(code: str = 'k', split: str = 'train', unit: str = 'chapter'
 
 def _lines(path: str):
   """Yields (line_number, text) of a UTF-8 file, naming the file and line on any problem."""
-  if not os.path.exists(path):
-    raise ConfigError(f'{path}: no such file. Check config.data.train_files / eval_files.')
-  if os.path.isdir(path):
-    raise ConfigError(f'{path} is a directory: give a file, a list of files or a glob like {path}/*.tsv.')
+  check_file(path)
   with open(path, 'rb') as f:
     for number, raw in enumerate(f, start=1):
-      try:
-        line = raw.decode('utf-8')
-      except UnicodeDecodeError as e:
-        raise ConfigError(
-          f'{path}, line {number}: not UTF-8 (byte {raw[e.start]:#04x} at column '
-          f'{e.start + 1}); re-encode the file as UTF-8.'
-        ) from None
-      if '\x00' in line:  # valid UTF-8 but no text file holds NUL: a binary file given by mistake
-        raise ConfigError(
-          f'{path}, line {number}: a NUL byte at column {line.index(chr(0)) + 1}: this looks like a binary file, '
-          'not text; give a UTF-8 text file.'
-        )
-      if number == 1:
-        line = line.removeprefix('\ufeff')  # a byte-order mark some editors write
-      yield number, line.rstrip('\r\n')
+      yield number, decode_line(path, number, raw, first=number == 1)
+
+
+def decode_line(path: str, number: int, raw: bytes, first: bool) -> str:
+  """The text of one raw line (`first`: the file's first line, which may start with a byte-order mark), its
+  line break removed; not UTF-8 or a NUL byte is a ConfigError naming the file and line."""
+  try:
+    line = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ConfigError(
+      f'{path}, line {number}: not UTF-8 (byte {raw[e.start]:#04x} at column '
+      f'{e.start + 1}); re-encode the file as UTF-8.'
+    ) from None
+  if '\x00' in line:  # valid UTF-8 but no text file holds NUL: a binary file given by mistake
+    raise ConfigError(
+      f'{path}, line {number}: a NUL byte at column {line.index(chr(0)) + 1}: this looks like a binary file, '
+      'not text; give a UTF-8 text file.'
+    )
+  if first:
+    line = line.removeprefix('\ufeff')  # a byte-order mark some editors write
+  return line.rstrip('\r\n')
 
 
 def _format(path: str, allowed: tuple[str, ...]) -> str:
@@ -245,21 +248,48 @@ def read_pairs(path: str, source_key: str = 'source', target_key: str = 'target'
 
 def read_documents(path: str, text_key: str = 'text') -> list[str]:
   """Documents from `.txt` (one per non-empty line) or `.jsonl` (`{"text": ...}` per line)."""
-  extension = _format(path, ('.txt', '.jsonl'))
+  extension = _format(path, DOCUMENT_FORMATS)
   documents = []
   for number, line in _lines(path):
-    if not line.strip():
-      continue
-    if extension == '.txt':
-      documents.append(line.strip())
-      continue
-    text = _json_text(path, number, _json_object(path, number, line), text_key)
-    if not text:
-      raise ConfigError(f'{path}, line {number}: {text_key!r} is empty; remove the line or fill it in.')
-    documents.append(text)
+    document = document_of(path, extension, number, line, text_key)
+    if document is not None:
+      documents.append(document)
   if not documents:
-    raise ConfigError(f'{path}: the file has no documents (it is empty or blank); give one document per line.')
+    raise ConfigError(no_documents_message(path))
   return documents
+
+
+DOCUMENT_FORMATS = ('.txt', '.jsonl')
+
+
+def document_format(path: str) -> str:
+  """The extension of a documents file ('.txt' or '.jsonl'); another one is a ConfigError."""
+  return _format(path, DOCUMENT_FORMATS)
+
+
+def document_of(path: str, extension: str, number: int, line: str, text_key: str = 'text') -> str | None:
+  """The document of one line of a `read_documents` file (None for a blank line); a malformed line is a
+  ConfigError naming the file and line `number`."""
+  if not line.strip():
+    return None
+  if extension == '.txt':
+    return line.strip()
+  text = _json_text(path, number, _json_object(path, number, line), text_key)
+  if not text:
+    raise ConfigError(f'{path}, line {number}: {text_key!r} is empty; remove the line or fill it in.')
+  return text
+
+
+def no_documents_message(path: str) -> str:
+  return f'{path}: the file has no documents (it is empty or blank); give one document per line.'
+
+
+def check_file(path: str) -> None:
+  """A ConfigError, as `read_documents` gives it, for a path that is missing or a directory."""
+  if not os.path.exists(path):
+    raise ConfigError(f'{path}: no such file. Check config.data.train_files / eval_files.')
+  if os.path.isdir(path):
+    raise ConfigError(f'{path} is a directory: give a file, a list of files or a glob like {path}/*.tsv.')
 
 
 def expand_paths(paths) -> list[str]:
