@@ -91,6 +91,12 @@ def get_config(arg=None):
       dataset_config='',
       dataset_eval_split='validation',
       eval_split='dev',
+      # The token store training reads (transformer/data/store.py): '' = built in the cache on first use
+      # ($TRANSFORMER_CACHE/stores/<name>-<key>); a path = a store --mode prepare built there.
+      store='',
+      shard_mb=64.0,  # --mode prepare: .txt / .jsonl files are tokenized in byte ranges of about this many MB
+      prepare_workers=0,  # --mode prepare: worker processes (0 = one per CPU)
+      tokenizer_sample_mb=64.0,  # a new store's tokenizer trains on about this many MB, spread over the shards
       vocab_size=2000 if tiny else 32000,
       tokenizer='bpe',
       seq_len=64 if short else 256 if tiny else sliced['seq_len'] if sliced else 1024,

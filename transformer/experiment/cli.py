@@ -18,7 +18,7 @@ _MODE = flags.DEFINE_enum(
   'train',
   list(MODES),
   'train (resumes), eval / decode (latest checkpoint), sweep, bench, compile (for an accelerator: fits?), '
-  "status (a sweep's or run's workdir).",
+  "status (a sweep's or run's workdir), prepare (tokenize the text corpus once into its token store).",
 )
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print its parameters, exit.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
@@ -52,7 +52,7 @@ def _main(argv):
     if _DRY_RUN.value:
       print(run.dry_run(config))
       return
-    if _MODE.value != 'compile':  # a compile runs on one host, for devices it does not have
+    if _MODE.value not in ('compile', 'prepare'):  # compile: one host, for devices it lacks; prepare: no JAX
       from transformer import distributed
 
       distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -6,7 +6,7 @@ flags, and `--help` stays fast."""
 import os
 import time
 
-MODES = ('train', 'eval', 'decode', 'sweep', 'bench', 'compile', 'status')
+MODES = ('train', 'eval', 'decode', 'sweep', 'bench', 'compile', 'prepare', 'status')
 
 
 def dry_run(config) -> str:
@@ -56,6 +56,10 @@ def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
     return None
   from transformer.config import ConfigError
 
+  if mode == 'prepare':  # tokenizing only: JAX not started
+    from transformer.experiment import prepare
+
+    return prepare.run_prepare(config)
   enable_compilation_cache()
   if 'sweep' in config and mode not in ('sweep', 'bench', 'compile'):  # else it would train its base quietly
     raise ConfigError(
