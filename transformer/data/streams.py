@@ -5,8 +5,8 @@ The records (documents, sentence pairs, pieces) are read in one order: epoch e i
 them with seed + e, epochs back to back (`grain.MapDataset.source(records).shuffle(seed)`, read by index;
 nothing is materialised, so a corpus of any size costs no memory here). Stream k of S reads every S-th
 record of that order, starting at k, turns each into examples (`examples_of`: a document's windows), and
-fills rows of `seq_len` tokens: first fit over a few open rows (packing), or one example per row. Stream k
-fills rows [k m, (k + 1) m) of every batch, m = batch_size / S.
+fills rows of `seq_len` tokens: first fit over a few open rows, the fullest finished when none has room
+(packing), or one example per row. Stream k fills rows [k m, (k + 1) m) of every batch, m = batch_size / S.
 
 So a process builds only the streams of its own rows and reads only their records (about 1/P of the corpus),
 and its rows are those one process building the whole batch would build, bitwise. A stream's state is one
@@ -22,7 +22,7 @@ import numpy as np
 from transformer.config import ConfigError
 
 FORMAT = 'streams-1'
-BINS_PER_ROW = 4  # open rows a stream packs into, per row it fills each step: a few suffice (docs/tasks.md)
+BINS_PER_ROW = 4  # open rows a stream packs into, per row it fills each step (docs/tasks.md: how full rows are)
 
 
 def fit(example, seq_len: int):
@@ -87,8 +87,8 @@ class Stream:
             used[key] += lengths[key]
           break
       else:
-        if len(self.open) == limit:  # no room anywhere: the oldest row is finished
-          self._finish(0)
+        if len(self.open) == limit:  # no room anywhere: the fullest row (the oldest of equals) is finished
+          self._finish(max(range(limit), key=lambda b: sum(self.open[b][2].values())))
         self.open.append(([ref], [example], lengths))
         b = len(self.open) - 1
       if any(used == seq_len for used in self.open[b][2].values()):  # a full side takes nothing more
