@@ -1,6 +1,7 @@
 """The token store (transformer/data/store.py) and the streamed sources it is prepared from
 (transformer/data/sources.py): read back, 1 vs 2 workers, refusals, byte ranges, Hugging Face streaming."""
 
+import concurrent.futures
 import json
 import os
 import pickle
@@ -270,3 +271,23 @@ def test_a_missing_hugging_face_column_is_one_config_error(tmp_path):
 def test_the_prepare_workers_modules_do_not_import_jax():
   code = 'import sys; import transformer.data.store, transformer.data.sources; assert "jax" not in sys.modules'
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
+
+
+def test_the_text_task_trains_from_the_store_built_once_in_the_cache_by_concurrent_builders(tmp_path):
+  docs = write_corpus(tmp_path / 'corpus')
+  (tmp_path / 'eval.txt').write_text('held out words of the lord.\n')
+  config = config_for(tmp_path / 'corpus', eval_files=str(tmp_path / 'eval.txt'), seq_len=16)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two builders of the same store at once
+    built = list(pool.map(lambda _: text.open_store(config).fingerprint, range(2)))
+  assert built[0] == built[1]
+  path = text.store_path(config.data)
+  assert sorted(os.listdir(os.path.dirname(path))) == [os.path.basename(path), os.path.basename(path) + '.lock']
+  task = text.TextTask(config)
+  assert isinstance(task.train_examples, store.TokenStore) and task.train_examples.fingerprint == built[0]
+  assert (
+    task.tokenizer.processor.serialized_model_proto()
+    == task.train_examples.tokenizer.processor.serialized_model_proto()
+  )
+  windows = pickle.loads(pickle.dumps(task.examples_of))(task.train_examples[0])  # picklable, for grain's workers
+  ids = task.tokenizer.encode(docs[0]) + [2]
+  assert [w['targets'].tolist() for w in windows] == [ids[i : i + 16] for i in range(0, len(ids), 16)]
