@@ -260,6 +260,13 @@ def test_hugging_face_streaming_from_local_parquet_and_jsonl_gives_the_files_doc
   assert hf.tokenizer.processor.serialized_model_proto() == files.tokenizer.processor.serialized_model_proto()
   assert [hf[i]['targets'].tolist() for i in range(len(hf))] == [files[i]['targets'].tolist() for i in range(len(docs))]
 
+  # The eval split is streamed too; a split the folder lacks is one ConfigError naming the key to set.
+  data = config_for(tmp_path / 'corpus', corpus='hf', train_files='', dataset=str(tmp_path / 'jsonl')).data
+  with pytest.raises(ConfigError, match=r"has no split 'validation' \(.*\)\. Set config.data.dataset_eval_split"):
+    text.eval_documents(data)
+  (tmp_path / 'jsonl' / 'validation.jsonl').write_text(json.dumps({'text': ' held out '}) + '\n')
+  assert text.eval_documents(data) == ['held out']
+
 
 def test_a_missing_hugging_face_column_is_one_config_error(tmp_path):
   (tmp_path / 'docs').mkdir()

@@ -106,6 +106,11 @@ def _load_streaming(name: str, config_name: str | None, split: str):
       'local folder of <split>.jsonl / .csv / .parquet files.'
     ) from None
   except ValueError as error:
+    if 'split' in str(error).lower():
+      raise ConfigError(
+        f'Hugging Face dataset {name!r} has no split {split!r} ({error}). Set config.data.dataset_eval_split '
+        '(training reads "train").'
+      ) from None
     raise ConfigError(f'Hugging Face dataset {name!r}, split {split!r}: {error}') from None
 
 

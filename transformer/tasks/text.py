@@ -34,6 +34,18 @@ def load_documents(data, split: str) -> list[str]:
   )
 
 
+def eval_documents(data) -> list[str]:
+  """The held-out documents (`load_documents` of the eval split); a Hugging Face split is streamed: loading it
+  whole would convert every split of the dataset, the training one too."""
+  if common.check_choice('corpus', data.corpus, common.CORPORA[:3]) != 'hf':
+    return load_documents(data, data.eval_split)
+  from transformer.data import sources
+
+  split = data.get('dataset_eval_split', 'validation')
+  shards = sources.hf_shards(common.require(data, 'dataset', 'hf'), data.get('dataset_config') or None, split)
+  return [doc for shard in shards for doc in sources.documents(shard)]
+
+
 def store_source(data) -> dict:
   """The training corpus's description, as the store's manifest keeps it: the corpus settings (files with their
   sizes). Reads no document."""
@@ -149,7 +161,7 @@ class TextTask(common.TokenizedTask):
   def __init__(self, config):
     data = config.data
     self.store = open_store(config)  # the training documents, tokenized once
-    eval_docs = load_documents(data, data.eval_split)
+    eval_docs = eval_documents(data)
     self.tokenizer = self.store.tokenizer
     self.vocab_size = self.tokenizer.vocab_size
     seq_len = int(data.seq_len)
