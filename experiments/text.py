@@ -101,6 +101,7 @@ def get_config(arg=None):
       tokenizer='bpe',
       seq_len=64 if short else 256 if tiny else sliced['seq_len'] if sliced else 1024,
       pack=True,
+      streams=0,  # per-row packing streams (0: one per row); the process count must divide it
       overlong='truncate',  # documents are cut into seq_len windows first: nothing is lost
       temperature=0.8,
       top_k=40,

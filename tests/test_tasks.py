@@ -133,7 +133,8 @@ def test_text_task_bits_per_byte_and_samples(tmp_path):
   assert task.eval_metrics(None, losses)['eval/bits_per_byte'] == pytest.approx(1500 / math.log(2) / task.eval_bytes)
   # A document longer than seq_len is cut into windows: every token (and its EOS) is kept.
   ids = task.tokenizer.encode(docs[0])
-  assert sum(len(ex['targets']) for ex in task.train_examples[: math.ceil((len(ids) + 1) / 32)]) == len(ids) + 1
+  windows = task.examples_of(task.train_examples[0])  # the store's first document is docs[0]
+  assert len(windows) == math.ceil((len(ids) + 1) / 32) and sum(len(ex['targets']) for ex in windows) == len(ids) + 1
 
   workdir = tmp_path / 'run'
   loop.train_and_evaluate(config, str(workdir))

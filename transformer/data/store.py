@@ -233,6 +233,23 @@ def _tokenizer(path: str, plan: dict, shards, tokenizer: dict, name: str, cache_
   return sha
 
 
+def _run(jobs, workers: int):
+  """Yields (shard index, done marker) as each job finishes: in this process for one worker (a small corpus
+  built on first use spawns nothing), else in spawned worker processes."""
+  if workers == 1:
+    for job in jobs:
+      yield job.index, _tokenize_shard(job)
+    return
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+    futures = {pool.submit(_tokenize_shard, job): job.index for job in jobs}
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        yield futures[future], future.result()
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise
+
+
 def prepare(
   path: str,
   *,
@@ -273,20 +290,14 @@ def prepare(
     workers = max(1, min(workers or cpus, len(todo)))
     threads = max(1, cpus // workers)
     jobs = [_Job(path, index, shards[index], dtype, threads, tokenizer_sha) for index in todo]
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-      futures = {pool.submit(_tokenize_shard, job): job.index for job in jobs}
-      try:
-        for future in concurrent.futures.as_completed(futures):
-          marker = markers[futures[future]] = future.result()
-          read += marker['source_bytes']
-          elapsed = time.perf_counter() - start
-          log(
-            f'shard {futures[future] + 1}/{len(shards)}: {marker["documents"]} documents, {marker["tokens"]} '
-            f'tokens, {marker["source_bytes"] / 1e6:.1f} MB ({read / 1e6 / max(elapsed, 1e-9):.1f} MB/s so far)'
-          )
-      except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
+    for index, marker in _run(jobs, workers):
+      markers[index] = marker
+      read += marker['source_bytes']
+      elapsed = time.perf_counter() - start
+      log(
+        f'shard {index + 1}/{len(shards)}: {marker["documents"]} documents, {marker["tokens"]} '
+        f'tokens, {marker["source_bytes"] / 1e6:.1f} MB ({read / 1e6 / max(elapsed, 1e-9):.1f} MB/s so far)'
+      )
   shard_list = [markers[index] for index in range(len(shards))]
   _check_documents(shards, shard_list)
   manifest = {

@@ -42,6 +42,7 @@ ONLY_FOR = {
     'dataset_config': (('hf',), ''),
     'language': (('bible',), 'k'),
     'unit': (('bible',), 'chapter'),
+    'shard_mb': (('files',), 64.0),
     'eval_split': (('bible',), 'dev'),
   },
   'music': {
