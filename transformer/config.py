@@ -26,6 +26,7 @@ REMAT = ('none', 'full', 'dots')
 DTYPES = ('float32', 'bfloat16', 'float16')
 OPTIMIZERS = ('adam', 'adamw')
 PARALLELISM = ('jit', 'pmap')
+LOGGERS = ('jsonl', 'tensorboard', 'wandb', 'mlflow')  # config.train.loggers: transformer/trackers.py
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
@@ -292,6 +293,7 @@ class TrainConfig:
   decode_examples: int = 32  # --mode decode: eval examples decoded into the workdir
   peak_flops: float = 0.0  # per device, for MFU; 0: the platform's table, measured on CPU
   log_batch_digests: bool = False  # each process logs a hash of every row it feeds (workdir/batches/)
+  loggers: tuple = ('jsonl', 'tensorboard')  # where metrics go: also 'wandb', 'mlflow' (docs/training.md#loggers)
 
   def __post_init__(self):
     prefix = 'config.train'
@@ -317,6 +319,21 @@ class TrainConfig:
       )
     if len(set(lengths)) < len(lengths):
       raise ConfigError(f'{prefix}.eval_lengths={lengths!r} names a length twice: list each length once.')
+    self._check_loggers()
+
+  def _check_loggers(self):
+    loggers = self.loggers
+    if isinstance(loggers, str) or not all(isinstance(name, str) for name in loggers):
+      raise ConfigError(f"config.train.loggers={loggers!r} must be a tuple of names, e.g. ('jsonl', 'wandb').")
+    for name in loggers:
+      if name not in LOGGERS:
+        hint = did_you_mean(name, LOGGERS)
+        raise ConfigError(f'config.train.loggers: unknown logger {name!r}{hint}; choose from {", ".join(LOGGERS)}.')
+    if 'jsonl' not in loggers:
+      raise ConfigError(
+        f"config.train.loggers={loggers!r} must keep 'jsonl': metrics.jsonl is the run's record, which the "
+        'run summary, sweep results and --mode status read.'
+      )
 
   @classmethod
   def from_config(cls, config: Any) -> 'TrainConfig':

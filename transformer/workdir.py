@@ -47,6 +47,7 @@ RESUMABLE = (
   'train.keep_checkpoints',
   'train.peak_flops',
   'train.log_batch_digests',
+  'train.loggers',
   # the learning-rate schedule and clipping
   'train.learning_rate',
   'train.warmup_steps',
