@@ -78,11 +78,11 @@ def predictor(runner, model, state, step, seed):
   return Predictor(model, runner.to_checkpoint(state).params, step=step, seed=seed)
 
 
-def evaluate_all(runner, built: setup.Setup, state, step, workdir, stop=None):
+def evaluate_all(runner, built: setup.Setup, state, step, workdir, stop=None, writer=None):
   """Loss metrics, the task's own metrics (BLEU, bits per byte, ...) and decoded samples.
 
-  Samples are printed, and appended to `<workdir>/samples.jsonl` so a reader can judge them later. `stop`
-  as in `evaluate`: None when it ended the eval early.
+  Samples are printed, and appended to `<workdir>/samples.jsonl` so a reader can judge them later (and given
+  to `writer`'s trackers as a table). `stop` as in `evaluate`: None when it ended the eval early.
   """
   _test_signal_in_eval(step)
   task = built.task
@@ -97,6 +97,8 @@ def evaluate_all(runner, built: setup.Setup, state, step, workdir, stop=None):
   samples = task.samples(pred, num, workdir) if num else []
   if samples and jax.process_index() == 0:
     _write_samples(layout.samples_file(workdir), [{'step': step, **s} for s in samples], 'a')
+    if writer is not None:
+      writer.samples(step, [{'step': step, **s} for s in samples])
     for sample in samples[:2]:
       print(f'\n[step {step}] {_line(sample)}', flush=True)
   return results
@@ -167,7 +169,7 @@ def _train(config, workdir: str, stop_at: int | None):
   else:
     state, start_step = runner.init_state(train.seed), 0
 
-  writer = metrics.MetricsWriter(workdir, enabled=primary)
+  writer = metrics.MetricsWriter(workdir, enabled=primary, loggers=train.loggers)
   progress = metrics.Progress(train.num_steps, enabled=primary)
   model_flops = metrics.flops_per_token(model.config, task.seq_len)
   peak_per_device, mfu_basis = metrics.peak_flops_basis(train.peak_flops)
@@ -231,7 +233,7 @@ def _train(config, workdir: str, stop_at: int | None):
           window, window_start, data_wait = [], time.perf_counter(), 0.0
         evaluated = step % train.eval_every == 0 or last
         if evaluated:  # a signal during the eval is kept: the checkpoint below follows right after it
-          eval_metrics = evaluate_all(runner, built, state, step, workdir)
+          eval_metrics = evaluate_all(runner, built, state, step, workdir, writer=writer)
           writer.write(step, eval_metrics)
           if primary:
             print(summary.eval_line(step, eval_metrics), flush=True)
@@ -356,7 +358,7 @@ def evaluate_checkpoint(config, workdir: str):
     if jax.process_index() == 0:
       print(f'Stopped by a signal during the eval of step {step}: nothing written. Re-run to evaluate it.', flush=True)
     return {}
-  writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0, loggers=built.train_config.loggers)
   writer.write(step, results)
   writer.close()
   ckpts.close()

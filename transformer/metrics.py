@@ -1,4 +1,4 @@
-"""Metrics: `metrics.jsonl` + TensorBoard events + a progress line, and MFU from analytic FLOPs."""
+"""Metrics: `metrics.jsonl` + the trackers (TensorBoard, W&B, MLflow) + a progress line, and MFU from analytic FLOPs."""
 
 import json
 import math
@@ -10,42 +10,72 @@ import time
 import jax
 import jax.numpy as jnp
 
-from transformer import layout, tensorboard
+from transformer import layout, trackers
 from transformer.config import ModelConfig
 
 
 class MetricsWriter:
-  """Writes scalars from process 0 only; other processes get a writer that does nothing."""
+  """Writes scalars from process 0 only; other processes get a writer that does nothing.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Every row goes to `metrics.jsonl`; its numbers, and the eval samples, also go to the trackers that
+  `loggers` names (`transformer/trackers.py`). A tracker that cannot start or fails later is one
+  `trackers.TrackerWarning` and is dropped: the run and its metrics.jsonl go on.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, loggers=('jsonl', 'tensorboard')):
     self.enabled = enabled
+    self._trackers = []
+    self.tensorboard = False  # whether TensorBoard event files are written (process 0)
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(layout.metrics_file(workdir), 'a')
-    self._tb = tensorboard.EventWriter(workdir)
-
-  @property
-  def tensorboard(self) -> bool:
-    """Whether TensorBoard event files are written (process 0)."""
-    return self.enabled
+    self._trackers = trackers.start(loggers, workdir)
+    self.tensorboard = any(tracker.name == 'tensorboard' for tracker in self._trackers)
 
   def write(self, step: int, scalars: dict):
     """One metrics.jsonl row: numbers as floats; None (a value that does not exist, JSON null) and strings
-    (`eval/notes`, saying why) as they are. TensorBoard gets the numbers."""
+    (`eval/notes`, saying why) as they are. The trackers get the numbers."""
     if not self.enabled:
       return
     scalars = {k: v if v is None or isinstance(v, str) else float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
     self._jsonl.flush()
-    self._tb.scalars(int(step), {tag: value for tag, value in scalars.items() if isinstance(value, float)})
+    numbers = {tag: value for tag, value in scalars.items() if isinstance(value, float)}
+    self._each('scalars', int(step), numbers)
+
+  def samples(self, step: int, rows: list[dict]):
+    """An eval's decoded examples, for the trackers (samples.jsonl is the loop's)."""
+    if self.enabled and rows:
+      self._each('samples', int(step), rows)
+
+  def _each(self, method: str, *args):
+    for tracker in list(self._trackers):
+      try:
+        getattr(tracker, method)(*args)
+      except Exception as error:  # noqa: BLE001 -- a tracker's failure is not the run's
+        self._trackers.remove(tracker)
+        trackers.warn(tracker.name, 'stopped', error)
+        _close_quietly(tracker)
 
   def close(self):
     if self.enabled:
       try:
         self._jsonl.close()
-      finally:  # a full disk failing the first close still closes the second file
-        self._tb.close()
+      finally:  # a full disk failing the first close still closes the trackers
+        for tracker in self._trackers:
+          try:
+            tracker.close()
+          except Exception as error:  # noqa: BLE001
+            trackers.warn(tracker.name, 'did not close', error)
+        self._trackers = []
+
+
+def _close_quietly(tracker) -> None:
+  try:
+    tracker.close()
+  except Exception:  # noqa: BLE001 -- already reported as stopped
+    pass
 
 
 class Progress:
