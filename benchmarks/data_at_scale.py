@@ -5,7 +5,7 @@
 1. Generates `<dir>/corpus/part-*.jsonl` (`{"text": ...}` per line, documents of 1-40 consecutive Bible
    verses in English, French and German, drawn with a fixed seed) and a held-out `<dir>/eval.jsonl`.
 2. `launch.py --mode prepare` tokenizes it into `<dir>/store` (the text task's settings, `--tokenizer`):
-   MB/s and the peak RSS of each of its processes.
+   the tokenizer's training time, then MB/s of tokenizing, and the peak RSS of any one of its processes.
 3. SentencePiece's own batch encoder on the first `--raw_mb` MB of the same text with the store's tokenizer
    and every core's thread: the limit of step 2.
 4. The text task's loader reads the store as training does (the `lm` shape: batch 8 x 256 tokens):
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -115,14 +116,14 @@ def raw_encode(directory: str, megabytes: int) -> float:
 
 def loader(directory: str, tokenizer: str, batches: int) -> float:
   """Tokens/s of the text task's training iterator over the store (one process, the `lm` batch shape)."""
-  from absl import flags
-  from ml_collections import config_flags
-
-  holder = config_flags.DEFINE_config_file('config', f'{ROOT}/experiments/text.py:tiny')
-  flags.FLAGS([sys.argv[0], *text_flags(directory, tokenizer), '--config.data.seq_len=256'])
+  from experiments import text
   from transformer.tasks import get_task
 
-  task = get_task(holder.value)
+  config = text.get_config('tiny')
+  for flag in text_flags(directory, tokenizer):
+    key, value = flag.removeprefix('--config.data.').split('=', 1)
+    config.data[key] = type(config.data[key])(value)
+  task = get_task(config)
   iterator = task.train_iter(8)
   next(iterator)
   start, tokens = time.perf_counter(), 0
@@ -152,7 +153,16 @@ def main():
   launch = [sys.executable, 'launch.py', '--config', 'experiments/text.py:tiny', *text_flags(args.dir, args.tokenizer)]
   result, seconds, peak = watched([*launch, '--mode', 'prepare'])
   print(result.stdout[-1500:], flush=True)
-  figures.update(prepare_s=seconds, prepare_mb_per_s=size / 1e6 / seconds, prepare_peak_rss_gb=peak)
+  tokenize_s, tokenize_mb_per_s, tokenizer_s = map(
+    float, re.search(r'MB read in ([\d.]+) s, ([\d.]+) MB/s; tokenizer ([\d.]+) s', result.stdout).groups()
+  )
+  figures.update(
+    prepare_s=seconds,
+    tokenizer_train_s=tokenizer_s,
+    tokenize_s=tokenize_s,
+    tokenize_mb_per_s=tokenize_mb_per_s,
+    prepare_peak_rss_gb=peak,
+  )
   me = [sys.executable, os.path.abspath(__file__), '--dir', args.dir, '--tokenizer', args.tokenizer]
   for phase in ('raw', 'loader'):
     result, _, peak = watched([*me, '--phase', phase, '--raw_mb', str(args.raw_mb)])

@@ -68,7 +68,7 @@ def test_prepare_prints_a_summary_and_a_rerun_does_nothing(tmp_path):
   assert sum(line.startswith('shard ') for line in out.splitlines()) == shards  # a progress line per shard
   summary = out.strip().splitlines()[-1]
   assert summary.startswith(f'Token store {tmp_path / "store"}: 300 documents, {manifest["tokens"]:,} tokens in ')
-  assert f'({shards} prepared now: ' in summary and ' MB/s); fingerprint ' + manifest['fingerprint'] in summary
+  assert f'({shards} prepared now: ' in summary and ' s); fingerprint ' + manifest['fingerprint'] in summary
   before = files_of(tmp_path / 'store')
   out = run(tmp_path, tmp_path / 'corpus', tmp_path / 'store')
   assert f'{tmp_path / "store"} is prepared already.' in out

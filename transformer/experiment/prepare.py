@@ -19,7 +19,8 @@ def run_prepare(config) -> dict:
   print(
     f'Token store {summary["path"]}: {summary["documents"]:,} documents, {summary["tokens"]:,} tokens in '
     f'{summary["shards"]} shards ({summary["shards_prepared"]} prepared now: {summary["mb_read"]:.1f} MB read in '
-    f'{summary["seconds"]:.1f} s, {summary["mb_per_s"]:.1f} MB/s); fingerprint {summary["fingerprint"]}',
+    f'{summary["seconds"]:.1f} s, {summary["mb_per_s"]:.1f} MB/s; tokenizer {summary["tokenizer_s"]:.1f} s); '
+    f'fingerprint {summary["fingerprint"]}',
     flush=True,
   )
   return summary
