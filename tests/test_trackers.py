@@ -94,6 +94,7 @@ def samples_by_step(workdir: str) -> dict:
   return rows
 
 
+@pytest.mark.slow(15)
 def test_wandb_and_mlflow_get_what_metrics_jsonl_holds_grouped_by_sweep(tmp_path):
   """The real loop, as a sweep's run (`<sweep>/<variant>/seed<s>` next to sweep.json): every number of
   metrics.jsonl at its step in both trackers, the config, the samples table of each eval, and the grouping."""
