@@ -13,7 +13,9 @@ experiment `<sweep>`, run name `<variant>/seed<s>` with tags `variant` and `seed
 in `<workdir>/trackers.json`, so a resumed run (or a later --mode eval) continues the same tracker run.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -201,11 +203,18 @@ class MLflow(Tracker):
 
   def __init__(self, info: RunInfo):
     from mlflow.entities import Metric, Param, RunStatus
-    from mlflow.tracking import MlflowClient
 
     self._metric, self._status = Metric, RunStatus
     home = info.sweep_dir or info.workdir
     uri = os.environ.get('MLFLOW_TRACKING_URI') or f'sqlite:///{os.path.join(home, "mlflow.db")}'
+    # A sweep's parallel runs share the store: one at a time creates its tables, the experiment and its run.
+    with _locked(os.path.join(home, 'mlflow.lock')):
+      self._start(info, uri, home, Param)
+    _save_id(info.workdir, self.name, {'tracking_uri': uri, 'run_id': self.run_id})
+
+  def _start(self, info, uri, home, Param):
+    from mlflow.tracking import MlflowClient
+
     self.client = client = MlflowClient(uri)
     saved = _saved_ids(info.workdir).get(self.name) or {}
     run = None
@@ -234,7 +243,6 @@ class MLflow(Tracker):
     self.run_id = run.info.run_id
     if info.config:
       client.log_dict(self.run_id, info.config, 'config.json')
-    _save_id(info.workdir, self.name, {'tracking_uri': uri, 'run_id': self.run_id})
 
   def scalars(self, step, values):
     now = int(time.time() * 1000)
@@ -249,6 +257,17 @@ class MLflow(Tracker):
 
   def close(self):
     self.client.set_terminated(self.run_id, self._status.to_string(self._status.FINISHED))
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _artifacts(home: str, uri: str) -> str | None:
