@@ -151,6 +151,8 @@ def check_value(path: str, current, value):
   where a float is expected is fine, anything else of the wrong type (None included) or a whole section is
   a ConfigError."""
   _refuse_section(path, current, "'{}': value")
+  if value is None and current is not None:  # ConfigDict takes None for any field, a tuple's too
+    raise ConfigError(f"config.{path}=None: give a value like the config's {current!r}.")
   if type(current) not in (bool, int, float, str):
     return value
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
