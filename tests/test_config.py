@@ -32,7 +32,7 @@ from experiments import translation  # noqa: E402
     (dict(positional='xpos'), "positional='xpos' is not one of: sinusoidal, learned, rope, alibi, none"),
     (dict(norm_type='batchnorm'), 'norm_type.*layernorm, rmsnorm'),
     (dict(norm_position='sandwich'), 'norm_position.*post, pre'),
-    (dict(activation='tanh'), 'activation.*relu, gelu, swiglu'),
+    (dict(activation='tanh'), 'activation.*relu, gelu, gelu_exact, silu, swiglu'),
     (dict(attention_impl='pallas'), 'attention_impl.*reference, xla, cudnn, splash, flash, auto'),
     (dict(kind='encoder_only'), 'kind.*encoder_decoder, decoder_only'),
     (dict(dropout_rate=1.5), r'dropout_rate=1.5 must be in \[0, 1\)'),

@@ -203,7 +203,7 @@ class MultiHeadAttention(nn.Module):
     proj = functools.partial(
       nn.DenseGeneral,
       axis=-1,
-      use_bias=False,
+      use_bias=cfg.attention_bias,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.storage_dtype,
       dot_general=platform.dot_general,
@@ -212,7 +212,9 @@ class MultiHeadAttention(nn.Module):
     init_in = init_out = nn.initializers.xavier_uniform()
 
     def project(name, inputs, features, axes):
-      return proj(features, name=name, kernel_init=nn.with_logical_partitioning(init_in, axes))(inputs)
+      kernel_init = nn.with_logical_partitioning(init_in, axes)
+      bias_init = nn.with_logical_partitioning(nn.initializers.zeros, axes[1:])
+      return proj(features, name=name, kernel_init=kernel_init, bias_init=bias_init)(inputs)
 
     query = project('query', inputs_q, (heads, cfg.head_dim_qk), ('embed', 'heads', 'kv'))
     if inputs_kv is None and self.decode and self.cross:
@@ -221,8 +223,8 @@ class MultiHeadAttention(nn.Module):
       key = project('key', inputs_kv, (kv_heads, cfg.head_dim_qk), ('embed', 'kv_heads', 'kv'))
       value = project('value', inputs_kv, (kv_heads, cfg.head_dim_v), ('embed', 'kv_heads', 'kv'))
     if rope_positions is not None:
-      query = layers.apply_rope(query, rope_positions, cfg.rope_base)
-      key = layers.apply_rope(key, rope_positions, cfg.rope_base)
+      query = layers.apply_rope(query, rope_positions, config=cfg)
+      key = layers.apply_rope(key, rope_positions, config=cfg)
     if self.decode and self.cross and inputs_kv is not None:
       self.variable('cache', 'cached_key', lambda: key).value = key
       self.variable('cache', 'cached_value', lambda: value).value = value
@@ -254,12 +256,13 @@ class MultiHeadAttention(nn.Module):
     return nn.DenseGeneral(
       cfg.d_model,
       axis=(-2, -1),
-      use_bias=False,
+      use_bias=cfg.attention_bias,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.storage_dtype,
       dot_general=platform.dot_general,
       name='out',
       kernel_init=nn.with_logical_partitioning(init_out, ('heads', 'kv', 'embed')),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
     )(out)
 
   def _cached_cross_kv(self):

@@ -19,7 +19,9 @@ KINDS = ('encoder_decoder', 'decoder_only')
 POSITIONAL = ('sinusoidal', 'learned', 'rope', 'alibi', 'none')
 NORM_POSITIONS = ('post', 'pre')
 NORM_TYPES = ('layernorm', 'rmsnorm')
-ACTIVATIONS = ('relu', 'gelu', 'swiglu')
+ACTIVATIONS = ('relu', 'gelu', 'gelu_exact', 'silu', 'swiglu')  # gelu: tanh approximation (GPT-2's)
+SINUSOIDAL_LAYOUTS = ('interleaved', 'split')
+ROPE_SCALINGS = ('none', 'llama3')
 ATTENTION_IMPLS = ('reference', 'xla', 'cudnn', 'splash', 'flash', 'auto')
 ATTENTION_PATTERNS = ('dense', 'window', 'strided', 'fixed', 'bigbird')
 REMAT = ('none', 'full', 'dots')
@@ -51,6 +53,9 @@ class ModelConfig:
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
   positional: str = 'sinusoidal'
+  sinusoidal_layout: str = 'interleaved'  # the paper's sin/cos pairs; 'split': all sines, then all cosines (Marian)
+  scale_embeddings: bool = True  # token embeddings times sqrt(d_model) (paper, 3.4); GPT-2 and Llama do not scale
+  attention_bias: bool = False  # biases on the query/key/value/output projections (GPT-2, Marian)
   norm_position: str = 'post'
   norm_type: str = 'layernorm'
   norm_epsilon: float = 1e-6
@@ -68,6 +73,12 @@ class ModelConfig:
   pattern_global: int = 2  # bigbird: global blocks at the start of the row
   pattern_random: int = 3  # bigbird: random key blocks per query block, a fixed draw per layer
   rope_base: float = 10000.0
+  # 'llama3': Llama 3.1's frequency scaling for long contexts (transformer/layers.py rope_frequencies)
+  rope_scaling: str = 'none'
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   max_len: int = 512
   dtype: str = 'auto'  # compute; auto: bfloat16 on GPU/TPU, float32 on CPU
   param_dtype: str = 'float32'  # storage
@@ -80,12 +91,14 @@ class ModelConfig:
     _choice('norm_position', self.norm_position, NORM_POSITIONS)
     _choice('norm_type', self.norm_type, NORM_TYPES)
     _choice('activation', self.activation, ACTIVATIONS)
+    _choice('sinusoidal_layout', self.sinusoidal_layout, SINUSOIDAL_LAYOUTS)
+    _choice('rope_scaling', self.rope_scaling, ROPE_SCALINGS)
     _choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
     _choice('attention_pattern', self.attention_pattern, ATTENTION_PATTERNS)
     _choice('remat', self.remat, REMAT)
     _choice('dtype', self.dtype, DTYPES + ('auto',))
     _choice('param_dtype', self.param_dtype, DTYPES)
-    for key in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'max_len', 'num_decoder_layers'):
+    for key in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'max_len', 'num_decoder_layers', 'rope_original_max_len'):
       _positive(key, getattr(self, key))
     if self.kind == 'encoder_decoder':
       _positive('num_encoder_layers', self.num_encoder_layers)
@@ -95,7 +108,8 @@ class ModelConfig:
     for key in ('dropout_rate', 'attention_dropout_rate'):
       if not 0.0 <= getattr(self, key) < 1.0:
         raise ConfigError(f'config.model.{key}={getattr(self, key)} must be in [0, 1).')
-    for key in ('rope_base', 'norm_epsilon'):  # NaN fails every comparison, so check finiteness too
+    # NaN fails every comparison, so check finiteness too
+    for key in ('rope_base', 'norm_epsilon', 'rope_scaling_factor', 'rope_low_freq_factor', 'rope_high_freq_factor'):
       if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
         raise ConfigError(f'config.model.{key}={getattr(self, key)} must be a positive finite number.')
     if self.vocab_size <= FIRST_FREE_ID:
@@ -114,6 +128,11 @@ class ModelConfig:
         f'{self.num_kv_heads}: pick num_kv_heads among {_divisors(self.num_heads)}.'
       )
     self._check_pattern()
+    if self.rope_scaling == 'llama3' and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise ConfigError(
+        f'config.model.rope_high_freq_factor={self.rope_high_freq_factor} must be > '
+        f'config.model.rope_low_freq_factor={self.rope_low_freq_factor} (rope_scaling=llama3).'
+      )
     if self.positional == 'rope' and self.head_dim_qk % 2:
       raise ConfigError(f'positional=rope rotates pairs of features: config.model.d_k={self.head_dim_qk} must be even.')
 
@@ -222,6 +241,14 @@ def default_compile_config(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**COMPILE_DEFAULTS, **overrides})
 
 
+# `config.export` (`--mode export`, transformer/interop/export.py): the latest checkpoint in another format.
+EXPORT_DEFAULTS = dict(format='hf')  # 'hf': a Hugging Face directory (config.json + model.safetensors)
+
+
+def default_export_config(**overrides) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({**EXPORT_DEFAULTS, **overrides})
+
+
 def section_settings(config, section: str, defaults: dict) -> dict:
   """`defaults` updated by `config.<section>` (e.g. `config.bench`); a misspelt key is an error naming the
   nearest one."""
@@ -293,6 +320,7 @@ class TrainConfig:
   decode_examples: int = 32  # --mode decode: eval examples decoded into the workdir
   peak_flops: float = 0.0  # per device, for MFU; 0: the platform's table, measured on CPU
   log_batch_digests: bool = False  # each process logs a hash of every row it feeds (workdir/batches/)
+  init_from: str = ''  # a Hugging Face directory or a workdir/checkpoint of ours: the step-0 parameters (fine-tuning)
   loggers: tuple = ('jsonl', 'tensorboard')  # where metrics go: also 'wandb', 'mlflow' (docs/training.md#loggers)
 
   def __post_init__(self):

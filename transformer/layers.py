@@ -1,5 +1,6 @@
 """Embeddings, positional encodings, norms and feed-forward blocks."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -11,7 +12,8 @@ from transformer.config import ModelConfig
 
 
 class Embed(nn.Module):
-  """Token embedding scaled by sqrt(d_model) (paper, 3.4); `attend` reuses it as the pre-softmax layer."""
+  """Token embedding scaled by sqrt(d_model) (paper, 3.4; unless `scale_embeddings=False`); `attend` reuses it
+  as the pre-softmax layer."""
 
   config: ModelConfig
   vocab_size: int
@@ -29,7 +31,8 @@ class Embed(nn.Module):
 
   def __call__(self, tokens):
     table = jnp.asarray(self.embedding, self.config.compute_dtype)
-    return jnp.take(table, tokens, axis=0) * math.sqrt(self.config.d_model)
+    embedded = jnp.take(table, tokens, axis=0)
+    return embedded * math.sqrt(self.config.d_model) if self.config.scale_embeddings else embedded
 
   def attend(self, x):
     """Logits `x @ E^T`, in float32 for a stable softmax and loss."""
@@ -60,10 +63,13 @@ def _logits_matmul_bwd(residuals, g):
 logits_matmul.defvjp(_logits_matmul_fwd, _logits_matmul_bwd)
 
 
-def sinusoidal(positions, d_model: int, dtype=jnp.float32):
-  """The paper's encoding (3.5): sin on even features, cos on odd ones, wavelengths up to 10000 * 2pi."""
+def sinusoidal(positions, d_model: int, dtype=jnp.float32, layout: str = 'interleaved'):
+  """The paper's encoding (3.5): sin on even features, cos on odd ones, wavelengths up to 10000 * 2pi.
+  `layout='split'`: the same values, all sines first, then all cosines (Marian's order)."""
   dims = jnp.arange(0, d_model, 2, dtype=jnp.float32)
   angles = positions[..., None].astype(jnp.float32) / (10000.0 ** (dims / d_model))
+  if layout == 'split':
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)[..., :d_model].astype(dtype)
   interleaved = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [..., d/2, 2]: sin, cos, sin, ...
   return interleaved.reshape(positions.shape + (-1,))[..., :d_model].astype(dtype)
 
@@ -85,10 +91,28 @@ class LearnedPositions(nn.Module):
     return jnp.take(jnp.asarray(table, cfg.compute_dtype), positions, axis=0)
 
 
-def apply_rope(x, positions, base: float = 10000.0):
-  """Rotary embedding (Su et al., 2021) on `[B, T, heads, D]`: rotates feature pairs (i, i + D/2)."""
-  half = x.shape[-1] // 2
+def rope_frequencies(head_dim: int, base: float = 10000.0, config: ModelConfig | None = None):
+  """RoPE's `head_dim / 2` angular frequencies base^(-2i/D); a `config` with `rope_scaling='llama3'` applies
+  Llama 3.1's long-context rescaling: wavelengths above original_max_len / low_freq_factor divided by the
+  factor, those below original_max_len / high_freq_factor kept, the band between interpolated smoothly."""
+  half = head_dim // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if config is None or config.rope_scaling == 'none':
+    return inv_freq
+  factor, low, high = config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+  original = config.rope_original_max_len
+  wavelength = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
+  smooth = (original / wavelength - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelength >= original / high) & (wavelength <= original / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, base: float = 10000.0, config: ModelConfig | None = None):
+  """Rotary embedding (Su et al., 2021) on `[B, T, heads, D]`: rotates feature pairs (i, i + D/2), the
+  half-split layout of GPT-NeoX and Hugging Face's Llama. `config`: its rope_base and rope_scaling instead."""
+  inv_freq = rope_frequencies(x.shape[-1], config.rope_base if config is not None else base, config)
   angles = positions[:, :, None, None].astype(jnp.float32) * inv_freq  # [B, T, 1, D/2]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -151,6 +175,11 @@ class FeedForward(nn.Module):
       hidden = nn.silu(dense(cfg.d_ff, ('embed', 'mlp'), 'gate', False)(x))
       hidden *= dense(cfg.d_ff, ('embed', 'mlp'), 'up', False)(x)
       return dense(cfg.d_model, ('mlp', 'embed'), 'down', False)(hidden)
-    activation = jax.nn.relu if cfg.activation == 'relu' else jax.nn.gelu
+    activation = {
+      'relu': jax.nn.relu,
+      'gelu': jax.nn.gelu,  # the tanh approximation (GPT-2's gelu_new)
+      'gelu_exact': functools.partial(jax.nn.gelu, approximate=False),
+      'silu': jax.nn.silu,
+    }[cfg.activation]
     hidden = activation(dense(cfg.d_ff, ('embed', 'mlp'), 'wi')(x))
     return dense(cfg.d_model, ('mlp', 'embed'), 'wo')(hidden)

@@ -142,7 +142,7 @@ class _Embedder(nn.Module):
       )
     x = self.embed(tokens)
     if cfg.positional == 'sinusoidal':
-      x += layers.sinusoidal(positions, cfg.d_model, x.dtype)
+      x += layers.sinusoidal(positions, cfg.d_model, x.dtype, cfg.sinusoidal_layout)
     elif cfg.positional == 'learned':
       x += layers.LearnedPositions(cfg, name='position_embedding')(positions)
     x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)

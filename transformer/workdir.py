@@ -79,6 +79,9 @@ RESUMABLE = (
   # what --mode compile and --mode bench build, never what a run trains
   'compile.*',
   'bench.*',
+  'export.*',  # --mode export's format: what the checkpoints are written as, never what they hold
+  # fine-tuning's starting point, read at step 0 only: a resumed run continues from its own checkpoints
+  'train.init_from',
 )
 _ABSENT = '<absent>'
 
