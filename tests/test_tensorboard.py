@@ -3,8 +3,11 @@ record: the TFRecord framing with both CRC-32C checks, then each `Event` protoco
 
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
@@ -71,3 +74,17 @@ def test_without_tensorboard_in_loggers_no_event_file(tmp_path):
   writer.close()
   assert not writer.tensorboard and event_files(tmp_path) == []
   assert os.path.exists(tmp_path / 'metrics.jsonl')
+
+
+def test_the_writer_does_not_import_pytorch_where_it_is_installed(tmp_path):
+  """tensorboardX's package imports PyTorch when installed (a second per process, for nothing the writer
+  needs): the writer hides it, and PyTorch still imports afterwards."""
+  pytest.importorskip('torch')
+  code = (
+    'import sys; from transformer import metrics; '
+    f'w = metrics.MetricsWriter({str(tmp_path)!r}, enabled=True); w.write(1, {{"a": 1.0}}); w.close(); '
+    'assert "torch" not in sys.modules; import torch; print("ok")'
+  )
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+  assert result.stdout.strip() == 'ok', result.stderr[-2000:]
+  assert len(read_events(event_files(tmp_path)[0])) == 2  # the file version, then the scalar

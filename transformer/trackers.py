@@ -20,6 +20,7 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 import uuid
 import warnings
@@ -105,6 +106,21 @@ def _save_id(workdir: str, tracker: str, value) -> None:
   write_atomic(os.path.join(workdir, TRACKERS_FILE), json.dumps(ids, indent=2))
 
 
+def _tensorboardx():
+  """tensorboardX's events writer and protos, imported with PyTorch hidden: its package imports PyTorch when
+  installed (1.0 s per process here, measured) only to accept torch tensors, which no writer here gets."""
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX catches
+  try:
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2, summary_pb2
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return EventsWriter, event_pb2, summary_pb2
+
+
 class TensorBoard(Tracker):
   """Scalars into a new event file in the workdir, through tensorboardX's synchronous `EventsWriter` (its
   `SummaryWriter` writes from a queue thread: a full disk would be a thread's traceback and lost events,
@@ -114,9 +130,7 @@ class TensorBoard(Tracker):
   _opened = 0  # this process's writers: two in one second get two files
 
   def __init__(self, info: RunInfo):
-    from tensorboardX.event_file_writer import EventsWriter
-    from tensorboardX.proto import event_pb2, summary_pb2
-
+    EventsWriter, event_pb2, summary_pb2 = _tensorboardx()
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
     TensorBoard._opened += 1
     suffix = f'.{os.getpid()}.{TensorBoard._opened}'
