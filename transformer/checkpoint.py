@@ -286,6 +286,19 @@ class Checkpoints:
     )
     return state, self._data_state(restored)
 
+  def read_params(self, step: int | None = None):
+    """`(params, step)`: the parameters saved at `step` (default: the latest) as saved (their layer layout
+    included), on this process's first device, for `--mode export` and `config.train.init_from`. The rest of the
+    state is read and dropped."""
+    step = self._existing_step(step)
+    metadata = self._manager.item_metadata(step)['state']
+    if metadata is None:
+      raise CheckpointError(f'The checkpoint of step {step} in {self.directory} has no readable state metadata.')
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    as_saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), metadata.tree)
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_saved)))
+    return restored['state']['params'], step
+
   def wait(self) -> None:
     with self._failed_save_is_clear(self._saving):
       self._manager.wait_until_finished()

@@ -133,6 +133,18 @@ def _restore(ckpts, runner):
   return runner.from_checkpoint(state), data_state, ckpts.latest_step()
 
 
+def _init_from(runner, state, model_config, init_from: str, primary: bool):
+  """`state` with its parameters replaced by those of `init_from` (transformer/interop/init.py); the optimizer's
+  fresh state does not depend on the parameters' values."""
+  from transformer.interop import init
+
+  params, source = init.load(init_from, model_config)
+  placed = init.place(params, runner.abstract_state().params)
+  if primary:
+    print(f'Parameters initialised from {source}.', flush=True)
+  return runner.from_checkpoint(runner.to_checkpoint(state).replace(params=placed))
+
+
 def _check_finite(step, values):
   loss = float(values['loss'])
   if not math.isfinite(loss):
@@ -168,6 +180,8 @@ def _train(config, workdir: str, stop_at: int | None):
       train_iter.set_state(data_state)
   else:
     state, start_step = runner.init_state(train.seed), 0
+    if train.init_from:  # fine-tuning: step 0's parameters from elsewhere (a resumed run ignores it)
+      state = _init_from(runner, state, built.model_config, train.init_from, primary)
 
   writer = metrics.MetricsWriter(workdir, enabled=primary, loggers=train.loggers)
   progress = metrics.Progress(train.num_steps, enabled=primary)

@@ -18,7 +18,8 @@ _MODE = flags.DEFINE_enum(
   'train',
   list(MODES),
   'train (resumes), eval / decode (latest checkpoint), sweep, bench, compile (for an accelerator: fits?), '
-  "status (a sweep's or run's workdir), prepare (tokenize the text corpus once into its token store).",
+  "status (a sweep's or run's workdir), prepare (tokenize the text corpus once into its token store), "
+  "export (the latest checkpoint as config.export.format: hf; --config optional, default the workdir's).",
 )
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print its parameters, exit.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
@@ -96,11 +97,28 @@ def parse_flags(argv):
   from transformer.config import ConfigError
   from transformer.experiment import overrides
 
+  argv = export_argv(argv)
   try:
     overrides.check_argv(argv)
   except ConfigError as error:
     sys.exit(f'Error: {error}')
   return app.parse_flags_with_usage(argv)
+
+
+def export_argv(argv):
+  """`--mode export --workdir W` without `--config`: the config of W's run (transformer/interop/saved_config.py),
+  so that `--config.export.*` overrides apply to it."""
+  flag = lambda name: next(
+    (argv[i + 1] if a == f'--{name}' and i + 1 < len(argv) else a.partition('=')[2])
+    for i, a in enumerate(argv)
+    if a == f'--{name}' or a.startswith(f'--{name}=')
+  )
+  given = lambda name: any(a == f'--{name}' or a.startswith(f'--{name}=') for a in argv)
+  if not given('mode') or flag('mode') != 'export' or given('config') or not given('workdir'):
+    return argv
+  from transformer.interop import saved_config
+
+  return [*argv, f'--config={saved_config.__file__}:{os.path.abspath(flag("workdir"))}']
 
 
 def main():

@@ -6,7 +6,7 @@ flags, and `--help` stays fast."""
 import os
 import time
 
-MODES = ('train', 'eval', 'decode', 'sweep', 'bench', 'compile', 'prepare', 'status')
+MODES = ('train', 'eval', 'decode', 'sweep', 'bench', 'compile', 'prepare', 'status', 'export')
 
 
 def dry_run(config) -> str:
@@ -79,6 +79,10 @@ def run(config, mode: str, workdir: str, overrides: tuple[str, ...] = ()):
     from transformer import loop
 
     return loop.decode_checkpoint(config, workdir)
+  if mode == 'export':
+    from transformer.interop import export
+
+    return export.run_export(config, workdir)
   if mode == 'sweep':
     from transformer.experiment import sweep
 
