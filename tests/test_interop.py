@@ -6,6 +6,8 @@ weight mapped to the wrong place changes the logits. Skips without torch/transfo
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -374,3 +376,80 @@ def test_import_refuses_pickle_and_a_nonzero_marian_logits_bias(tmp_path):
   model.final_logits_bias.add_(1.0)
   with pytest.raises(ConfigError, match='final_logits_bias'):
     hf.import_checkpoint(save(model, tmp_path / 'marian'))
+
+
+def _finetune_config(path, **train):
+  from experiments import synthetic
+
+  config = synthetic.get_config('lm_copy')
+  config.model.update(hf.model_settings(path))  # the checkpoint's architecture (its dropout rates too)
+  config.data.update(num_train=64, num_eval=8)
+  config.train.update(
+    dict(num_steps=1, batch_size=8, learning_rate=0.0, warmup_steps=0, eval_every=1, checkpoint_every=1),
+    num_samples=0,
+    init_from=path,
+    **train,
+  )
+  return config
+
+
+@pytest.mark.slow(25)
+def test_init_from_a_hf_directory_then_export_it_back_with_the_cli(tmp_path):
+  from transformer import checkpoint, loop
+
+  model = transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      num_hidden_layers=2,
+      hidden_size=32,
+      intermediate_size=64,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      vocab_size=32,
+      max_position_embeddings=64,
+      **TOKEN_IDS,
+    )
+  )
+  path = save(_randomise(model), tmp_path / 'hf')
+  workdir = str(tmp_path / 'run')
+  loop.train_and_evaluate(_finetune_config(path), workdir)  # learning rate 0: step 1 keeps the step-0 parameters
+  with checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), async_save=False) as ckpts:
+    trained, step = ckpts.read_params()
+  _, imported = hf.import_checkpoint(path)
+  assert step == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), trained, imported)
+
+  # a resumed run continues from its checkpoints: init_from is not read again
+  resumed = _finetune_config(path, num_steps=2)
+  resumed.train.init_from = str(tmp_path / 'nowhere')
+  loop.train_and_evaluate(resumed, workdir)
+  # a model that is not the checkpoint's is refused, naming the key
+  wrong = _finetune_config(path)
+  wrong.model.norm_epsilon = 1e-3
+  with pytest.raises(ConfigError, match=r'config.model.norm_epsilon=0.001: the source has 1e-06'):
+    loop.train_and_evaluate(wrong, str(tmp_path / 'wrong'))
+
+  # --mode export with the workdir only (its config.json), and transformers reads it with the same logits
+  subprocess.run(
+    [sys.executable, 'launch.py', '--workdir', workdir, '--mode', 'export', '--config.export.format=hf'],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  exported = os.path.join(workdir, 'export', 'hf')
+  back = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+  tokens, _ = batch(seed=5, vocab=32)
+  mask = tokens != 0
+  assert_close_where(
+    torch_logits(back, input_ids=tokens, attention_mask=mask),
+    torch_logits(model, input_ids=tokens, attention_mask=mask),
+    mask,
+  )
+
+
+def test_init_from_refuses_a_directory_that_is_neither(tmp_path):
+  with pytest.raises(ConfigError, match='neither a Hugging Face model directory'):
+    init_lib.load(str(tmp_path), ModelConfig())
+  with pytest.raises(ConfigError, match='is not a directory'):
+    init_lib.load(str(tmp_path / 'missing'), ModelConfig())

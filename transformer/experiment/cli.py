@@ -118,7 +118,8 @@ def export_argv(argv):
     return argv
   from transformer.interop import saved_config
 
-  return [*argv, f'--config={saved_config.__file__}:{os.path.abspath(flag("workdir"))}']
+  # first: absl defines the --config.* override flags when it parses --config
+  return [argv[0], f'--config={saved_config.__file__}:{os.path.abspath(flag("workdir"))}', *argv[1:]]
 
 
 def main():
