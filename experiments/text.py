@@ -32,7 +32,13 @@ Variants sized for a TPU slice, checked with `--mode compile` (transformer/exper
 
 import ml_collections
 
-from transformer.config import default_compile_config, default_model_config, default_train_config, pick_variant
+from transformer.config import (
+  default_compile_config,
+  default_export_config,
+  default_model_config,
+  default_train_config,
+  pick_variant,
+)
 
 # The block of tiny, short and small; a variant's own keys override it.
 _BLOCK = dict(positional='rope', norm_type='rmsnorm', activation='swiglu', tie_embeddings=True)
@@ -132,6 +138,7 @@ def get_config(arg=None):
   if short:  # curves with several points in about a minute; no samples at evals
     config.train.update(num_steps=200, warmup_steps=50, eval_every=25, checkpoint_every=100, num_samples=0)
   config.compile = default_compile_config()
+  config.export = default_export_config()
   if sliced:  # bfloat16 compute on accelerators (dtype 'auto'), layers scanned, FSDP over every chip
     config.model.update(scan_layers=True, remat=sliced['remat'])
     config.train.update(learning_rate=sliced['learning_rate'])
