@@ -393,7 +393,7 @@ def _finetune_config(path, **train):
   return config
 
 
-@pytest.mark.slow(25)
+@pytest.mark.slow(15)
 def test_init_from_a_hf_directory_then_export_it_back_with_the_cli(tmp_path):
   from transformer import checkpoint, loop
 
@@ -427,6 +427,13 @@ def test_init_from_a_hf_directory_then_export_it_back_with_the_cli(tmp_path):
   wrong.model.norm_epsilon = 1e-3
   with pytest.raises(ConfigError, match=r'config.model.norm_epsilon=0.001: the source has 1e-06'):
     loop.train_and_evaluate(wrong, str(tmp_path / 'wrong'))
+
+  # init_from one of our workdirs: its latest step (2; learning rate 0, so still the imported parameters)
+  again = _finetune_config(path)
+  again.train.init_from = workdir
+  loop.train_and_evaluate(again, str(tmp_path / 'again'))
+  with checkpoint.Checkpoints(str(tmp_path / 'again' / 'checkpoints'), async_save=False) as ckpts:
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), ckpts.read_params()[0], imported)
 
   # --mode export with the workdir only (its config.json), and transformers reads it with the same logits
   subprocess.run(
