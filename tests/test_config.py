@@ -211,3 +211,15 @@ def test_unknown_variant():
     ConfigError, match='Unknown variant .huge. of experiments/translation.py: choose one of base, big, tiny'
   ):
     translation.get_config('huge')
+
+
+def test_a_model_key_added_since_a_run_started_resumes_at_its_default():
+  """A workdir written before a knob existed (e.g. attention_bias, scale_embeddings) resumes when the new key
+  holds its default (what the run computed); any other value is a change."""
+  from transformer import workdir
+
+  new = {'model': {'d_model': 64, 'attention_bias': False, 'scale_embeddings': True, 'rope_scaling': 'none'}}
+  old = {'model': {'d_model': 64}}
+  assert workdir.incompatible_changes(old, new) == []
+  new['model']['attention_bias'] = True
+  assert workdir.incompatible_changes(old, new) == [('model.attention_bias', '<absent>', True)]

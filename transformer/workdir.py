@@ -115,9 +115,21 @@ def incompatible_changes(old: dict, new: dict) -> list[tuple[str, object, object
   changes = []
   for key in sorted(set(old_flat) | set(new_flat)):
     before, after = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
+    if before == _ABSENT and key.startswith('model.') and after == _model_default(key[len('model.') :]):
+      continue  # a model knob added since the run started, at its default: the function the run trained
     if before != after and not resumable(key):
       changes.append((key, before, after))
   return changes
+
+
+def _model_default(key: str):
+  """config.model's default for `key` as config.json holds it (`_ABSENT` for no such key)."""
+  import dataclasses
+
+  from transformer.config import ModelConfig
+
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  return _as_json(defaults).get(key, _ABSENT) if key in defaults else _ABSENT
 
 
 def check_resume(config, workdir: str) -> None:
