@@ -429,11 +429,14 @@ def test_init_from_a_hf_directory_then_export_it_back_with_the_cli(tmp_path):
     loop.train_and_evaluate(wrong, str(tmp_path / 'wrong'))
 
   # init_from one of our workdirs: its latest step (2; learning rate 0, so still the imported parameters)
-  again = _finetune_config(path)
+  # into a pmap run (one copy per device) with scanned layers: both free to differ from the source
+  again = _finetune_config(path, parallelism='pmap')
   again.train.init_from = workdir
+  again.model.scan_layers = True
   loop.train_and_evaluate(again, str(tmp_path / 'again'))
   with checkpoint.Checkpoints(str(tmp_path / 'again' / 'checkpoints'), async_save=False) as ckpts:
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), ckpts.read_params()[0], imported)
+    scanned = models.stack_layers(imported)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), ckpts.read_params()[0], scanned)
 
   # --mode export with the workdir only (its config.json), and transformers reads it with the same logits
   subprocess.run(

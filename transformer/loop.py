@@ -139,10 +139,9 @@ def _init_from(runner, state, model_config, init_from: str, primary: bool):
   from transformer.interop import init
 
   params, source = init.load(init_from, model_config)
-  placed = init.place(params, runner.abstract_state().params)
   if primary:
     print(f'Parameters initialised from {source}.', flush=True)
-  return runner.from_checkpoint(runner.to_checkpoint(state).replace(params=placed))
+  return state.replace(params=init.place(params, state.params))
 
 
 def _check_finite(step, values):

@@ -93,15 +93,17 @@ def _as_numpy(params, cfg):
   return jax.tree.map(lambda x: np.asarray(x).astype(cfg.storage_dtype), params)
 
 
-def place(params, abstract_params):
-  """`params` (host arrays) as global arrays laid out as `abstract_params` (ShapeDtypeStructs with shardings)
-  says, on every process; a shape that differs is a ConfigError."""
+def place(params, running):
+  """`params` (host arrays) laid out as the running parameters `running` are: sharded over the mesh (jit), or one
+  copy per local device (pmap: a leading device axis); a shape that differs is a ConfigError."""
   import jax
 
   def put(x, target):
-    if tuple(x.shape) != tuple(target.shape):
-      raise ConfigError(f'config.train.init_from: a parameter is {x.shape}, the model has {target.shape}.')
     x = np.asarray(x, target.dtype)
+    if tuple(target.shape) != x.shape:
+      if tuple(target.shape[1:]) != x.shape:
+        raise ConfigError(f'config.train.init_from: a parameter is {x.shape}, the model has {target.shape}.')
+      x = np.broadcast_to(x, target.shape)  # pmap's replicas
     return jax.make_array_from_callback(target.shape, target.sharding, lambda index: x[index])
 
-  return jax.tree.map(put, params, abstract_params)
+  return jax.tree.map(put, params, running)
