@@ -31,6 +31,22 @@ def unsupported_ours(family: str, key: str, value, expected: str) -> ConfigError
   )
 
 
+def require(family: str, cfg, settings: dict) -> None:
+  """An `unsupported_ours` error for the first `config.model` key of `settings` whose value differs."""
+  for key, value in settings.items():
+    if getattr(cfg, key) != value:
+      raise unsupported_ours(family, key, getattr(cfg, key), f'{family} needs {value!r}')
+
+
+def require_full_heads(family: str, cfg) -> None:
+  """Errors unless every head is a whole attention head: no grouped keys and values, d_model // num_heads wide."""
+  if cfg.kv_heads != cfg.num_heads:
+    raise unsupported_ours(family, 'num_kv_heads', cfg.num_kv_heads, f'{family} has no grouped-query attention: 0')
+  for key in ('d_k', 'd_v'):
+    if getattr(cfg, key) not in (0, cfg.d_model // cfg.num_heads):
+      raise unsupported_ours(family, key, getattr(cfg, key), f'{family} heads are d_model // num_heads wide: 0')
+
+
 def activation_from_hf(family: str, setting: str, name: str) -> str:
   if name not in ACTIVATIONS_FROM_HF:
     raise unsupported_hf(family, setting, name, f'one of {", ".join(ACTIVATIONS_FROM_HF)}')

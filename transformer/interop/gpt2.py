@@ -44,16 +44,12 @@ def model_config(hf: dict) -> dict:
 
 def hf_config(cfg) -> dict:
   """A Hugging Face GPT-2 `config.json` for `cfg`; a setting GPT-2 cannot express is a ConfigError naming it."""
-  _require(cfg, 'positional', 'learned')
-  _require(cfg, 'norm_position', 'pre')
-  _require(cfg, 'norm_type', 'layernorm')
-  _require(cfg, 'attention_bias', True)
-  _require(cfg, 'scale_embeddings', False)
-  if cfg.kv_heads != cfg.num_heads:
-    raise common.unsupported_ours(_F, 'num_kv_heads', cfg.num_kv_heads, 'GPT-2 has no grouped-query attention: 0')
-  for key in ('d_k', 'd_v'):
-    if getattr(cfg, key) not in (0, cfg.d_model // cfg.num_heads):
-      raise common.unsupported_ours(_F, key, getattr(cfg, key), 'GPT-2 heads are d_model // num_heads wide: 0')
+  common.require(
+    _F,
+    cfg,
+    dict(positional='learned', norm_position='pre', norm_type='layernorm', attention_bias=True, scale_embeddings=False),
+  )
+  common.require_full_heads(_F, cfg)
   return dict(
     architectures=[ARCHITECTURE],
     model_type=MODEL_TYPE,
@@ -71,11 +67,6 @@ def hf_config(cfg) -> dict:
     attn_pdrop=cfg.attention_dropout_rate,
     scale_attn_weights=True,
   )
-
-
-def _require(cfg, key, value):
-  if getattr(cfg, key) != value:
-    raise common.unsupported_ours(_F, key, getattr(cfg, key), f'GPT-2 needs {value!r}')
 
 
 def params_from_hf(tensors: dict, cfg) -> dict:

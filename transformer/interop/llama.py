@@ -69,15 +69,11 @@ def model_config(hf: dict) -> dict:
 
 def hf_config(cfg) -> dict:
   """A Hugging Face Llama `config.json` for `cfg`; a setting Llama cannot express is a ConfigError naming it."""
-  for key, value in (
-    ('positional', 'rope'),
-    ('norm_position', 'pre'),
-    ('norm_type', 'rmsnorm'),
-    ('activation', 'swiglu'),
-    ('scale_embeddings', False),
-  ):
-    if getattr(cfg, key) != value:
-      raise common.unsupported_ours(_F, key, getattr(cfg, key), f'Llama needs {value!r}')
+  common.require(
+    _F,
+    cfg,
+    dict(positional='rope', norm_position='pre', norm_type='rmsnorm', activation='swiglu', scale_embeddings=False),
+  )
   if cfg.head_dim_qk != cfg.head_dim_v:
     raise common.unsupported_ours(_F, 'd_v', cfg.d_v, f'Llama has one head_dim: d_v = d_k = {cfg.head_dim_qk}')
   rope = dict(rope_theta=cfg.rope_base, rope_type='default')

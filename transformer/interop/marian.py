@@ -57,22 +57,20 @@ def model_config(hf: dict) -> dict:
 
 def hf_config(cfg) -> dict:
   """A Hugging Face Marian `config.json` for `cfg`; a setting Marian cannot express is a ConfigError naming it."""
-  for key, value in (
-    ('positional', 'sinusoidal'),
-    ('sinusoidal_layout', 'split'),
-    ('norm_position', 'post'),
-    ('norm_type', 'layernorm'),
-    ('norm_epsilon', _EPSILON),
-    ('attention_bias', True),
-    ('tie_embeddings', True),
-  ):
-    if getattr(cfg, key) != value:
-      raise common.unsupported_ours(_F, key, getattr(cfg, key), f'Marian needs {value!r}')
-  if cfg.kv_heads != cfg.num_heads:
-    raise common.unsupported_ours(_F, 'num_kv_heads', cfg.num_kv_heads, 'Marian has no grouped-query attention: 0')
-  for key in ('d_k', 'd_v'):
-    if getattr(cfg, key) not in (0, cfg.d_model // cfg.num_heads):
-      raise common.unsupported_ours(_F, key, getattr(cfg, key), 'Marian heads are d_model // num_heads wide: 0')
+  common.require(
+    _F,
+    cfg,
+    dict(
+      positional='sinusoidal',
+      sinusoidal_layout='split',
+      norm_position='post',
+      norm_type='layernorm',
+      norm_epsilon=_EPSILON,
+      attention_bias=True,
+      tie_embeddings=True,
+    ),
+  )
+  common.require_full_heads(_F, cfg)
   return dict(
     architectures=[ARCHITECTURE],
     model_type=MODEL_TYPE,
