@@ -102,17 +102,7 @@ def train_iter(
     overlong=overlong,
     examples_of=examples_of,
   )
-  manifest = dict(
-    seed=seed,
-    streams=streams,
-    batch_size=batch_size,
-    seq_len=seq_len,
-    pack=pack,
-    overlong=overlong,
-    records=len(records),
-    fingerprint=getattr(records, 'fingerprint', None),
-  )
-  iterator = streams_lib.StreamsIterator(spec, start // per_stream, stop // per_stream, manifest)
+  iterator = streams_lib.StreamsIterator(spec, start // per_stream, stop // per_stream)
   # A background thread prepares the next batches while the device computes (XLA releases the GIL);
   # its state still counts only the batches handed out, so checkpoints resume exactly.
   return grain.experimental.ThreadPrefetchDatasetIterator(iterator, prefetch)

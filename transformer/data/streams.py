@@ -118,7 +118,8 @@ class Stream:
 
 
 class Spec:
-  """What every stream shares: the record order and how records become rows."""
+  """What every stream shares: the record order and how records become rows. `manifest` is what a saved state
+  must match to be resumed with it."""
 
   def __init__(self, records, *, seq_len, seed, streams, rows_per_stream, pack, overlong, examples_of):
     source = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(records)
@@ -128,16 +129,26 @@ class Spec:
     self.bins = BINS_PER_ROW * rows_per_stream
     self.examples_of = examples_of or (lambda record: [record])
     self.keep = (lambda ex: fits(ex, seq_len)) if overlong == 'drop' else (lambda ex: True)
+    self.manifest = dict(
+      seed=seed,
+      streams=streams,
+      batch_size=streams * rows_per_stream,
+      seq_len=seq_len,
+      pack=pack,
+      overlong=overlong,
+      records=len(records),
+      fingerprint=getattr(records, 'fingerprint', None),
+    )
 
 
 class StreamsIterator:
   """This process's rows of every global batch, from its streams; `get_state` / `set_state` resume exactly
-  (see the module's docstring). `manifest` is what a state must match to be resumed here."""
+  (see the module's docstring)."""
 
-  def __init__(self, spec: Spec, first: int, last: int, manifest: dict):
+  def __init__(self, spec: Spec, first: int, last: int):
     self.spec = spec
     self.streams = [Stream(spec, k) for k in range(first, last)]
-    self.manifest, self.step = manifest, 0
+    self.step = 0
 
   def __iter__(self):
     return self
@@ -149,7 +160,7 @@ class StreamsIterator:
 
   def get_state(self) -> dict:
     states = {str(stream.k): stream.get_state() for stream in self.streams}
-    return {'format': FORMAT, 'manifest': self.manifest, 'step': self.step, 'streams': states}
+    return {'format': FORMAT, 'manifest': self.spec.manifest, 'step': self.step, 'streams': states}
 
   def set_state(self, state):
     """`state`: one process's state, or a list of them (every process's, from another process count)."""
@@ -162,7 +173,7 @@ class StreamsIterator:
           'order, before per-row streams), which this version cannot continue exactly. Resume it with the '
           'version that wrote it, or start a new workdir.'
         )
-      _check_manifest(part['manifest'], self.manifest)
+      _check_manifest(part['manifest'], self.spec.manifest)
       merged.update(part['streams'])
     steps = {part['step'] for part in parts}
     if len(steps) != 1:
