@@ -28,13 +28,9 @@ def _as_dataset(examples) -> grain.MapDataset:
   return examples if isinstance(examples, grain.MapDataset) else grain.MapDataset.source(examples)
 
 
-def _fit(example, seq_len: int):
-  return streams_lib.fit(example, seq_len)
-
-
 def report_overlong(examples: Sequence[dict], seq_len: int, overlong: str, name: str = 'training') -> int:
   """Counts examples with a side longer than `seq_len` and logs what happens to them."""
-  count = sum(any(len(v) > seq_len for v in ex.values()) for ex in examples)
+  count = sum(not streams_lib.fits(ex, seq_len) for ex in examples)
   if count:
     logging.warning(
       '%d of %d %s examples are longer than seq_len=%d: %s (config.data.overlong).',
@@ -117,7 +113,7 @@ def eval_batches(examples, *, seq_len: int, batch_size: int, process_index: int 
   whole = _as_dataset(examples)
   if not len(whole):
     raise ConfigError('There are no evaluation examples: check config.data.')
-  ds = whole[process_index::process_count].map(lambda ex: _fit(ex, seq_len))
+  ds = whole[process_index::process_count].map(lambda ex: streams_lib.fit(ex, seq_len))
   # A process may get no example at all (fewer examples than processes): then every batch is padding.
   batches = ds.batch(batch_size, batch_fn=lambda rows: pad_batch(rows, batch_size, seq_len)) if len(ds) else []
   count = math.ceil(math.ceil(len(whole) / process_count) / batch_size)
